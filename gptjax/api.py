@@ -1,0 +1,131 @@
+"""The Python API: `gptjax.GPT`.
+
+    model = gptjax.GPT.from_pretrained("runs/demo")
+    model.generate("the cat", max_new_tokens=20)
+    model.logits(tokens)   # float32 [B, T, vocab_size]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptjax import checkpoint, config as config_lib
+from gptjax.errors import UserError
+from gptjax.generate import generate_tokens
+from gptjax.model import Decoder, init_decoder
+
+
+def _apply_kwargs(config, overrides: dict) -> None:
+    """`model=dict(n_layer=2)` or `**{"model.n_layer": 2}` style overrides."""
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            for sub, sub_value in value.items():
+                config_lib.set_value(config, f"{key}.{sub}", sub_value)
+        else:
+            config_lib.set_value(config, key, value)
+
+
+class GPT:
+    """A decoder with its config and (optionally) its tokenizer."""
+
+    def __init__(self, config, module: Decoder, tokenizer=None):
+        self.config = config
+        self.module = module
+        self.tokenizer = tokenizer
+        self._logits_fn = None
+
+    @classmethod
+    def from_config(cls, config, seed: int | None = None, **overrides) -> "GPT":
+        """A freshly initialised model from a config file path or a ConfigDict."""
+        if isinstance(config, (str, os.PathLike)):
+            config = config_lib.load_config(os.fspath(config))
+        else:
+            config = config_lib.config_from_dict(config.to_dict())
+        _apply_kwargs(config, overrides)
+        config_lib.validate(config)
+        return cls(config, init_decoder(config.model, config.train.seed if seed is None else seed))
+
+    @classmethod
+    def from_pretrained(cls, path: str, step: int | None = None) -> "GPT":
+        """Parameters (never optimizer state) from a gptjax workdir."""
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise UserError(f"{path} is not a gptjax workdir (no config.json); pass the --workdir of a run")
+        with open(config_path) as f:
+            config = config_lib.config_from_dict(json.load(f))
+        # Build the structure without spending time on a random init that is overwritten.
+        abstract = nnx.eval_shape(lambda: init_decoder(config.model, 0))
+        graphdef, like = nnx.split(abstract, nnx.Param)
+        params, _ = checkpoint.load_params(path, like, step)
+        tokenizer = None
+        tok_path = os.path.join(path, "tokenizer.model")
+        if os.path.isfile(tok_path):
+            from gptjax.data.tokenizer import Tokenizer
+            tokenizer = Tokenizer.load(tok_path)
+        return cls(config, nnx.merge(graphdef, params), tokenizer)
+
+    def num_params(self) -> int:
+        return int(sum(x.size for x in jax.tree.leaves(nnx.state(self.module, nnx.Param))))
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        return self.module.flops_per_token(seq_len or self.config.train.seq_len)
+
+    def logits(self, tokens) -> jax.Array:
+        """float32 [B, T, vocab_size] next-token logits for int tokens [B, T] (dropout off)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim != 2:
+            raise UserError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        if tokens.shape[1] > self.config.model.max_len:
+            raise UserError(f"{tokens.shape[1]} tokens exceed the context of {self.config.model.max_len}")
+        if self._logits_fn is None:
+            vocab = self.config.model.vocab_size
+            self._logits_fn = nnx.jit(lambda m, t: m.lm_logits(m(t))[..., :vocab].astype(jnp.float32))
+        return self._logits_fn(self.module, tokens)
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise UserError("this model has no tokenizer; pass token ids instead of text")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def generate(self, prompts, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0):
+        """Continues one prompt or a list of prompts (text or token ids); temperature 0 = greedy.
+
+        Returns text for text prompts (one string, or a list), token ids otherwise."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+        batch = [prompts] if single else list(prompts)
+        ids = [self._encode(p) for p in batch]
+        pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
+        out = generate_tokens(self.module, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed, pad_id=pad,
+                              vocab_size=self.config.model.vocab_size)
+        if all(isinstance(p, str) for p in batch):
+            texts = [self.tokenizer.decode(self._until_eos(row)) for row in out]
+            return texts[0] if single else texts
+        rows = [list(map(int, row)) for row in out]
+        return rows[0] if single else rows
+
+    def _until_eos(self, row) -> list[int]:
+        row = list(map(int, row))
+        eos = self.tokenizer.eos_id
+        return row[: row.index(eos)] if eos in row else row
+
+    def save(self, path: str) -> None:
+        """Writes a workdir that `from_pretrained` loads: config.json, params, tokenizer."""
+        if checkpoint.latest_step(path) is not None:
+            raise UserError(f"{path} already holds checkpoints; save to a new directory")
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            f.write(config_lib.to_json(self.config) + "\n")
+        if self.tokenizer is not None:
+            self.tokenizer.save(os.path.join(path, "tokenizer.model"))
+        checkpoint.save_params(path, 0, nnx.state(self.module, nnx.Param))

@@ -1,0 +1,136 @@
+"""`gptjax <command>`: the one entry point.
+
+Config overrides are `--config.section.key=value` (or `--config.section.key value`). Mistakes a
+user can fix end in one `error:` line and exit code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from gptjax.errors import UserError
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _split_overrides(extra: list[str]) -> list[str]:
+    """Pulls `--config.a.b=v` / `--config.a.b v` out of the arguments argparse did not know."""
+    overrides, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--config."):
+            raise UserError(f"unrecognised argument '{arg}' (config overrides look like --config.train.steps=100)")
+        body = arg[len("--config."):]
+        if "=" not in body:
+            if i + 1 >= len(extra):
+                raise UserError(f"override '{arg}' has no value; write {arg}=VALUE")
+            body, i = f"{body}={extra[i + 1]}", i + 1
+        overrides.append(body)
+        i += 1
+    return overrides
+
+
+def _load(args, extra):
+    from gptjax.config import load_config
+    return load_config(args.config, _split_overrides(extra))
+
+
+def cmd_pretrain(args, extra):
+    from gptjax.train import pretrain
+    config = _load(args, extra)
+    summary = pretrain(config, args.workdir, progress=not args.no_progress)
+    last_eval = summary["eval"][-1]["eval_loss"] if summary["eval"] else None
+    print(f"done: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+          + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
+          + f"; checkpoint {summary['checkpoint']}")
+
+
+def cmd_tokenizer(args, extra):
+    from gptjax.data.tokenizer import train_tokenizer
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    tokenizer = train_tokenizer(args.input, args.vocab_size, args.output)
+    print(f"wrote {args.output}.model ({tokenizer.vocab_size} pieces; pad={tokenizer.pad_id} "
+          f"eos={tokenizer.eos_id} start={tokenizer.start_id} delim={tokenizer.delim_id} "
+          f"extract={tokenizer.extract_id})")
+
+
+def cmd_generate(args, extra):
+    from gptjax.api import GPT
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    model = GPT.from_pretrained(args.workdir)
+    prompts = args.prompt or [""]
+    if model.tokenizer is None:
+        raise UserError(f"{args.workdir} has no tokenizer.model to turn the prompt into tokens")
+    texts = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for prompt, text in zip(prompts, texts):
+        print(json.dumps({"prompt": prompt, "completion": text}) if args.json else f"{prompt}{text}")
+
+
+def cmd_demo(args, extra):
+    from gptjax.demo import run_demo
+    config_path = args.config or os.path.join(REPO_CONFIGS, "tiny.py")
+    run_demo(config_path, _split_overrides(extra), args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptjax", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    # --debug is accepted after the command too; SUPPRESS keeps the top-level value otherwise.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    p = sub.add_parser("pretrain", parents=[common], help="pretrain a decoder on a corpus")
+    p.add_argument("--config", required=True, help="a configs/*.py file")
+    p.add_argument("--workdir", required=True, help="where config.json, metrics.jsonl and checkpoints go")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("tokenizer", parents=[common], help="train a SentencePiece BPE tokenizer on text files")
+    p.add_argument("--input", required=True, help="text files: a path or a glob such as 'corpus/*.txt'")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    p.set_defaults(fn=cmd_tokenizer)
+
+    p = sub.add_parser("generate", parents=[common], help="sample continuations from a trained workdir")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("demo", parents=[common], help="synthetic corpus -> tokenizer -> pretrain -> samples, on CPU in minutes")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--config", default=None, help="default: configs/tiny.py")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        args.fn(args, extra)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Config schema, loading of `configs/*.py`, `--config.a.b=value` overrides and validation.
+
+Every config file starts from `base_config()`, which holds every field gptjax knows with its
+default and a one-line doc. The dict is locked, so a typo in a config file or an override is
+an error naming the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from gptjax.errors import UserError
+
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+BLOCK_CHOICES = ("post_ln", "pre_ln")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+REMAT_CHOICES = ("none", "full", "save_dots")
+SCHEDULE_CHOICES = ("cosine", "linear")
+
+# "section.key" -> one-line doc; `gptjax pretrain --help-config` prints it.
+FIELD_DOCS: dict[str, str] = {}
+
+
+def _field(config: ml_collections.ConfigDict, key: str, value, doc: str) -> None:
+    section, name = key.split(".")
+    config[section][name] = value
+    FIELD_DOCS[key] = doc
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default. Config files change values; they cannot add keys."""
+    c = ml_collections.ConfigDict()
+    c.name = "gptjax"
+
+    c.model = ml_collections.ConfigDict()
+    _field(c, "model.block", "pre_ln", "post_ln (GPT-1: LN after each residual add, no final LN) or pre_ln (GPT-2: LN before each branch, final LN)")
+    _field(c, "model.vocab_size", 50257, "vocabulary size; must be >= the tokenizer's")
+    _field(c, "model.vocab_pad_multiple", 128, "embedding rows are padded up to a multiple of this (speed); padded ids are never predicted")
+    _field(c, "model.n_layer", 12, "number of decoder blocks")
+    _field(c, "model.n_head", 12, "attention heads; d_model must be divisible by it")
+    _field(c, "model.d_model", 768, "width of the residual stream")
+    _field(c, "model.d_ff", 3072, "inner width of the MLP")
+    _field(c, "model.max_len", 1024, "context length = rows of the position embedding")
+    _field(c, "model.dropout", 0.0, "dropout on the embeddings and on each residual branch")
+    _field(c, "model.attn_dropout", 0.0, "dropout on the attention probabilities (needs model.attention=xla when > 0)")
+    _field(c, "model.init_std", 0.02, "std of the normal initialisation of weights")
+    _field(c, "model.scale_residual_init", True, "residual output projections use init_std / sqrt(2 * n_layer) (GPT-2)")
+    _field(c, "model.ln_eps", 1e-5, "LayerNorm epsilon")
+    _field(c, "model.dtype", "auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16, float16")
+    _field(c, "model.attention", "auto", "attention implementation: auto, xla, cudnn")
+    _field(c, "model.remat", "none", "per-block rematerialisation: none, full, save_dots (keep matmul outputs)")
+
+    c.train = ml_collections.ConfigDict()
+    _field(c, "train.steps", 1000, "optimizer updates")
+    _field(c, "train.batch_size", 64, "sequences per update")
+    _field(c, "train.seq_len", 1024, "tokens per sequence (<= model.max_len)")
+    _field(c, "train.lr", 6e-4, "peak learning rate")
+    _field(c, "train.warmup_steps", 100, "linear warmup from 0 to train.lr")
+    _field(c, "train.schedule", "cosine", "after warmup: cosine or linear decay to train.min_lr_ratio * train.lr")
+    _field(c, "train.min_lr_ratio", 0.0, "final learning rate as a fraction of train.lr")
+    _field(c, "train.weight_decay", 0.1, "decoupled weight decay on weights with >= 2 dimensions only")
+    _field(c, "train.b1", 0.9, "Adam beta1")
+    _field(c, "train.b2", 0.95, "Adam beta2")
+    _field(c, "train.eps", 1e-8, "Adam epsilon")
+    _field(c, "train.grad_clip", 1.0, "global gradient-norm clipping (0 = off)")
+    _field(c, "train.seed", 0, "seed for initialisation, dropout and data order")
+    _field(c, "train.log_every", 10, "steps between metrics lines (each one is a host sync)")
+    _field(c, "train.eval_every", 100, "steps between held-out evaluations (0 = only at the end)")
+    _field(c, "train.eval_batches", 4, "batches of held-out data per evaluation")
+    _field(c, "train.checkpoint_every", 0, "steps between parameter saves (0 = only at the end)")
+
+    c.data = ml_collections.ConfigDict()
+    _field(c, "data.source", "synthetic", "where the pretraining text comes from: synthetic")
+    _field(c, "data.tokenizer", "", "path of a SentencePiece .model; empty = train one on the corpus into WORKDIR/tokenizer.model")
+    _field(c, "data.tokenizer_vocab_size", 512, "vocabulary size when the tokenizer is trained here")
+    _field(c, "data.num_documents", 20000, "synthetic corpus: documents generated")
+    _field(c, "data.eval_fraction", 0.02, "fraction of documents held out for the eval loss")
+    _field(c, "data.seed", 0, "seed of the corpus itself (independent of train.seed)")
+
+    c.lock()
+    return c
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
+    """Loads `configs/*.py` (its `get_config()`), applies `a.b=value` overrides, validates."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path} (pass --config configs/<name>.py)")
+    spec = importlib.util.spec_from_file_location(f"gptjax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except AttributeError as e:  # a locked ConfigDict refusing an unknown field
+        raise UserError(f"{path}: {e}") from None
+    if not hasattr(module, "get_config"):
+        raise UserError(f"{path} has no get_config() function")
+    config = module.get_config()
+    apply_overrides(config, overrides or [])
+    validate(config)
+    return config
+
+
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+    """Rebuilds a config saved as JSON (WORKDIR/config.json) on top of the current schema."""
+    config = base_config()
+    for section, fields in values.items():
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                set_value(config, f"{section}.{key}", value)
+        else:
+            set_value(config, section, fields)
+    validate(config)
+    return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def _all_keys(config, prefix=""):
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _all_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _unknown_key(config, key: str) -> UserError:
+    close = difflib.get_close_matches(key, list(_all_keys(config)), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, old, raw):
+    """Converts `raw` (a string from the command line, or a value) to the type of `old`."""
+    if isinstance(raw, str) and not isinstance(old, str):
+        text = raw.strip()
+        if isinstance(old, bool):
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise UserError(f"config key '{key}' expects true or false, got '{raw}'")
+        try:
+            raw = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise UserError(f"config key '{key}' expects {type(old).__name__}, got '{raw}'") from None
+    if isinstance(old, bool):
+        if not isinstance(raw, bool):
+            raise UserError(f"config key '{key}' expects true or false, got {raw!r}")
+        return raw
+    if isinstance(old, int):
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise UserError(f"config key '{key}' expects an integer, got {raw!r}")
+        return raw
+    if isinstance(old, float):
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise UserError(f"config key '{key}' expects a number, got {raw!r}")
+        return float(raw)
+    if isinstance(old, str):
+        if not isinstance(raw, str):
+            raise UserError(f"config key '{key}' expects a string, got {raw!r}")
+        return raw
+    if isinstance(old, (list, tuple)):
+        if not isinstance(raw, (list, tuple)):
+            raise UserError(f"config key '{key}' expects a list, got {raw!r}")
+        return type(old)(raw)
+    return raw
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, raw) -> None:
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise _unknown_key(config, key)
+        node = node[part]
+    leaf = parts[-1]
+    if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+        raise _unknown_key(config, key)
+    node[leaf] = _coerce(key, node[leaf], raw)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Applies `a.b=value` strings (the `--config.` prefix already removed)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like --config.section.key=value")
+        key, raw = item.split("=", 1)
+        set_value(config, key.strip(), raw)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Cross-field checks that would otherwise fail deep inside JAX with an unreadable error."""
+    m, t = config.model, config.train
+    _check(m.block in BLOCK_CHOICES, f"model.block must be one of {BLOCK_CHOICES}, got '{m.block}'")
+    _check(m.attention in ATTENTION_CHOICES, f"model.attention must be one of {ATTENTION_CHOICES}, got '{m.attention}'")
+    _check(m.dtype in DTYPE_CHOICES, f"model.dtype must be one of {DTYPE_CHOICES}, got '{m.dtype}'")
+    _check(m.remat in REMAT_CHOICES, f"model.remat must be one of {REMAT_CHOICES}, got '{m.remat}'")
+    _check(t.schedule in SCHEDULE_CHOICES, f"train.schedule must be one of {SCHEDULE_CHOICES}, got '{t.schedule}'")
+    for key in ("vocab_size", "vocab_pad_multiple", "n_layer", "n_head", "d_model", "d_ff", "max_len"):
+        _check(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
+    for key in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
+        _check(t[key] > 0, f"train.{key} must be positive, got {t[key]}")
+    _check(m.d_model % m.n_head == 0,
+           f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+    _check(t.seq_len <= m.max_len,
+           f"train.seq_len ({t.seq_len}) exceeds the context model.max_len ({m.max_len}); lower train.seq_len or raise model.max_len")
+    _check(0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model.dropout and model.attn_dropout must be in [0, 1)")
+    _check(not (m.attention == "cudnn" and m.attn_dropout > 0),
+           "model.attention=cudnn has no attention-probability dropout; set model.attn_dropout=0 or model.attention=xla")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _check(0.0 <= config.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")
+    _check(config.data.source == "synthetic",
+           f"data.source '{config.data.source}' is not supported; use data.source=synthetic")

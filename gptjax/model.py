@@ -1,0 +1,216 @@
+"""The GPT decoder: GPT-1 (post-LN) and GPT-2 (pre-LN) blocks from one definition.
+
+    tokens -> wte[tokens] + wpe[positions] -> dropout -> n_layer x Block -> (final LN, pre-LN only)
+           -> hidden @ wte^T = logits
+
+Parameters are float32; the forward pass casts them to `compute_dtype` (bfloat16 on GPU/TPU),
+the mixed-precision recipe that keeps optimizer updates exact while matmuls run at bf16 speed.
+Every parameter carries `axes`, the logical names of its dimensions (embed, heads, head_dim, mlp,
+vocab); sharding.py maps those names to mesh axes. They are plain variable metadata rather than
+Flax's own sharding annotation because that one now shards eagerly and needs a mesh at creation.
+
+The model is used functionally: `nnx.split` gives (graphdef, params), the train step is a pure
+function of the params pytree, and dropout draws from an explicit key (None = deterministic),
+so a step is a pure function of (params, batch, key) and resumes bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptjax import attention
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    # Keep weight-matmul outputs, recompute the cheap elementwise work (LN, GELU, softmax).
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def compute_dtype(name: str):
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(name).type
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float | None):
+    """A float32 parameter: N(0, std) if std is given, else zeros (biases) ."""
+    value = jnp.zeros(shape, jnp.float32) if std is None else std * jax.random.normal(rngs.params(), shape)
+    return nnx.Param(value, axes=axes)
+
+
+def _dropout(x, rate: float, key):
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with float32 statistics whatever the compute dtype (bf16 variance is too coarse)."""
+
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("embed",))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+        return y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head causal self-attention with one fused QKV projection."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, resid_std: float):
+        d, h = cfg.d_model, cfg.n_head
+        # [embed, 3, heads, head_dim]: q, k and v come out already split by head, so tensor
+        # parallelism can shard `heads` without cutting across q/k/v.
+        self.qkv_kernel = _param(rngs, (d, 3, h, d // h), ("embed", None, "heads", "head_dim"), cfg.init_std)
+        self.qkv_bias = _param(rngs, (3, h, d // h), (None, "heads", "head_dim"), None)
+        self.out_kernel = _param(rngs, (h, d // h, d), ("heads", "head_dim", "embed"), resid_std)
+        self.out_bias = _param(rngs, (d,), ("embed",), None)
+        self.implementation = cfg.attention
+        self.attn_dropout = cfg.attn_dropout
+
+    def __call__(self, x, ctx: dict, dropout_key, cache: dict | None = None):
+        dtype = x.dtype
+        qkv = jnp.einsum("btd,dchk->btchk", x, self.qkv_kernel.value.astype(dtype))
+        qkv = qkv + self.qkv_bias.value.astype(dtype)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q_offset, kv_valid = 0, None
+        if cache is not None:
+            # Decoding: write this chunk's keys/values at the cache index, attend over the buffer.
+            index = cache["index"]
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+            cache = dict(cache, k=k, v=v)
+            q_offset, kv_valid = index, cache["valid"]
+        y = attention.attend(self.implementation, q, k.astype(dtype), v.astype(dtype), q_offset=q_offset,
+                             segment_ids=ctx.get("segment_ids"), kv_valid=kv_valid,
+                             dropout_rate=self.attn_dropout, dropout_key=dropout_key)
+        y = jnp.einsum("bthk,hkd->btd", y, self.out_kernel.value.astype(dtype))
+        return y + self.out_bias.value.astype(dtype), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, resid_std: float):
+        self.fc_kernel = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std)
+        self.fc_bias = _param(rngs, (cfg.d_ff,), ("mlp",), None)
+        self.proj_kernel = _param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), resid_std)
+        self.proj_bias = _param(rngs, (cfg.d_model,), ("embed",), None)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        h = x @ self.fc_kernel.value.astype(dtype) + self.fc_bias.value.astype(dtype)
+        h = jax.nn.gelu(h, approximate=True)  # the tanh form, as GPT-1 and GPT-2 trained with
+        return h @ self.proj_kernel.value.astype(dtype) + self.proj_bias.value.astype(dtype)
+
+
+class Block(nnx.Module):
+    """post_ln (GPT-1): x = LN1(x + attn(x)); x = LN2(x + mlp(x)).
+    pre_ln (GPT-2):  x = x + attn(LN1(x)); x = x + mlp(LN2(x))."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if cfg.scale_residual_init else cfg.init_std
+        self.ln_1 = LayerNorm(cfg.d_model, cfg.ln_eps)
+        self.attn = Attention(cfg, rngs=rngs, resid_std=resid_std)
+        self.ln_2 = LayerNorm(cfg.d_model, cfg.ln_eps)
+        self.mlp = MLP(cfg, rngs=rngs, resid_std=resid_std)
+        self.pre_ln = cfg.block == "pre_ln"
+        self.dropout = cfg.dropout
+
+    def __call__(self, x, ctx: dict, dropout_key, cache: dict | None = None):
+        keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
+        if self.pre_ln:
+            a, cache = self.attn(self.ln_1(x), ctx, keys[0], cache)
+            x = x + _dropout(a, self.dropout, keys[1])
+            x = x + _dropout(self.mlp(self.ln_2(x)), self.dropout, keys[2])
+        else:
+            a, cache = self.attn(x, ctx, keys[0], cache)
+            x = self.ln_1(x + _dropout(a, self.dropout, keys[1]))
+            x = self.ln_2(x + _dropout(self.mlp(x), self.dropout, keys[2]))
+        return x, cache
+
+
+class Decoder(nnx.Module):
+    """Token + learned position embeddings, the blocks, and the tied output projection."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.vocab_size = cfg.vocab_size
+        self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.vocab_pad_multiple)
+        self.wte = _param(rngs, (self.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.wpe = _param(rngs, (cfg.max_len, cfg.d_model), (None, "embed"), cfg.init_std)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        # GPT-1 (post-LN) already ends on a LayerNorm inside its last block.
+        self.ln_f = LayerNorm(cfg.d_model, cfg.ln_eps) if cfg.block == "pre_ln" else None
+        self.dtype = compute_dtype(cfg.dtype)
+        self.dropout = cfg.dropout
+        self.remat = cfg.remat
+        self.n_layer, self.n_head, self.d_model, self.max_len = cfg.n_layer, cfg.n_head, cfg.d_model, cfg.max_len
+
+    def _embed(self, tokens, positions, dropout_key):
+        x = self.wte.value[tokens] + self.wpe.value[positions]
+        return _dropout(x.astype(self.dtype), self.dropout, dropout_key)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None):
+        """Final hidden states [B, T, d_model] in the compute dtype. dropout_key=None: no dropout."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        ctx = {} if segment_ids is None else {"segment_ids": segment_ids}
+        keys = [None] * (self.n_layer + 1)
+        if dropout_key is not None:
+            keys = list(jax.random.split(dropout_key, self.n_layer + 1))
+        x = self._embed(tokens, positions, keys[-1])
+        for block, key in zip(self.blocks, keys):
+            if self.remat == "none":
+                x, _ = block(x, ctx, key)
+            else:
+                x, _ = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])(block, x, ctx, key)
+        return x if self.ln_f is None else self.ln_f(x)
+
+    def lm_logits(self, hidden):
+        """Logits over the padded vocabulary, in the compute dtype (the loss upcasts per row)."""
+        return jnp.einsum("btd,vd->btv", hidden, self.wte.value.astype(hidden.dtype))
+
+    def init_cache(self, batch: int, length: int | None = None) -> dict:
+        length = length or self.max_len
+        h = self.n_head
+        shape = (batch, length, h, self.d_model // h)
+        layers = [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in self.blocks]
+        return {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, length), bool), "layers": layers}
+
+    def extend(self, tokens, positions, valid, cache: dict):
+        """Runs `tokens` [B, T] through the blocks on top of a KV cache; returns (hidden, cache).
+
+        `valid` [B, T] marks real tokens (False for left padding of batched prompts)."""
+        index = cache["index"]
+        all_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
+        x = self._embed(tokens, positions, None)
+        layers = []
+        for block, layer in zip(self.blocks, cache["layers"]):
+            x, layer = block(x, {}, None, dict(layer, index=index, valid=all_valid))
+            layers.append({"k": layer["k"], "v": layer["v"]})
+        x = x if self.ln_f is None else self.ln_f(x)
+        return x, {"index": index + tokens.shape[1], "valid": all_valid, "layers": layers}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N for the matmuls with weights (forward + backward) plus
+        12 * L * d_model * T for attention scores and values (the convention MFU figures use)."""
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param))) - self.wpe.value.size
+        return 6 * n + 12 * self.n_layer * self.d_model * seq_len
+
+
+def init_decoder(cfg, seed: int) -> Decoder:
+    return Decoder(cfg, rngs=nnx.Rngs(params=seed))

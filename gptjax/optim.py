@@ -1,0 +1,35 @@
+"""AdamW with decoupled weight decay on >= 2-D weights, global-norm clipping and the lr schedules."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def lr_schedule(train_cfg) -> optax.Schedule:
+    """Linear warmup from 0 to train.lr, then cosine or linear decay to min_lr_ratio * lr."""
+    peak, steps, warmup = train_cfg.lr, train_cfg.steps, min(train_cfg.warmup_steps, train_cfg.steps)
+    end = peak * train_cfg.min_lr_ratio
+    warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+    decay_steps = max(steps - warmup, 1)
+    if train_cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train_cfg.min_lr_ratio)
+    else:
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([warm, decay], [warmup])
+
+
+def decay_mask(params):
+    # Biases and LayerNorm gains are 1-D; decaying them only hurts (GPT-1's "modified L2").
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+    parts = []
+    if train_cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
+    parts.append(optax.adamw(lr_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                             weight_decay=train_cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)

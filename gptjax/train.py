@@ -1,0 +1,174 @@
+"""Train state, the jitted train step, and the pretraining loop (`gptjax pretrain`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gptjax import checkpoint, config as config_lib
+from gptjax.errors import UserError
+from gptjax.loss import lm_loss
+from gptjax.metrics import MetricsWriter
+from gptjax.mfu import mfu
+from gptjax.model import Decoder, init_decoder
+from gptjax.optim import lr_schedule, make_optimizer
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def batch_loss(graphdef, params, batch, dropout_key, vocab_size):
+    """(mean token loss, token count) of one batch under `params`."""
+    model = nnx.merge(graphdef, params)
+    hidden = model(batch["tokens"], batch["positions"], batch.get("segment_ids"), dropout_key=dropout_key)
+    total, count = lm_loss(model.lm_logits(hidden), batch["targets"], batch["loss_mask"], vocab_size)
+    return total / jnp.maximum(count, 1.0), count
+
+
+def train_step(graphdef, tx, schedule, vocab_size, base_key, state: TrainState, batch):
+    # The dropout key is a function of the step alone, so any step can be replayed exactly.
+    key = jax.random.fold_in(base_key, state.step)
+    grad_fn = jax.value_and_grad(partial(batch_loss, graphdef), has_aux=True)
+    (loss, count), grads = grad_fn(state.params, batch, key, vocab_size)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step), "tokens": count}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(graphdef, vocab_size, params, batch):
+    model = nnx.merge(graphdef, params)
+    hidden = model(batch["tokens"], batch["positions"], batch.get("segment_ids"))
+    return lm_loss(model.lm_logits(hidden), batch["targets"], batch["loss_mask"], vocab_size)
+
+
+class Trainer:
+    """Holds the model definition, optimizer and jitted functions for one config."""
+
+    def __init__(self, config, model: Decoder | None = None):
+        self.config = config
+        model = model or init_decoder(config.model, config.train.seed)
+        self.graphdef, params = nnx.split(model, nnx.Param)
+        self.flops_per_token = model.flops_per_token(config.train.seq_len)
+        self.schedule = lr_schedule(config.train)
+        self.tx = make_optimizer(config.train)
+        self.state = TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+        base_key = jax.random.key(config.train.seed + 1)
+        vocab = config.model.vocab_size
+        self._step = jax.jit(partial(train_step, self.graphdef, self.tx, self.schedule, vocab, base_key),
+                             donate_argnums=(0,))
+        self._eval = jax.jit(partial(eval_step, self.graphdef, vocab))
+
+    def step(self, batch: dict) -> dict:
+        self.state, metrics = self._step(self.state, batch)
+        return metrics
+
+    def eval_loss(self, rows_list: list[np.ndarray]) -> float | None:
+        from gptjax.data.packing import as_batch
+        if not rows_list:
+            return None
+        sums = [self._eval(self.state.params, as_batch(rows)) for rows in rows_list]
+        total, count = (float(sum(x)) for x in zip(*jax.device_get(sums)))
+        return total / max(count, 1.0)
+
+    def model(self) -> Decoder:
+        return nnx.merge(self.graphdef, self.state.params)
+
+
+def _summarise(records: list[dict]) -> dict:
+    host = jax.device_get(records)
+    out = {"loss": float(np.mean([r["loss"] for r in host])),
+           "grad_norm": float(np.mean([r["grad_norm"] for r in host])),
+           "lr": float(host[-1]["lr"]), "tokens": float(sum(r["tokens"] for r in host))}
+    if not np.isfinite(out["loss"]):
+        raise UserError(f"the training loss became {out['loss']}; lower train.lr or raise train.warmup_steps")
+    return out
+
+
+def _prepare_workdir(config, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    step = checkpoint.latest_step(workdir)
+    if step is not None:
+        raise UserError(f"{workdir} already holds a trained run (checkpoints/{step}); "
+                        f"pass a new --workdir to train again")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config) + "\n")
+
+
+def pretrain(config, workdir: str, progress: bool = True) -> dict:
+    """Trains `config` into `workdir`; returns a summary (first/last loss, eval losses, tokens/s)."""
+    from tqdm.auto import tqdm
+
+    from gptjax.data import corpus
+
+    _prepare_workdir(config, workdir)
+    docs = corpus.corpus_documents(config.data)
+    tokenizer = corpus.workdir_tokenizer(config, workdir, docs[0])
+    batches, eval_rows = corpus.pretraining_rows(config, tokenizer, docs)
+    eval_rows_list = corpus.eval_batches(eval_rows, config.train.batch_size, config.train.eval_batches)
+    trainer = Trainer(config)
+    t = config.train
+    writer = MetricsWriter(workdir)
+    history, eval_history, pending = [], [], []
+    bar = tqdm(total=t.steps, disable=not progress, unit="step", dynamic_ncols=True)
+    compile_start = time.perf_counter()
+    window_start, window_tokens = None, 0.0
+    for step in range(t.steps):
+        pending.append(trainer.step(batches.batch(step)))
+        done = step + 1
+        if step == 0:
+            jax.block_until_ready(pending[-1])
+            first_step_s = time.perf_counter() - compile_start
+            window_start = time.perf_counter()
+            record = {"step": done, **_summarise(pending), "first_step_s": round(first_step_s, 3)}
+            pending = []
+            history.append(record)
+            writer.write({k: v for k, v in record.items() if k != "tokens"})
+            continue
+        if done % t.log_every == 0 or done == t.steps:
+            summary = _summarise(pending)  # the one host sync of the interval
+            elapsed = time.perf_counter() - window_start
+            window_tokens = summary.pop("tokens")
+            tokens_per_sec = window_tokens / elapsed
+            record = {"step": done, **summary, "tokens_per_sec": round(tokens_per_sec, 1),
+                      "step_ms": round(1000 * elapsed / len(pending), 2)}
+            util = mfu(trainer.flops_per_token, tokens_per_sec)
+            if util is not None:
+                record["mfu"] = round(util, 4)
+            pending, window_start = [], time.perf_counter()
+            history.append(record)
+            writer.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+        if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+            eval_loss = trainer.eval_loss(eval_rows_list)
+            if eval_loss is not None:
+                eval_history.append({"step": done, "eval_loss": eval_loss})
+                writer.write(eval_history[-1])
+                bar.write(f"step {done}: eval loss {eval_loss:.4f}")
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+        if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+            checkpoint.save_params(workdir, done, trainer.state.params)
+        bar.update(1)
+    bar.close()
+    writer.close()
+    path = checkpoint.save_params(workdir, t.steps, trainer.state.params)
+    summary = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+               "eval": eval_history, "history": history, "checkpoint": path,
+               "tokens_per_sec": history[-1].get("tokens_per_sec")}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2)
+    return summary
