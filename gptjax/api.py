@@ -109,7 +109,11 @@ class GPT:
                               top_k=top_k, top_p=top_p, seed=seed, pad_id=pad,
                               vocab_size=self.config.model.vocab_size)
         if all(isinstance(p, str) for p in batch):
-            texts = [self.tokenizer.decode(self._until_eos(row)) for row in out]
+            # Decode prompt and continuation together so the space between them survives.
+            texts = []
+            for prompt_ids, row in zip(ids, out):
+                prefix = self.tokenizer.decode(prompt_ids)
+                texts.append(self.tokenizer.decode(prompt_ids + self._until_eos(row))[len(prefix):])
             return texts[0] if single else texts
         rows = [list(map(int, row)) for row in out]
         return rows[0] if single else rows

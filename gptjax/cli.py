@@ -16,7 +16,7 @@ from gptjax.errors import UserError
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def _split_overrides(extra: list[str]) -> list[str]:
+def split_overrides(extra: list[str]) -> list[str]:
     """Pulls `--config.a.b=v` / `--config.a.b v` out of the arguments argparse did not know."""
     overrides, i = [], 0
     while i < len(extra):
@@ -35,7 +35,7 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 def _load(args, extra):
     from gptjax.config import load_config
-    return load_config(args.config, _split_overrides(extra))
+    return load_config(args.config, split_overrides(extra))
 
 
 def cmd_pretrain(args, extra):
@@ -75,7 +75,7 @@ def cmd_generate(args, extra):
 def cmd_demo(args, extra):
     from gptjax.demo import run_demo
     config_path = args.config or os.path.join(REPO_CONFIGS, "tiny.py")
-    run_demo(config_path, _split_overrides(extra), args.workdir)
+    run_demo(config_path, split_overrides(extra), args.workdir)
 
 
 def build_parser() -> argparse.ArgumentParser:

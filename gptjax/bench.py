@@ -1,0 +1,103 @@
+"""Throughput benchmark of the real train step.
+
+    python -m gptjax.bench train --config configs/gpt2_small.py --config.train.batch_size=12
+
+Runs the same jitted step as `gptjax pretrain` on random tokens (no data pipeline, so the figure is
+the step alone), reports compile + first step separately from the steady state, and prints one
+table row: config, batch, seq, tokens/s, MFU, step ms, compile s, peak GiB. It needs only jax,
+flax, optax and ml_collections, so it runs on a bare GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import attention
+from gptjax.config import load_config
+from gptjax.errors import UserError
+from gptjax.mfu import mfu
+from gptjax.model import compute_dtype
+
+
+def _random_batch(config, seed: int) -> dict:
+    b, t, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
+    rows = np.random.default_rng(seed).integers(0, v, size=(b, t + 1), dtype=np.int32)
+    return jax.device_put({
+        "tokens": rows[:, :-1], "targets": rows[:, 1:],
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+        "loss_mask": np.ones((b, t), np.float32)})
+
+
+def _peak_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def bench_train(config, steps: int, warmup: int) -> dict:
+    from gptjax.train import Trainer
+    trainer = Trainer(config)
+    batches = [_random_batch(config, i) for i in range(2)]
+    start = time.perf_counter()
+    jax.block_until_ready(trainer.step(batches[0]))
+    first_step_s = time.perf_counter() - start
+    for i in range(warmup):
+        trainer.step(batches[i % 2])
+    jax.block_until_ready(trainer.state.params)
+    start = time.perf_counter()
+    for i in range(steps):
+        metrics = trainer.step(batches[i % 2])
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - start
+    tokens_per_sec = steps * config.train.batch_size * config.train.seq_len / elapsed
+    return {"config": config.name, "batch": config.train.batch_size, "seq": config.train.seq_len,
+            "tokens_per_sec": tokens_per_sec, "mfu": mfu(trainer.flops_per_token, tokens_per_sec),
+            "step_ms": 1000 * elapsed / steps, "compile_s": first_step_s, "peak_gib": _peak_gib(),
+            "loss": float(metrics["loss"])}
+
+
+def format_row(r: dict) -> str:
+    mfu_text = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+    return (f"| {r['config']} | {r['batch']} | {r['seq']} | {r['tokens_per_sec']:,.0f} | {mfu_text} | "
+            f"{r['step_ms']:.1f} | {r['compile_s']:.1f} | {peak} |")
+
+
+HEADER = ("| config | batch | seq | tokens/s | MFU | step ms | compile+first step s | peak GiB |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("train", help="time the train step")
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    args, extra = parser.parse_known_args(argv)
+    from gptjax.cli import split_overrides
+    try:
+        config = load_config(args.config, split_overrides(extra))
+        result = bench_train(config, args.steps, args.warmup)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = compute_dtype(config.model.dtype)
+    head_dim = config.model.d_model // config.model.n_head
+    impl = attention.resolve(config.model.attention, dtype, head_dim, needs_mask=False,
+                             needs_dropout=config.model.attn_dropout > 0)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+          f"compute {jnp.dtype(dtype).name}, attention {impl}, remat {config.model.remat}")
+    print(HEADER)
+    print(format_row(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
