@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import os
+import re
 
 import ml_collections
 
@@ -93,13 +94,18 @@ def load_config(path: str, overrides: list[str] | None = None) -> ml_collections
         raise UserError(f"config file not found: {path} (pass --config configs/<name>.py)")
     spec = importlib.util.spec_from_file_location(f"gptjax_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except AttributeError as e:  # a locked ConfigDict refusing an unknown field
-        raise UserError(f"{path}: {e}") from None
+    spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise UserError(f"{path} has no get_config() function")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except AttributeError as e:  # the locked ConfigDict refusing a field it does not have
+        key = re.search(r'Key "(\w+)" does not exist', str(e))
+        if key is None:
+            raise
+        close = re.search(r'Did you mean "(\w+)"', str(e))
+        hint = f"; did you mean '{close.group(1)}'?" if close else ""
+        raise UserError(f"{path} sets unknown config key '{key.group(1)}'{hint}") from None
     apply_overrides(config, overrides or [])
     validate(config)
     return config

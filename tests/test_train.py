@@ -1,0 +1,95 @@
+"""Pretraining end to end on the synthetic corpus, with the exact config `make demo` uses."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import GPT
+from gptjax.config import load_config
+from gptjax.errors import UserError
+from gptjax.metrics import read_metrics
+from gptjax.train import Trainer, pretrain
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    config = load_config("configs/tiny.py")  # unchanged: the demo's model, data and steps
+    summary = pretrain(config, workdir, progress=False)
+    return config, workdir, summary
+
+
+def test_training_loss_falls_by_half_and_eval_loss_falls(demo_run):
+    config, workdir, summary = demo_run
+    records = read_metrics(workdir)
+    train = [r for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    # The first step's loss is that of an untrained model over the 512-piece vocabulary.
+    assert abs(train[0]["loss"] - math.log(512)) < 0.3
+    assert train[-1]["loss"] < 0.5 * train[0]["loss"]
+    assert len(evals) == config.train.steps // config.train.eval_every
+    assert evals[-1] < evals[0] < train[0]["loss"]
+    assert evals[-1] < 0.5 * train[0]["loss"]
+
+
+def test_workdir_contract(demo_run):
+    config, workdir, summary = demo_run
+    assert {"config.json", "metrics.jsonl", "tokenizer.model", "checkpoints"} <= set(os.listdir(workdir))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f) == config.to_dict()
+    records = [r for r in read_metrics(workdir) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert steps == [1] + list(range(config.train.log_every, config.train.steps + 1, config.train.log_every))
+    for r in records[1:]:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r)
+        assert r["tokens_per_sec"] > 0 and r["grad_norm"] > 0
+        assert "mfu" not in r  # a CPU has no known peak, so no MFU rather than a wrong one
+    peak_step = next(r for r in records if r["step"] == config.train.warmup_steps)
+    assert peak_step["lr"] == pytest.approx(config.train.lr, rel=0.05)
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(config.train.steps)]
+
+
+def test_from_pretrained_reproduces_the_trained_model(demo_run):
+    config, workdir, _ = demo_run
+    model = GPT.from_pretrained(workdir)
+    assert model.num_params() == 875264
+    rows = np.random.default_rng(0).integers(0, 512, size=(2, 32))
+    logits = model.logits(rows)
+    assert logits.shape == (2, 32, 512) and logits.dtype == jnp.float32
+    # The trained model predicts the held-out text far better than chance.
+    text = "the cat that the dogs chase sleeps . anna is a tall woman . she lives near the park ."
+    ids = model.tokenizer.encode(text)
+    logp = jax.nn.log_softmax(model.logits(np.array([ids])), axis=-1)[0]
+    nll = -float(np.mean([logp[i, ids[i + 1]] for i in range(len(ids) - 1)]))
+    assert nll < 0.5 * math.log(512)
+    greedy = model.generate("the cat", max_new_tokens=12, temperature=0.0)
+    assert greedy == model.generate("the cat", max_new_tokens=12, temperature=0.0)
+    assert len(greedy.split()) >= 3
+
+
+def test_a_second_run_into_a_trained_workdir_is_refused(demo_run):
+    config, workdir, _ = demo_run
+    with pytest.raises(UserError, match="already holds a trained run"):
+        pretrain(config, workdir, progress=False)
+
+
+def test_steps_are_deterministic_and_dropout_uses_the_step_key(tmp_path):
+    config = load_config("configs/tiny.py", ["model.dropout=0.1", "model.attn_dropout=0.1", "train.batch_size=4",
+                                             "train.seq_len=32", "model.n_layer=2"])
+    rows = np.random.default_rng(1).integers(0, 512, size=(4, 33)).astype(np.int32)
+    from gptjax.data.packing import as_batch
+    batch = as_batch(rows)
+    losses = []
+    for _ in range(2):
+        trainer = Trainer(config)
+        losses.append([float(trainer.step(batch)["loss"]) for _ in range(3)])
+    assert losses[0] == losses[1]
+    # Dropout is on and keyed per step: the same batch gives a different loss at each step
+    # beyond what the parameter update alone explains is hard to isolate, so compare with no dropout.
+    config_nodrop = load_config("configs/tiny.py", ["train.batch_size=4", "train.seq_len=32", "model.n_layer=2"])
+    assert float(Trainer(config_nodrop).step(batch)["loss"]) != losses[0][0]
