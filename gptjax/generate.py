@@ -78,7 +78,7 @@ def generate_tokens(model, prompts: list[list[int]], *, max_new_tokens: int, tem
                     vocab_size: int | None = None) -> np.ndarray:
     """New tokens [B, max_new_tokens] for each prompt (temperature 0 = greedy)."""
     tokens, valid = left_pad(prompts, pad_id)
-    max_len = model.wpe.value.shape[0]
+    max_len = model.max_len
     if tokens.shape[1] + max_new_tokens > max_len:
         raise UserError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                         f"model's context of {max_len}; shorten the prompt or lower max_new_tokens")

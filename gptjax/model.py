@@ -66,7 +66,7 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
         return y.astype(x.dtype)
 
 
@@ -86,8 +86,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x, ctx: dict, dropout_key, cache: dict | None = None):
         dtype = x.dtype
-        qkv = jnp.einsum("btd,dchk->btchk", x, self.qkv_kernel.value.astype(dtype))
-        qkv = qkv + self.qkv_bias.value.astype(dtype)
+        qkv = jnp.einsum("btd,dchk->btchk", x, self.qkv_kernel[...].astype(dtype))
+        qkv = qkv + self.qkv_bias[...].astype(dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q_offset, kv_valid = 0, None
         if cache is not None:
@@ -100,8 +100,8 @@ class Attention(nnx.Module):
         y = attention.attend(self.implementation, q, k.astype(dtype), v.astype(dtype), q_offset=q_offset,
                              segment_ids=ctx.get("segment_ids"), kv_valid=kv_valid,
                              dropout_rate=self.attn_dropout, dropout_key=dropout_key)
-        y = jnp.einsum("bthk,hkd->btd", y, self.out_kernel.value.astype(dtype))
-        return y + self.out_bias.value.astype(dtype), cache
+        y = jnp.einsum("bthk,hkd->btd", y, self.out_kernel[...].astype(dtype))
+        return y + self.out_bias[...].astype(dtype), cache
 
 
 class MLP(nnx.Module):
@@ -113,9 +113,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dtype = x.dtype
-        h = x @ self.fc_kernel.value.astype(dtype) + self.fc_bias.value.astype(dtype)
+        h = x @ self.fc_kernel[...].astype(dtype) + self.fc_bias[...].astype(dtype)
         h = jax.nn.gelu(h, approximate=True)  # the tanh form, as GPT-1 and GPT-2 trained with
-        return h @ self.proj_kernel.value.astype(dtype) + self.proj_bias.value.astype(dtype)
+        return h @ self.proj_kernel[...].astype(dtype) + self.proj_bias[...].astype(dtype)
 
 
 class Block(nnx.Module):
@@ -161,7 +161,7 @@ class Decoder(nnx.Module):
         self.n_layer, self.n_head, self.d_model, self.max_len = cfg.n_layer, cfg.n_head, cfg.d_model, cfg.max_len
 
     def _embed(self, tokens, positions, dropout_key):
-        x = self.wte.value[tokens] + self.wpe.value[positions]
+        x = self.wte[...][tokens] + self.wpe[...][positions]
         return _dropout(x.astype(self.dtype), self.dropout, dropout_key)
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None):
@@ -182,7 +182,7 @@ class Decoder(nnx.Module):
 
     def lm_logits(self, hidden):
         """Logits over the padded vocabulary, in the compute dtype (the loss upcasts per row)."""
-        return jnp.einsum("btd,vd->btv", hidden, self.wte.value.astype(hidden.dtype))
+        return jnp.einsum("btd,vd->btv", hidden, self.wte[...].astype(hidden.dtype))
 
     def init_cache(self, batch: int, length: int | None = None) -> dict:
         length = length or self.max_len
@@ -208,7 +208,7 @@ class Decoder(nnx.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6N for the matmuls with weights (forward + backward) plus
         12 * L * d_model * T for attention scores and values (the convention MFU figures use)."""
-        n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param))) - self.wpe.value.size
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param))) - self.wpe[...].size
         return 6 * n + 12 * self.n_layer * self.d_model * seq_len
 
 
