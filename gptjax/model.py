@@ -208,7 +208,7 @@ class Decoder(nnx.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6N for the matmuls with weights (forward + backward) plus
         12 * L * d_model * T for attention scores and values (the convention MFU figures use)."""
-        n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param))) - self.wpe[...].size
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param))) - self.max_len * self.d_model
         return 6 * n + 12 * self.n_layer * self.d_model * seq_len
 
 
