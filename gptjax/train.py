@@ -46,7 +46,7 @@ def train_step(graphdef, tx, schedule, vocab_size, base_key, state: TrainState, 
     (loss, count), grads = grad_fn(state.params, batch, key, vocab_size)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step), "tokens": count}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), "tokens": count}
     return TrainState(state.step + 1, params, opt_state), metrics
 
 

@@ -1,0 +1,232 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import attention
+from gptjax.attention import resolve, xla_attention
+from gptjax.errors import UserError
+
+ON_GPU = attention.on_nvidia_gpu()
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs an NVIDIA GPU")
+
+
+def qkv(batch, tq, tk, heads=3, head_dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(batch, tq, heads, head_dim)).astype(np.float32)
+    k = rng.normal(size=(batch, tk, heads, head_dim)).astype(np.float32)
+    v = rng.normal(size=(batch, tk, heads, head_dim)).astype(np.float32)
+    return q, k, v
+
+
+def allowed(batch, tq, tk, q_offset=0, segment_ids=None, kv_valid=None):
+    """allowed[b, i, j]: may query i (at slot q_offset + i) look at key j. Written as loops on purpose."""
+    out = np.zeros((batch, tq, tk), bool)
+    for b in range(batch):
+        for i in range(tq):
+            for j in range(tk):
+                ok = j <= q_offset + i
+                if segment_ids is not None:
+                    ok = ok and segment_ids[b][i] == segment_ids[b][j]
+                if kv_valid is not None:
+                    ok = ok and bool(kv_valid[b][j])
+                out[b, i, j] = ok
+    return out
+
+
+def naive_attention(q, k, v, mask):
+    """Softmax over the allowed keys only, per (batch, query, head), in float64; NaN for a row with none."""
+    batch, tq, heads, head_dim = q.shape
+    out = np.full(q.shape, np.nan)
+    for b in range(batch):
+        for i in range(tq):
+            keys = np.flatnonzero(mask[b, i])
+            if len(keys) == 0:
+                continue
+            for h in range(heads):
+                s = np.array([q[b, i, h] @ k[b, j, h] for j in keys], np.float64) / math.sqrt(head_dim)
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                out[b, i, h] = sum(pj * v[b, j, h].astype(np.float64) for pj, j in zip(p, keys))
+    return out
+
+
+def check(got, want, rows=None):
+    got = np.asarray(got)
+    assert np.all(np.isfinite(got))
+    if rows is not None:
+        got, want = got[rows], want[rows]
+    assert not np.any(np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_causal_matches_naive():
+    q, k, v = qkv(2, 8, 8)
+    want = naive_attention(q, k, v, allowed(2, 8, 8))
+    check(xla_attention(q, k, v), want)
+    # The first query can only see itself, so it returns its own value row.
+    np.testing.assert_allclose(np.asarray(xla_attention(q, k, v))[:, 0], v[:, 0], rtol=1e-6)
+
+
+def test_causal_output_differs_from_full_attention():
+    """These inputs must tell causal from full attention, or the comparisons above prove little."""
+    q, k, v = qkv(2, 8, 8, seed=1)
+    full = naive_attention(q, k, v, np.ones((2, 8, 8), bool))
+    assert np.abs(np.asarray(xla_attention(q, k, v)) - full)[:, :-1].max() > 1e-2
+
+
+def test_segment_ids_confine_queries_to_their_document():
+    segment_ids = np.array([[0, 0, 0, 1, 1, 2, 2, 2], [5, 7, 7, 7, 7, 7, 9, 9]], np.int32)
+    q, k, v = qkv(2, 8, 8, seed=2)
+    got = np.asarray(xla_attention(q, k, v, segment_ids=jnp.asarray(segment_ids)))
+    check(got, naive_attention(q, k, v, allowed(2, 8, 8, segment_ids=segment_ids)))
+    # A packed document attends exactly as it would alone.
+    alone = np.asarray(xla_attention(q[:1, 3:5], k[:1, 3:5], v[:1, 3:5]))
+    np.testing.assert_allclose(got[:1, 3:5], alone, rtol=1e-5, atol=1e-6)
+    alone = np.asarray(xla_attention(q[1:, 1:6], k[1:, 1:6], v[1:, 1:6]))
+    np.testing.assert_allclose(got[1:, 1:6], alone, rtol=1e-5, atol=1e-6)
+    # ...and differs from attending across the boundary.
+    assert np.abs(got - np.asarray(xla_attention(q, k, v))).max() > 1e-2
+
+
+def test_kv_valid_hides_padded_keys():
+    kv_valid = np.array([[False, False, True, True, True, True, True, True],
+                         [True, True, True, True, False, True, True, False]])
+    q, k, v = qkv(2, 8, 8, seed=3)
+    mask = allowed(2, 8, 8, kv_valid=kv_valid)
+    got = np.asarray(xla_attention(q, k, v, kv_valid=jnp.asarray(kv_valid)))
+    rows = mask.any(-1)  # queries with at least one visible key
+    assert not rows.all()  # the left-padded queries of row 0 see nothing
+    check(got, naive_attention(q, k, v, mask), rows)
+    # Changing a hidden key or value changes nothing.
+    k2, v2 = k.copy(), v.copy()
+    k2[1, 4] += 5.0
+    v2[1, 4] -= 5.0
+    k2[0, :2] += 5.0
+    v2[0, :2] -= 5.0
+    got2 = np.asarray(xla_attention(q, k2, v2, kv_valid=jnp.asarray(kv_valid)))
+    np.testing.assert_allclose(got2[rows], got[rows], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("q_offset", [0, 2, 5])
+def test_query_offset_into_a_longer_key_buffer(q_offset):
+    tq, tk = 3, 8
+    q, k, v = qkv(2, tq, tk, seed=4)
+    mask = allowed(2, tq, tk, q_offset=q_offset)
+    want = naive_attention(q, k, v, mask)
+    check(xla_attention(q, k, v, q_offset=q_offset), want)
+    # Decoding passes the cache index as a traced scalar.
+    traced = jax.jit(lambda q, k, v, o: xla_attention(q, k, v, q_offset=o))(q, k, v, jnp.int32(q_offset))
+    check(traced, want)
+
+
+def test_offset_with_padding_matches_naive():
+    """The cache case in full: left-padded prompt rows, queries at the end of a longer buffer."""
+    tq, tk, q_offset = 3, 8, 4
+    kv_valid = np.array([[False, True, True, True, True, True, True, False],
+                         [False, False, False, True, True, True, True, False]])
+    q, k, v = qkv(2, tq, tk, seed=5)
+    mask = allowed(2, tq, tk, q_offset=q_offset, kv_valid=kv_valid)
+    check(xla_attention(q, k, v, q_offset=q_offset, kv_valid=jnp.asarray(kv_valid)), naive_attention(q, k, v, mask))
+
+
+def test_the_full_causal_result_equals_chunked_queries_with_offsets():
+    q, k, v = qkv(2, 9, 9, seed=6)
+    full = np.asarray(xla_attention(q, k, v))
+    parts = [np.asarray(xla_attention(q[:, s:s + 3], k, v, q_offset=s)) for s in (0, 3, 6)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-6)
+
+
+def test_fully_masked_rows_are_finite_with_finite_gradients():
+    q, k, v = (jnp.asarray(x) for x in qkv(2, 8, 8, seed=7))
+    nothing = jnp.zeros((2, 8), bool)
+    out = xla_attention(q, k, v, kv_valid=nothing)
+    assert np.all(np.isfinite(np.asarray(out)))
+    grads = jax.grad(lambda q, k, v: xla_attention(q, k, v, kv_valid=nothing).sum(), argnums=(0, 1, 2))(q, k, v)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+    # Same with bfloat16 inputs, the compute dtype on accelerators.
+    out16 = xla_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), kv_valid=nothing)
+    assert out16.dtype == jnp.bfloat16
+    assert np.all(np.isfinite(np.asarray(out16.astype(jnp.float32))))
+
+
+def test_attention_dropout_rescales_kept_probabilities():
+    # With v = 1 every output is the sum of the kept probabilities divided by (1 - rate).
+    batch, t, heads = 4, 64, 4
+    q, k, _ = qkv(batch, t, t, heads=heads, seed=8)
+    v = np.ones((batch, t, heads, 8), np.float32)
+    rate = 0.3
+    out = np.asarray(xla_attention(q, k, v, dropout_rate=rate, dropout_key=jax.random.key(0)))
+    np.testing.assert_allclose(np.asarray(xla_attention(q, k, v)), 1.0, rtol=1e-5)
+    assert abs(out.mean() - 1.0) < 0.05
+    assert out.std() > 0.1
+    # The first query has a single key: it is either dropped (0) or kept (1 / (1 - rate)).
+    first = out[:, 0, :, 0]
+    is_zero, is_kept = first == 0, np.isclose(first, 1 / (1 - rate), rtol=1e-6)
+    assert np.all(is_zero | is_kept) and is_zero.any() and is_kept.any()
+    same = np.asarray(xla_attention(q, k, v, dropout_rate=rate, dropout_key=jax.random.key(0)))
+    np.testing.assert_array_equal(out, same)
+    # No key means no dropout, whatever the rate.
+    np.testing.assert_array_equal(np.asarray(xla_attention(q, k, v, dropout_rate=rate)),
+                                  np.asarray(xla_attention(q, k, v)))
+
+
+def test_attend_with_xla_and_auto_equals_xla_attention_on_cpu_inputs():
+    q, k, v = qkv(2, 8, 8, seed=9)
+    seg = jnp.asarray(np.array([[0, 0, 1, 1, 1, 1, 1, 1], [0] * 8], np.int32))
+    want = np.asarray(xla_attention(q, k, v, segment_ids=seg))
+    for impl in ("xla", "auto"):
+        np.testing.assert_allclose(np.asarray(attention.attend(impl, q, k, v, segment_ids=seg)), want, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- choosing an implementation
+
+@pytest.mark.skipif(ON_GPU, reason="checks the behaviour without an NVIDIA GPU")
+def test_cudnn_without_nvidia_gpu_is_a_user_error():
+    with pytest.raises(UserError, match="NVIDIA GPU"):
+        resolve("cudnn", jnp.bfloat16, 64, needs_mask=False, needs_dropout=False)
+    q, k, v = (jnp.zeros((1, 4, 2, 8), jnp.bfloat16),) * 3
+    with pytest.raises(UserError):
+        attention.attend("cudnn", q, k, v)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the behaviour without an NVIDIA GPU")
+def test_auto_is_xla_without_nvidia_gpu():
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for needs_mask in (False, True):
+            assert resolve("auto", dtype, 64, needs_mask=needs_mask, needs_dropout=False) == "xla"
+    assert not attention.cudnn_applies(jnp.bfloat16, 64)
+
+
+def test_xla_always_resolves_and_unknown_names_are_rejected():
+    assert resolve("xla", jnp.float32, 7, needs_mask=True, needs_dropout=True) == "xla"
+    with pytest.raises(UserError, match="unknown model.attention"):
+        resolve("flash", jnp.float32, 64, needs_mask=False, needs_dropout=False)
+
+
+@needs_gpu
+def test_auto_picks_cudnn_only_where_it_applies():
+    assert resolve("auto", jnp.bfloat16, 64, needs_mask=False, needs_dropout=False) == "cudnn"
+    assert resolve("auto", jnp.float32, 64, needs_mask=False, needs_dropout=False) == "xla"
+    assert resolve("auto", jnp.bfloat16, 64, needs_mask=True, needs_dropout=False) == "xla"
+    assert resolve("auto", jnp.bfloat16, 64, needs_mask=False, needs_dropout=True) == "xla"
+    assert resolve("auto", jnp.bfloat16, 12, needs_mask=False, needs_dropout=False) == "xla"
+    for kwargs in (dict(needs_mask=True, needs_dropout=False), dict(needs_mask=False, needs_dropout=True)):
+        with pytest.raises(UserError):
+            resolve("cudnn", jnp.bfloat16, 64, **kwargs)
+    with pytest.raises(UserError):
+        resolve("cudnn", jnp.float32, 64, needs_mask=False, needs_dropout=False)
+
+
+@needs_gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cudnn_matches_xla_in_bfloat16(head_dim):
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in qkv(2, 256, 256, heads=4, head_dim=head_dim, seed=10))
+    got = np.asarray(attention.cudnn_attention(q, k, v).astype(jnp.float32))
+    want = np.asarray(xla_attention(q, k, v).astype(jnp.float32))
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=0)
+    # Causal, not full, attention.
+    full = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation="xla").astype(jnp.float32)
+    assert np.abs(np.asarray(full) - got).max() > 0.1
