@@ -14,15 +14,16 @@ from flax import nnx
 from gptjax.errors import UserError
 
 
+def _name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def flatten(params: nnx.State) -> dict:
-    flat = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params)):
-        flat[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
-    return flat
+    return {_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params))}
 
 
 def unflatten(flat: dict, like: nnx.State) -> nnx.State:
-    """Puts the arrays of `flat` into a copy of `like` (a state with the same names)."""
+    """A copy of `like` (a state with the same names) holding the arrays of `flat`."""
     expected = flatten(like)
     missing = sorted(set(expected) - set(flat))
     unexpected = sorted(set(flat) - set(expected))
@@ -33,11 +34,10 @@ def unflatten(flat: dict, like: nnx.State) -> nnx.State:
         if tuple(value.shape) != tuple(expected[name].shape):
             raise UserError(f"checkpoint parameter '{name}' has shape {tuple(value.shape)} but the model "
                             f"expects {tuple(expected[name].shape)}; check model.* against the saved config.json")
-    leaves_with_path = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(like))
-    pure = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(nnx.to_pure_dict(like)),
-        [flat[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] for path, _ in leaves_with_path])
-    state = jax.tree.map(lambda x: x, like)
+    pure = nnx.to_pure_dict(like)
+    names = [_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(pure)]
+    pure = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(pure), [flat[n] for n in names])
+    state = jax.tree.map(lambda x: x, like)  # replace_by_pure_dict writes in place; keep `like` intact
     nnx.replace_by_pure_dict(state, pure)
     return state
 

@@ -63,7 +63,7 @@ def cmd_generate(args, extra):
     if extra:
         raise UserError(f"unrecognised arguments: {' '.join(extra)}")
     model = GPT.from_pretrained(args.workdir)
-    prompts = args.prompt or [""]
+    prompts = args.prompt
     if model.tokenizer is None:
         raise UserError(f"{args.workdir} has no tokenizer.model to turn the prompt into tokens")
     texts = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", parents=[common], help="sample continuations from a trained workdir")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
