@@ -77,7 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "train.checkpoint_every", 0, "steps between parameter saves (0 = only at the end)")
 
     c.data = ml_collections.ConfigDict()
-    _field(c, "data.source", "synthetic", "where the pretraining text comes from: synthetic")
+    _field(c, "data.source", "synthetic", "pretraining text: synthetic, text:<glob>, jsonl:<glob>; several separated by commas")
+    _field(c, "data.weights", "", "comma-separated share of each batch per data.source entry (empty = equal)")
+    _field(c, "data.text_documents", "file", "text: sources: one document per file, or per blank_line-separated block")
+    _field(c, "data.jsonl_field", "text", "jsonl: sources: the field holding a document's text")
+    _field(c, "data.document_mask", False, "restart positions and mask attention at document boundaries inside a row")
     _field(c, "data.tokenizer", "", "path of a SentencePiece .model; empty = train one on the corpus into WORKDIR/tokenizer.model")
     _field(c, "data.tokenizer_vocab_size", 512, "vocabulary size when the tokenizer is trained here")
     _field(c, "data.num_documents", 20000, "synthetic corpus: documents generated")
@@ -229,5 +233,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _check(0.0 <= config.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")
-    _check(config.data.source == "synthetic",
-           f"data.source '{config.data.source}' is not supported; use data.source=synthetic")
+    _check(config.data.text_documents in ("file", "blank_line"),
+           f"data.text_documents must be file or blank_line, got '{config.data.text_documents}'")
+    from gptjax.data.sources import parse_sources, parse_weights
+    parse_weights(config.data.weights, len(parse_sources(config.data.source)))

@@ -77,11 +77,10 @@ class Trainer:
         self.state, metrics = self._step(self.state, batch)
         return metrics
 
-    def eval_loss(self, rows_list: list[np.ndarray]) -> float | None:
-        from gptjax.data.packing import as_batch
-        if not rows_list:
+    def eval_loss(self, batches: list[dict]) -> float | None:
+        if not batches:
             return None
-        sums = [self._eval(self.state.params, as_batch(rows)) for rows in rows_list]
+        sums = [self._eval(self.state.params, batch) for batch in batches]
         total, count = (float(sum(x)) for x in zip(*jax.device_get(sums)))
         return total / max(count, 1.0)
 
@@ -116,10 +115,9 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
     from gptjax.data import corpus
 
     _prepare_workdir(config, workdir)
-    docs = corpus.corpus_documents(config.data)
-    tokenizer = corpus.workdir_tokenizer(config, workdir, docs[0])
-    batches, eval_rows = corpus.pretraining_rows(config, tokenizer, docs)
-    eval_rows_list = corpus.eval_batches(eval_rows, config.train.batch_size, config.train.eval_batches)
+    documents = corpus.corpus_documents(config.data)
+    tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
+    batches, eval_batches = corpus.pretraining_batches(config, tokenizer, documents)
     trainer = Trainer(config)
     t = config.train
     writer = MetricsWriter(workdir)
@@ -154,7 +152,7 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
             writer.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            eval_loss = trainer.eval_loss(eval_rows_list)
+            eval_loss = trainer.eval_loss(eval_batches)
             if eval_loss is not None:
                 eval_history.append({"step": done, "eval_loss": eval_loss})
                 writer.write(eval_history[-1])

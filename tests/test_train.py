@@ -83,7 +83,7 @@ def test_steps_are_deterministic_and_dropout_uses_the_step_key(tmp_path):
                                              "train.seq_len=32", "model.n_layer=2"])
     rows = np.random.default_rng(1).integers(0, 512, size=(4, 33)).astype(np.int32)
     from gptjax.data.packing import as_batch
-    batch = as_batch(rows)
+    batch = as_batch(rows, 2, 0, False)
     losses = []
     for _ in range(2):
         trainer = Trainer(config)

@@ -1,10 +1,14 @@
 """Packing documents into fixed-length rows, and a deterministic, O(1)-seekable batch order.
 
-Documents are concatenated with an end-of-document token between them and cut into rows of
-seq_len + 1 tokens (inputs and next-token targets overlap by one), the contiguous chunks that
-GPT-1 and nanoGPT train on. The order of rows is a fresh permutation per epoch derived from
-(seed, epoch), so the batch of any step can be produced directly from the step number: the
-same run always sees the same batches, and a resumed run needs no replay.
+Documents are concatenated with an end-of-document token after each and cut into rows of
+seq_len + 1 tokens (inputs and next-token targets overlap by one). The last, partial row is
+filled with padding that the loss ignores, so every token of every document is in exactly one
+row. Everything a row needs besides its tokens (segment ids, positions, loss mask) follows from
+where its end-of-document tokens are, so rows can be stored as bare tokens and read at random.
+
+The order of rows is a fresh permutation per epoch derived from (seed, epoch), so the batch of
+any step is produced directly from the step number: the same run always sees the same batches,
+and a resumed run needs no replay.
 """
 
 from __future__ import annotations
@@ -12,20 +16,51 @@ from __future__ import annotations
 import numpy as np
 
 
-def pack_rows(token_lists, eos_id: int, seq_len: int) -> np.ndarray:
-    """[num_rows, seq_len + 1] int32; the incomplete tail row is dropped."""
+def pack_rows(token_lists, eos_id: int, seq_len: int, pad_id: int) -> np.ndarray:
+    """[num_rows, seq_len + 1] int32; the tail row is completed with pad_id."""
     stream = np.fromiter((t for doc in token_lists for t in (*doc, eos_id)), dtype=np.int32)
-    num_rows = len(stream) // (seq_len + 1)
-    return stream[: num_rows * (seq_len + 1)].reshape(num_rows, seq_len + 1)
+    width = seq_len + 1
+    num_rows = -(-len(stream) // width)
+    rows = np.full(num_rows * width, pad_id, np.int32)
+    rows[: len(stream)] = stream
+    return rows.reshape(num_rows, width)
+
+
+def as_batch(rows: np.ndarray, eos_id: int, pad_id: int, document_mask: bool) -> dict:
+    """Model inputs, targets, loss mask (and segment ids) from [B, seq_len + 1] rows.
+
+    document_mask=False: contiguous chunks as GPT-1 and nanoGPT train on; attention crosses
+    document boundaries and positions run 0..T-1. document_mask=True: a new segment starts after
+    every end-of-document token, positions restart there, attention stays inside a segment, and
+    the prediction made at an end-of-document token (the next document's first token, which it
+    cannot see) does not count in the loss.
+    """
+    tokens, targets = rows[:, :-1], rows[:, 1:]
+    loss_mask = targets != pad_id
+    steps = np.arange(tokens.shape[1], dtype=np.int32)
+    if not document_mask:
+        positions = np.broadcast_to(steps, tokens.shape)
+        return {"tokens": tokens, "targets": targets, "positions": np.ascontiguousarray(positions),
+                "loss_mask": loss_mask.astype(np.float32)}
+    starts = np.zeros(tokens.shape, bool)
+    starts[:, 0] = True
+    starts[:, 1:] = tokens[:, :-1] == eos_id
+    segment_ids = np.cumsum(starts, axis=1, dtype=np.int32)
+    segment_start = np.maximum.accumulate(np.where(starts, steps, 0), axis=1)
+    loss_mask &= tokens != eos_id
+    return {"tokens": tokens, "targets": targets, "positions": (steps - segment_start).astype(np.int32),
+            "segment_ids": segment_ids, "loss_mask": loss_mask.astype(np.float32)}
 
 
 class RowBatches:
     """Batches of rows in a shuffled order that is a pure function of (seed, step)."""
 
-    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, *, eos_id: int, pad_id: int,
+                 document_mask: bool = False, shuffle: bool = True):
         if len(rows) < batch_size:
             raise ValueError(f"{len(rows)} rows cannot fill a batch of {batch_size}")
         self.rows, self.batch_size, self.seed, self.shuffle = rows, batch_size, seed, shuffle
+        self.eos_id, self.pad_id, self.document_mask = eos_id, pad_id, document_mask
         self._order_cache: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -42,12 +77,4 @@ class RowBatches:
         return np.array([self._order(int(e))[i] for e, i in zip(epochs, within)])
 
     def batch(self, step: int) -> dict:
-        return as_batch(self.rows[self.indices(step)])
-
-
-def as_batch(rows: np.ndarray) -> dict:
-    """Model inputs and targets from [B, seq_len + 1] rows."""
-    tokens, targets = rows[:, :-1], rows[:, 1:]
-    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-    return {"tokens": tokens, "targets": targets, "positions": np.ascontiguousarray(positions),
-            "loss_mask": np.ones(tokens.shape, np.float32)}
+        return as_batch(self.rows[self.indices(step)], self.eos_id, self.pad_id, self.document_mask)

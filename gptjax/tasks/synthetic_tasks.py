@@ -1,0 +1,126 @@
+"""GLUE-style tasks of every type built from the synthetic toy English, for demos and tests.
+
+Each label follows from how its example was built, so a model that learns the task must have
+learned the construction (sentiment, number agreement, ...), not a surface cue such as which
+template the text came from:
+
+* synthetic_sentiment (classification, SST-2-like): one review sentence, negative or positive.
+* synthetic_acceptability (classification, CoLA-like): main verb agrees with its subject or not.
+* synthetic_entailment (pair, MNLI-like): the hypothesis is always a verdict ("overall , i loved
+  it ."); it follows from an evaluative premise of the same sentiment, is contradicted by one of the
+  other sentiment, and is neutral after a premise that evaluates nothing.
+* synthetic_paraphrase (similarity, MRPC-like): two review sentences are "equivalent" when they
+  express the same opinion, a relation with no direction.
+* synthetic_relatedness (regression, STS-B-like): two five-sentence reviews scored
+  5 - |positives(a) - positives(b)|, from 0 (opposite) to 5 (same balance of opinion).
+
+Example i of a split is a pure function of (seed, task, split, i), so any subset can be produced
+directly and every host agrees. Test splits keep their labels: this data is not scored by a server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from gptjax.data import synthetic as syn
+from gptjax.errors import UserError
+from gptjax.tasks.example import Example
+from gptjax.tasks.task import Task
+
+SIZES = {"train": 2000, "validation": 200, "test": 200}
+REVIEW_SENTENCES = 5  # sentences per text of synthetic_relatedness, and so its top score
+_SPLITS = tuple(SIZES)
+
+
+def _sentiment(rng: np.random.Generator):
+    text, label = syn.sentence(rng, int(rng.random() < 0.5))
+    return (text,), label
+
+
+def _acceptability(rng: np.random.Generator):
+    label = int(rng.random() < 0.5)
+    return (syn.agreement_sentence(rng, bool(label)),), label
+
+
+def _entailment(rng: np.random.Generator):
+    label = int(rng.random() * 3)  # entailment, neutral, contradiction
+    verdict = int(rng.random() < 0.5)
+    if label == 1:
+        premise = syn.agreement_sentence(rng, True)
+    else:
+        premise, _ = syn.sentence(rng, verdict if label == 0 else 1 - verdict)
+    return (premise, syn.VERDICTS[verdict]), label
+
+
+def _paraphrase(rng: np.random.Generator):
+    label = int(rng.random() < 0.5)
+    first = int(rng.random() < 0.5)
+    second = first if label else 1 - first
+    return (syn.sentence(rng, first)[0], syn.sentence(rng, second)[0]), label
+
+
+def _opinions(rng: np.random.Generator, positives: int) -> str:
+    order = rng.permutation([1] * positives + [0] * (REVIEW_SENTENCES - positives))
+    return " ".join(syn.sentence(rng, int(s))[0] for s in order)
+
+
+def _relatedness(rng: np.random.Generator):
+    # Draw the score first so the scores are uniform over 0..5, then a pair of counts that gives it.
+    score = int(rng.random() * (REVIEW_SENTENCES + 1))
+    gap = REVIEW_SENTENCES - score
+    counts = [(a, b) for a in range(REVIEW_SENTENCES + 1) for b in range(REVIEW_SENTENCES + 1)
+              if abs(a - b) == gap]
+    a, b = counts[int(rng.random() * len(counts))]
+    return (_opinions(rng, a), _opinions(rng, b)), float(score)
+
+
+def _task(name, type_, fields, labels, metrics, prediction_format="label_id", **kw) -> Task:
+    return Task(f"synthetic_{name}", type_, fields, labels, metrics, _SPLITS,
+                prediction_format=prediction_format, **kw)
+
+
+SYNTHETIC_TASKS: dict[str, Task] = {t.name: t for t in (
+    _task("sentiment", "classification", ("sentence",), ("negative", "positive"), ("accuracy",)),
+    _task("acceptability", "classification", ("sentence",), ("unacceptable", "acceptable"),
+          ("matthews", "accuracy")),
+    _task("entailment", "pair", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
+          ("accuracy",), "label_name"),
+    _task("paraphrase", "similarity", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
+          ("f1", "accuracy")),
+    _task("relatedness", "regression", ("sentence1", "sentence2"), (), ("pearson", "spearman"), "float",
+          score_range=(0.0, float(REVIEW_SENTENCES))),
+)}
+
+# The position of a task or split in these tuples seeds its examples: append, never reorder.
+_BUILDERS: dict[str, Callable[[np.random.Generator], tuple[tuple[str, ...], int | float]]] = {
+    "synthetic_sentiment": _sentiment,
+    "synthetic_acceptability": _acceptability,
+    "synthetic_entailment": _entailment,
+    "synthetic_paraphrase": _paraphrase,
+    "synthetic_relatedness": _relatedness,
+}
+_TASK_IDS = {name: i for i, name in enumerate(_BUILDERS)}
+_SPLIT_IDS = {name: i for i, name in enumerate(_SPLITS)}
+
+
+def synthetic_example(task: str | Task, split: str, index: int, seed: int = 0) -> Example:
+    """Example `index` of a synthetic task's split; its idx is `index`."""
+    name = task.name if isinstance(task, Task) else task
+    if name not in _BUILDERS:
+        raise UserError(f"unknown synthetic task '{name}'; synthetic tasks: {', '.join(_BUILDERS)}")
+    SYNTHETIC_TASKS[name].check_split(split)
+    if index < 0 or seed < 0:
+        raise UserError(f"index and seed must be non-negative, got index={index}, seed={seed}")
+    rng = np.random.default_rng([seed, _TASK_IDS[name], _SPLIT_IDS[split], index])
+    texts, label = _BUILDERS[name](rng)
+    return Example(index, texts, label)
+
+
+def synthetic_split(task: str | Task, split: str, seed: int = 0, size: int | None = None) -> list[Example]:
+    """The first `size` examples (default SIZES[split]) of a synthetic task's split."""
+    size = SIZES.get(split, 0) if size is None else size
+    if size < 0:
+        raise UserError(f"size must be non-negative, got {size}")
+    return [synthetic_example(task, split, i, seed) for i in range(size)]
