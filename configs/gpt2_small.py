@@ -8,9 +8,10 @@
 0.02 / sqrt(2 x 12). AdamW (0.9, 0.95), lr 0.0006 (the GPT-3 paper's value for this size),
 warmup then cosine to 10%, weight decay 0.1, clipping at 1, no dropout.
 
-What it should reach: nanoGPT reports a validation loss of about 2.85 on OpenWebText for this
-model and recipe (0.5M-token batches, ~300B tokens); gptjax has not run that yet, it needs a
-real corpus and a GPU. On the built-in synthetic corpus this config runs as is.
+What it should reach: not yet measured with gptjax. For scale, nanoGPT reports a validation
+loss of about 2.85 on OpenWebText for GPT-2 small trained on ~300B tokens with 0.5M-token
+batches, a far longer run than this config's 600k steps of 32 x 1024 tokens (~20B). It needs a
+real corpus (data.source) and a GPU; on the built-in synthetic corpus this config runs as is.
 """
 
 from gptjax.config import base_config

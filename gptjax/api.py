@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +57,12 @@ class GPT:
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise UserError(f"{path} is not a gptjax workdir (no config.json); pass the --workdir of a run")
-        with open(config_path) as f:
-            config = config_lib.config_from_dict(json.load(f))
+        try:
+            with open(config_path) as f:
+                values = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{config_path} is not valid JSON (line {e.lineno}): {e.msg}") from None
+        config = config_lib.config_from_dict(values)
         # Build the structure without spending time on a random init that is overwritten.
         abstract = nnx.eval_shape(lambda: init_decoder(config.model, 0))
         graphdef, like = nnx.split(abstract, nnx.Param)
@@ -84,6 +87,9 @@ class GPT:
             raise UserError(f"tokens must be [batch, time], got shape {tokens.shape}")
         if tokens.shape[1] > self.config.model.max_len:
             raise UserError(f"{tokens.shape[1]} tokens exceed the context of {self.config.model.max_len}")
+        if tokens.size and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.config.model.vocab_size:
+            raise UserError(f"token ids must be in [0, {self.config.model.vocab_size}), got "
+                            f"{int(tokens.min())}..{int(tokens.max())}")
         if self._logits_fn is None:
             vocab = self.config.model.vocab_size
             self._logits_fn = nnx.jit(lambda m, t: m.lm_logits(m(t))[..., :vocab].astype(jnp.float32))

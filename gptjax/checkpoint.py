@@ -61,7 +61,9 @@ def latest_step(workdir: str) -> int | None:
     if not os.path.isdir(directory):
         return None
     _, manager = _manager(directory)
-    return manager.latest_step()
+    step = manager.latest_step()
+    manager.close()
+    return step
 
 
 def load_params(workdir: str, like: nnx.State, step: int | None = None) -> tuple[nnx.State, int]:
@@ -78,6 +80,8 @@ def load_params(workdir: str, like: nnx.State, step: int | None = None) -> tuple
     try:
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
     except (ValueError, KeyError) as e:
-        raise UserError(f"checkpoint {directory}/{step} does not match the model ({e}); "
-                        f"check model.* against the saved config.json") from None
+        raise UserError(f"checkpoint {directory}/{step} cannot be read or does not match the model "
+                        f"({str(e).splitlines()[0][:200]}); check model.* against the saved config.json") from None
+    finally:
+        manager.close()
     return unflatten(dict(restored["params"]), like), step

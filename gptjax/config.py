@@ -77,16 +77,19 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "train.checkpoint_every", 0, "steps between parameter saves (0 = only at the end)")
 
     c.data = ml_collections.ConfigDict()
-    _field(c, "data.source", "synthetic", "pretraining text: synthetic, text:<glob>, jsonl:<glob>; several separated by commas")
+    _field(c, "data.source", "synthetic", "pretraining text: synthetic, text:<glob>, jsonl:<glob>, tfds:<name>[/<config>][:<split>]; several separated by commas")
     _field(c, "data.weights", "", "comma-separated share of each batch per data.source entry (empty = equal)")
     _field(c, "data.text_documents", "file", "text: sources: one document per file, or per blank_line-separated block")
     _field(c, "data.jsonl_field", "text", "jsonl: sources: the field holding a document's text")
+    _field(c, "data.tfds_data_dir", "", "tfds: sources: the prepared TFDS folder (empty = TFDS_DATA_DIR or the TFDS default)")
+    _field(c, "data.tfds_text_field", "", "tfds: sources: the text feature (empty = 'text' or the only text feature)")
     _field(c, "data.document_mask", False, "restart positions and mask attention at document boundaries inside a row")
     _field(c, "data.tokenizer", "", "path of a SentencePiece .model; empty = train one on the corpus into WORKDIR/tokenizer.model")
     _field(c, "data.tokenizer_vocab_size", 512, "vocabulary size when the tokenizer is trained here")
     _field(c, "data.num_documents", 20000, "synthetic corpus: documents generated")
     _field(c, "data.eval_fraction", 0.02, "fraction of documents held out for the eval loss")
     _field(c, "data.seed", 0, "seed of the corpus itself (independent of train.seed)")
+    _field(c, "data.num_workers", 0, "loader worker processes building batches (0 = in the training process)")
 
     c.lock()
     return c
@@ -98,7 +101,12 @@ def load_config(path: str, overrides: list[str] | None = None) -> ml_collections
         raise UserError(f"config file not found: {path} (pass --config configs/<name>.py)")
     spec = importlib.util.spec_from_file_location(f"gptjax_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    if not path.endswith(".py") or spec is None:
+        raise UserError(f"config {path} must be a Python file with get_config() (configs/<name>.py)")
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise UserError(f"{path} has no get_config() function")
     try:
@@ -110,6 +118,8 @@ def load_config(path: str, overrides: list[str] | None = None) -> ml_collections
         close = re.search(r'Did you mean "(\w+)"', str(e))
         hint = f"; did you mean '{close.group(1)}'?" if close else ""
         raise UserError(f"{path} sets unknown config key '{key.group(1)}'{hint}") from None
+    except TypeError as e:  # the ConfigDict refusing a value of another type
+        raise UserError(f"{path}: {str(e).splitlines()[0]}") from None
     apply_overrides(config, overrides or [])
     validate(config)
     return config
@@ -223,6 +233,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
     for key in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
         _check(t[key] > 0, f"train.{key} must be positive, got {t[key]}")
+    for key in ("seed", "eval_every", "checkpoint_every"):
+        _check(t[key] >= 0, f"train.{key} must be >= 0, got {t[key]}")
+    _check(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, f"train.b1 and train.b2 must be in [0, 1), got {t.b1}, {t.b2}")
+    d = config.data
+    for key in ("seed", "num_workers"):
+        _check(d[key] >= 0, f"data.{key} must be >= 0, got {d[key]}")
+    for key in ("num_documents", "tokenizer_vocab_size"):
+        _check(d[key] > 0, f"data.{key} must be positive, got {d[key]}")
     _check(m.d_model % m.n_head == 0,
            f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
     _check(t.seq_len <= m.max_len,

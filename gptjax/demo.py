@@ -27,7 +27,7 @@ def _print_curve(workdir: str) -> None:
         if r["step"] in picks:
             eval_loss = evals.get(r["step"])
             eval_text = "" if eval_loss is None else f"{eval_loss:.3f}"
-            speed = f"{r['tokens_per_sec']:,.0f}" if "tokens_per_sec" in r else "(compile)"
+            speed = "(compile)" if "first_step_s" in r else f"{r['tokens_per_sec']:,.0f}"
             print(f"{r['step']:>6} {r['loss']:>8.3f} {eval_text:>8} {speed:>10}")
     first, last = train[0]["loss"], train[-1]["loss"]
     print(f"training loss {first:.3f} -> {last:.3f} ({last / first:.0%} of the start)")

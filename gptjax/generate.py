@@ -82,8 +82,12 @@ def generate_tokens(model, prompts: list[list[int]], *, max_new_tokens: int, tem
     if tokens.shape[1] + max_new_tokens > max_len:
         raise UserError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                         f"model's context of {max_len}; shorten the prompt or lower max_new_tokens")
-    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-        raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+    if not (0 <= temperature < float("inf")) or not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise UserError("need a finite temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"seed must be in [0, 2**32), got {seed}")
     graphdef, params = nnx.split(model, nnx.Param)
     out = _generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(seed),
                     max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),

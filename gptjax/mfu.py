@@ -7,6 +7,8 @@ import jax
 # Dense bf16 peak FLOP/s per device, matched against `device_kind`. Unknown devices (CPUs
 # included) get no MFU rather than a wrong one.
 PEAK_FLOPS = (
+    ("h100 pcie", None),  # lower clocks than the SXM part; its peak is not in this table
+    ("h100 nvl", None),
     ("h200", 989e12),
     ("h100", 989e12),
     ("a100", 312e12),
@@ -23,7 +25,7 @@ def device_peak_flops(device=None) -> float | None:
     kind = (device or jax.devices()[0]).device_kind.lower()
     for name, peak in PEAK_FLOPS:
         if name in kind:
-            return peak
+            return peak  # None for the parts listed without a peak
     return None
 
 

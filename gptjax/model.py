@@ -11,7 +11,7 @@ Flax's own sharding annotation because that one now shards eagerly and needs a m
 
 The model is used functionally: `nnx.split` gives (graphdef, params), the train step is a pure
 function of the params pytree, and dropout draws from an explicit key (None = deterministic),
-so a step is a pure function of (params, batch, key) and resumes bit-for-bit.
+so a step is a pure function of (params, batch, key) and can be replayed exactly.
 """
 
 from __future__ import annotations
@@ -89,15 +89,18 @@ class Attention(nnx.Module):
         qkv = jnp.einsum("btd,dchk->btchk", x, self.qkv_kernel[...].astype(dtype))
         qkv = qkv + self.qkv_bias[...].astype(dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q_offset, kv_valid = 0, None
+        q_offset, kv_valid, implementation = 0, None, self.implementation
         if cache is not None:
+            # The cache needs an offset and a padding mask, which only the XLA path takes;
+            # decoding one token at a time gains little from a fused kernel anyway.
+            implementation = "xla"
             # Decoding: write this chunk's keys/values at the cache index, attend over the buffer.
             index = cache["index"]
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
             cache = dict(cache, k=k, v=v)
             q_offset, kv_valid = index, cache["valid"]
-        y = attention.attend(self.implementation, q, k.astype(dtype), v.astype(dtype), q_offset=q_offset,
+        y = attention.attend(implementation, q, k.astype(dtype), v.astype(dtype), q_offset=q_offset,
                              segment_ids=ctx.get("segment_ids"), kv_valid=kv_valid,
                              dropout_rate=self.attn_dropout, dropout_key=dropout_key)
         y = jnp.einsum("bthk,hkd->btd", y, self.out_kernel[...].astype(dtype))

@@ -22,8 +22,12 @@ def lr_schedule(train_cfg) -> optax.Schedule:
 
 
 def decay_mask(params):
-    # Biases and LayerNorm gains are 1-D; decaying them only hurts (GPT-1's "modified L2").
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for the weights that decay: matrices and embeddings, never biases or LayerNorm gains
+    (GPT-1's "modified L2"). Decided by name as well as rank, since the fused QKV bias is 3-D."""
+    def decays(path, p):
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        return p.ndim >= 2 and not name.endswith("bias") and name != "scale"
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:

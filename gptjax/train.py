@@ -17,6 +17,7 @@ from flax import nnx
 from gptjax import checkpoint, config as config_lib
 from gptjax.errors import UserError
 from gptjax.loss import lm_loss
+from gptjax.data.loader import Loader
 from gptjax.metrics import MetricsWriter
 from gptjax.mfu import mfu
 from gptjax.model import Decoder, init_decoder
@@ -99,13 +100,22 @@ def _summarise(records: list[dict]) -> dict:
 
 
 def _prepare_workdir(config, workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use --workdir {workdir}: {e.strerror}") from None
     step = checkpoint.latest_step(workdir)
     if step is not None:
         raise UserError(f"{workdir} already holds a trained run (checkpoints/{step}); "
                         f"pass a new --workdir to train again")
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config_lib.to_json(config) + "\n")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics):  # an earlier attempt that ended before its first checkpoint
+        number = 1
+        while os.path.exists(f"{metrics}.{number}"):
+            number += 1
+        os.replace(metrics, f"{metrics}.{number}")
 
 
 def pretrain(config, workdir: str, progress: bool = True) -> dict:
@@ -120,46 +130,41 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
     batches, eval_batches = corpus.pretraining_batches(config, tokenizer, documents)
     trainer = Trainer(config)
     t = config.train
+    loader = Loader(batches, t.steps, num_workers=config.data.num_workers)
     writer = MetricsWriter(workdir)
     history, eval_history, pending = [], [], []
     bar = tqdm(total=t.steps, disable=not progress, unit="step", dynamic_ncols=True)
-    compile_start = time.perf_counter()
-    window_start, window_tokens = None, 0.0
+    window_start, paused = time.perf_counter(), 0.0  # the first window includes compilation
     for step in range(t.steps):
-        pending.append(trainer.step(batches.batch(step)))
+        pending.append(trainer.step(next(loader)))
         done = step + 1
-        if step == 0:
-            jax.block_until_ready(pending[-1])
-            first_step_s = time.perf_counter() - compile_start
-            window_start = time.perf_counter()
-            record = {"step": done, **_summarise(pending), "first_step_s": round(first_step_s, 3)}
-            pending = []
-            history.append(record)
-            writer.write({k: v for k, v in record.items() if k != "tokens"})
-            continue
-        if done % t.log_every == 0 or done == t.steps:
+        if done == 1 or done % t.log_every == 0 or done == t.steps:
             summary = _summarise(pending)  # the one host sync of the interval
-            elapsed = time.perf_counter() - window_start
-            window_tokens = summary.pop("tokens")
-            tokens_per_sec = window_tokens / elapsed
+            elapsed = time.perf_counter() - window_start - paused
+            tokens_per_sec = summary.pop("tokens") / elapsed
             record = {"step": done, **summary, "tokens_per_sec": round(tokens_per_sec, 1),
                       "step_ms": round(1000 * elapsed / len(pending), 2)}
-            util = mfu(trainer.flops_per_token, tokens_per_sec)
-            if util is not None:
-                record["mfu"] = round(util, 4)
-            pending, window_start = [], time.perf_counter()
+            if done == 1:
+                record["first_step_s"] = round(elapsed, 3)  # compilation included: not throughput
+            else:
+                util = mfu(trainer.flops_per_token, tokens_per_sec)
+                if util is not None:
+                    record["mfu"] = round(util, 4)
+            pending, window_start, paused = [], time.perf_counter(), 0.0
             history.append(record)
             writer.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+        # Time spent evaluating and saving is kept out of the training throughput.
+        pause_start = time.perf_counter()
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
             eval_loss = trainer.eval_loss(eval_batches)
             if eval_loss is not None:
                 eval_history.append({"step": done, "eval_loss": eval_loss})
                 writer.write(eval_history[-1])
                 bar.write(f"step {done}: eval loss {eval_loss:.4f}")
-            window_start = time.perf_counter()  # evaluation time is not training throughput
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
             checkpoint.save_params(workdir, done, trainer.state.params)
+        paused += time.perf_counter() - pause_start
         bar.update(1)
     bar.close()
     writer.close()

@@ -38,12 +38,19 @@ def workdir_tokenizer(config, workdir: str, corpus: dict | None = None) -> Token
             shutil.copyfile(config.data.tokenizer, target)
     elif os.path.isfile(target):
         tokenizer = Tokenizer.load(target)
+        if tokenizer.vocab_size != config.data.tokenizer_vocab_size:
+            raise UserError(f"{target} has {tokenizer.vocab_size} pieces but data.tokenizer_vocab_size is "
+                            f"{config.data.tokenizer_vocab_size}; delete it to train a new one, or set "
+                            f"data.tokenizer_vocab_size={tokenizer.vocab_size}")
     else:
+        if config.data.tokenizer_vocab_size > config.model.vocab_size:
+            raise UserError(f"data.tokenizer_vocab_size ({config.data.tokenizer_vocab_size}) exceeds "
+                            f"model.vocab_size ({config.model.vocab_size}); lower the first or raise the second")
         corpus = corpus or corpus_documents(config.data)
         texts = (doc for train, _ in corpus.values() for doc in train)
         tokenizer = train_tokenizer(texts, config.data.tokenizer_vocab_size, os.path.join(workdir, "tokenizer"))
     check_vocab(config.model.vocab_size, tokenizer)
-    return Tokenizer.load(target)
+    return tokenizer
 
 
 def pretraining_batches(config, tokenizer: Tokenizer, corpus: dict | None = None):

@@ -55,12 +55,20 @@ def as_batch(rows: np.ndarray, eos_id: int, pad_id: int, document_mask: bool) ->
 class RowBatches:
     """Batches of rows in a shuffled order that is a pure function of (seed, step)."""
 
-    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, *, eos_id: int, pad_id: int,
-                 document_mask: bool = False, shuffle: bool = True):
+    def __init__(self, rows, batch_size: int, seed: int, *, eos_id: int, pad_id: int,
+                 document_mask: bool = False, shuffle: bool = True, process_index: int = 0,
+                 process_count: int = 1):
+        """rows: an [N, seq_len + 1] array or anything indexable like one (TokenRows).
+
+        `batch_size` is global; process p of n builds rows p, p + n, ... of each batch, so the
+        processes read disjoint rows that together make the global batch."""
         if len(rows) < batch_size:
             raise ValueError(f"{len(rows)} rows cannot fill a batch of {batch_size}")
+        if batch_size % process_count:
+            raise ValueError(f"a batch of {batch_size} rows does not split over {process_count} processes")
         self.rows, self.batch_size, self.seed, self.shuffle = rows, batch_size, seed, shuffle
         self.eos_id, self.pad_id, self.document_mask = eos_id, pad_id, document_mask
+        self.process_index, self.process_count = process_index, process_count
         self._order_cache: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -77,4 +85,6 @@ class RowBatches:
         return np.array([self._order(int(e))[i] for e, i in zip(epochs, within)])
 
     def batch(self, step: int) -> dict:
-        return as_batch(self.rows[self.indices(step)], self.eos_id, self.pad_id, self.document_mask)
+        """This process's part of the batch of `step`."""
+        local = self.indices(step)[self.process_index::self.process_count]
+        return as_batch(self.rows[local], self.eos_id, self.pad_id, self.document_mask)

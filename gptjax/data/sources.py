@@ -1,4 +1,5 @@
-"""Pretraining text sources named by `data.source`: synthetic, text:<glob>, jsonl:<glob>.
+"""Pretraining text sources named by `data.source`: synthetic, text:<glob>, jsonl:<glob>,
+tfds:<name>[/<config>][:<split>].
 
 `data.source` may list several comma-separated sources; `data.weights` then says what share of
 every batch each one fills (see mixture.py).
@@ -14,17 +15,17 @@ import re
 from gptjax.data import synthetic
 from gptjax.errors import UserError
 
-KINDS = ("synthetic", "text", "jsonl")
+KINDS = ("synthetic", "text", "jsonl", "tfds")
 
 
 def parse_sources(spec: str) -> list[str]:
     specs = [s.strip() for s in spec.split(",") if s.strip()]
     if not specs:
-        raise UserError("data.source is empty; use synthetic, text:<glob> or jsonl:<glob>")
+        raise UserError("data.source is empty; use synthetic, text:<glob>, jsonl:<glob> or tfds:<name>[/<config>][:<split>]")
     for s in specs:
         kind = s.split(":", 1)[0]
         if kind not in KINDS or (kind != "synthetic" and ":" not in s):
-            raise UserError(f"data.source '{s}' is not understood; use synthetic, text:<glob> or jsonl:<glob> "
+            raise UserError(f"data.source '{s}' is not understood; use synthetic, text:<glob>, jsonl:<glob> or tfds:<name>[/<config>][:<split>] "
                             f"(several separated by commas)")
     return specs
 
@@ -95,8 +96,11 @@ def source_documents(spec: str, data_cfg) -> list[str]:
         docs = synthetic.documents(data_cfg.num_documents, seed=data_cfg.seed)
     elif kind == "text":
         docs = text_documents(arg, data_cfg.text_documents)
-    else:
+    elif kind == "jsonl":
         docs = jsonl_documents(arg, data_cfg.jsonl_field)
+    else:
+        from gptjax.data.tfds_source import tfds_documents
+        docs = tfds_documents(arg, data_cfg.tfds_data_dir or None, data_cfg.tfds_text_field)
     if not docs:
         raise UserError(f"data.source {spec} holds no text")
     return docs

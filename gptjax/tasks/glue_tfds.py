@@ -31,7 +31,7 @@ def read_tfds_split(task: str | Task, split: str, data_dir: str | None = None) -
     tfds = _import_tfds()
     try:
         source = tfds.data_source(task.tfds_name, split=split, data_dir=data_dir, download=False)
-    except (NotImplementedError, FileNotFoundError, OSError, tfds.core.registered.DatasetNotFoundError) as e:
+    except (NotImplementedError, OSError, tfds.core.registered.DatasetNotFoundError) as e:
         # tfds reports a missing dataset as "TFRECORD is not supported", since that is the format
         # of a builder that was never prepared; say what actually happened.
         prepared = _is_prepared(tfds, task, data_dir)

@@ -55,6 +55,9 @@ def read_tsv_split(folder: str | Path, task: str | Task, split: str) -> list[Exa
                         f"{LAYOUT_HINT}")
     return read_tsv_file(path, task, tsv)
 
+# The first QQP release split some questions across lines; the file names did not change.
+_BROKEN_ROWS = {"qqp": " (or use QQP-clean.zip, the re-release of QQP without broken rows)"}
+
 
 def read_tsv_file(path: str | Path, task: str | Task, tsv: TsvFile) -> list[Example]:
     task = get_task(task)
@@ -100,7 +103,7 @@ def _parse(lines, path: str, task: Task, tsv: TsvFile) -> list[Example]:
             raise UserError(
                 f"{path}:{lineno}: expected {len(names)} tab-separated columns ({', '.join(names)}), "
                 f"found {len(fields)}; GLUE files are not quoted, so a tab or line break inside a text "
-                f"splits its row: repair or delete line {lineno}")
+                f"splits its row: repair or delete line {lineno}{_BROKEN_ROWS.get(task.name, '')}")
         idx = _index(fields[index_at], path, lineno, tsv) if index_at is not None else len(examples)
         if idx in first_line_of:
             raise UserError(f"{path}:{lineno}: idx {idx} was already used on line {first_line_of[idx]}; "

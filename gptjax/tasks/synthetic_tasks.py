@@ -120,7 +120,8 @@ def synthetic_example(task: str | Task, split: str, index: int, seed: int = 0) -
 
 def synthetic_split(task: str | Task, split: str, seed: int = 0, size: int | None = None) -> list[Example]:
     """The first `size` examples (default SIZES[split]) of a synthetic task's split."""
-    size = SIZES.get(split, 0) if size is None else size
+    synthetic_example(task, split, 0, seed)  # checks the task, split and seed before any work
+    size = SIZES[split] if size is None else size
     if size < 0:
         raise UserError(f"size must be non-negative, got {size}")
     return [synthetic_example(task, split, i, seed) for i in range(size)]

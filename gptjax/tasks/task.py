@@ -120,11 +120,11 @@ class Task:
             return score
         if isinstance(value, str) and value in self.label_names:
             return self.label_names.index(value)
-        try:
-            # Ids arrive as ints (JSON, TFDS) or digit strings (TSV); 1.0 is not an id.
-            label = int(value) if isinstance(value, str) or type(value) is int else None
-        except ValueError:
-            label = None
+        label = None
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            label = int(value)  # the official files write ids as digits
+        elif hasattr(value, "__index__") and not isinstance(value, bool):
+            label = value.__index__()  # int or numpy integer; 1.0 is not an id
         if label is None or not 0 <= label < len(self.label_names):
             allowed = ", ".join(f"{i} ({n})" for i, n in enumerate(self.label_names))
             raise ValueError(f"label {value!r} is not one of {allowed}")
