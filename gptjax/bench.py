@@ -1,6 +1,7 @@
 """Throughput benchmark of the real train step.
 
     python -m gptjax.bench train --config configs/gpt2_small.py --config.train.batch_size=12
+    python -m gptjax.bench data --config configs/gpt2_small.py --workdir runs/bench-data
 
 Runs the same jitted step as `gptjax pretrain` on random tokens (no data pipeline, so the figure is
 the step alone), reports compile + first step separately from the steady state, and prints one
@@ -62,6 +63,30 @@ def bench_train(config, steps: int, warmup: int) -> dict:
             "loss": float(metrics["loss"])}
 
 
+def bench_data(config, workdir: str, steps: int) -> list[tuple[str, float]]:
+    """Loader tokens/s from prepared token files, and the on-the-fly tokenization rate."""
+    from gptjax.data import corpus
+    from gptjax.data.loader import Loader
+    from gptjax.data.sources import parse_sources
+
+    tokenizer = corpus.workdir_tokenizer(config, workdir)
+    documents = corpus.corpus_documents(config.data)
+    start = time.perf_counter()
+    tokens = sum(len(ids) + 1 for spec in parse_sources(config.data.source)
+                 for ids in corpus._encoded(tokenizer, documents[spec][0]))
+    fly = tokens / (time.perf_counter() - start)
+    corpus.prepare(config, workdir, tokenizer, documents)
+    batches, _ = corpus.pretraining_batches(config, tokenizer, workdir)
+    loader = Loader(batches, steps + 1, num_workers=config.data.num_workers)
+    jax.block_until_ready(next(loader))
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch = next(loader)
+    jax.block_until_ready(batch)
+    prepared = steps * config.train.batch_size * config.train.seq_len / (time.perf_counter() - start)
+    return [("loader from prepared files", prepared), ("on-the-fly tokenization", fly)]
+
+
 def format_row(r: dict) -> str:
     mfu_text = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
@@ -80,14 +105,27 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    p = sub.add_parser("data", help="time the input pipeline")
+    p.add_argument("--config", required=True)
+    p.add_argument("--workdir", required=True, help="where the tokenizer and prepared files go")
+    p.add_argument("--steps", type=int, default=200, help="batches timed")
     args, extra = parser.parse_known_args(argv)
     from gptjax.cli import split_overrides
     try:
         config = load_config(args.config, split_overrides(extra))
-        result = bench_train(config, args.steps, args.warmup)
+        if args.what == "data":
+            rows = bench_data(config, args.workdir, args.steps)
+        else:
+            result = bench_train(config, args.steps, args.warmup)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.what == "data":
+        print(f"{config.name}: batch {config.train.batch_size} x {config.train.seq_len}, "
+              f"document_mask={config.data.document_mask}, num_workers={config.data.num_workers}")
+        for name, rate in rows:
+            print(f"{name:>28}: {rate:,.0f} tokens/s")
+        return 0
     dtype = compute_dtype(config.model.dtype)
     head_dim = config.model.d_model // config.model.n_head
     impl = attention.resolve(config.model.attention, dtype, head_dim, needs_mask=False,

@@ -48,6 +48,24 @@ def cmd_pretrain(args, extra):
           + f"; checkpoint {summary['checkpoint']}")
 
 
+def cmd_prepare(args, extra):
+    import time
+
+    from gptjax.data import corpus
+    config = _load(args, extra)
+    try:
+        os.makedirs(args.workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use --workdir {args.workdir}: {e.strerror}") from None
+    start = time.perf_counter()
+    tokenizer = corpus.workdir_tokenizer(config, args.workdir)
+    for meta in corpus.prepare(config, args.workdir, tokenizer):
+        print(f"{meta['source']} [{meta['split']}]: {meta['documents']:,} documents, {meta['tokens']:,} tokens, "
+              f"{len(meta['shard_tokens'])} shard(s)")
+    print(f"prepared in {time.perf_counter() - start:.1f} s under {os.path.join(args.workdir, 'data')}; "
+          f"`gptjax pretrain` with the same --config and --workdir reads it")
+
+
 def cmd_tokenizer(args, extra):
     from gptjax.data.tokenizer import train_tokenizer
     if extra:
@@ -91,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="where config.json, metrics.jsonl and checkpoints go")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("prepare", parents=[common], help="tokenize a config's corpus once into WORKDIR/data")
+    p.add_argument("--config", required=True, help="a configs/*.py file")
+    p.add_argument("--workdir", required=True, help="the workdir pretraining will use")
+    p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser("tokenizer", parents=[common], help="train a SentencePiece BPE tokenizer on text files")
     p.add_argument("--input", required=True, help="text files: a path or a glob such as 'corpus/*.txt'")

@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "data.num_documents", 20000, "synthetic corpus: documents generated")
     _field(c, "data.eval_fraction", 0.02, "fraction of documents held out for the eval loss")
     _field(c, "data.seed", 0, "seed of the corpus itself (independent of train.seed)")
-    _field(c, "data.num_workers", 0, "loader worker processes building batches (0 = in the training process)")
+    _field(c, "data.num_workers", 0, "loader threads building batches ahead of the train step (0 = one)")
 
     c.lock()
     return c

@@ -125,9 +125,8 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
     from gptjax.data import corpus
 
     _prepare_workdir(config, workdir)
-    documents = corpus.corpus_documents(config.data)
-    tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
-    batches, eval_batches = corpus.pretraining_batches(config, tokenizer, documents)
+    tokenizer = corpus.workdir_tokenizer(config, workdir)
+    batches, eval_batches = corpus.pretraining_batches(config, tokenizer, workdir)
     trainer = Trainer(config)
     t = config.train
     loader = Loader(batches, t.steps, num_workers=config.data.num_workers)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 
+import jax
 import numpy as np
 
 from gptjax.data.mixture import MixedBatches, quotas
 from gptjax.data.packing import RowBatches, as_batch, pack_rows
 from gptjax.data.sources import parse_sources, parse_weights, source_documents
+from gptjax.data.token_files import TokenRows, read_prepared, source_dir, write_prepared
 from gptjax.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
 from gptjax.errors import UserError
 
@@ -53,25 +56,75 @@ def workdir_tokenizer(config, workdir: str, corpus: dict | None = None) -> Token
     return tokenizer
 
 
-def pretraining_batches(config, tokenizer: Tokenizer, corpus: dict | None = None):
-    """(train batches with .batch(step), list of held-out batch dicts)."""
+def _prepared_meta(config, tokenizer: Tokenizer, spec: str, split: str) -> dict:
+    """What a prepared source must have been made with to be used by this config."""
+    d = config.data
+    meta = {"source": spec, "split": split, "eval_fraction": d.eval_fraction,
+            "tokenizer_sha1": hashlib.sha1(tokenizer.serialized_model_proto()).hexdigest()}
+    if spec == "synthetic":
+        meta.update(num_documents=d.num_documents, data_seed=d.seed)
+    if spec.startswith("text:"):
+        meta["text_documents"] = d.text_documents
+    if spec.startswith("jsonl:"):
+        meta["jsonl_field"] = d.jsonl_field
+    if spec.startswith("tfds:"):
+        meta["tfds_text_field"] = d.tfds_text_field
+    return meta
+
+
+def _encoded(tokenizer: Tokenizer, docs: list[str], chunk: int = 4096):
+    for start in range(0, len(docs), chunk):
+        yield from tokenizer.encode_batch(docs[start:start + chunk])
+
+
+def prepare(config, workdir: str, tokenizer: Tokenizer, corpus: dict | None = None) -> list[dict]:
+    """Tokenizes every source of the config once into WORKDIR/data/ (`gptjax prepare`)."""
     corpus = corpus or corpus_documents(config.data)
-    specs = list(corpus)
+    written = []
+    for spec, (train_docs, eval_docs) in corpus.items():
+        for split, docs in (("train", train_docs), ("eval", eval_docs)):
+            meta = _prepared_meta(config, tokenizer, spec, split)
+            written.append(write_prepared(source_dir(workdir, spec, split), _encoded(tokenizer, docs),
+                                          tokenizer.eos_id, tokenizer.vocab_size, meta))
+    return written
+
+
+def _rows(config, workdir, tokenizer, spec, split, docs_of) -> TokenRows:
+    """Rows from WORKDIR/data/ when the source was prepared for this config, else tokenized now."""
+    shards = read_prepared(source_dir(workdir, spec, split), _prepared_meta(config, tokenizer, spec, split))
+    if shards is None:
+        stream = np.fromiter((t for ids in _encoded(tokenizer, docs_of()) for t in (*ids, tokenizer.eos_id)),
+                             dtype=np.int32)
+        shards = [stream]
+    return TokenRows(shards, config.train.seq_len, tokenizer.pad_id)
+
+
+def pretraining_batches(config, tokenizer: Tokenizer, workdir: str, corpus: dict | None = None):
+    """(train batches with .batch(step), list of held-out batch dicts)."""
+    specs = parse_sources(config.data.source)
     weights = parse_weights(config.data.weights, len(specs))
     t, d = config.train, config.data
     counts = quotas(weights, t.batch_size, specs) if len(specs) > 1 else [t.batch_size]
     parts, eval_rows = [], []
-    for index, (spec, count) in enumerate(zip(specs, counts)):
-        train_docs, eval_docs = corpus[spec]
-        rows = pack_rows(tokenizer.encode_batch(train_docs), tokenizer.eos_id, t.seq_len, tokenizer.pad_id)
+
+    def documents_of(spec, index):
+        def get():
+            nonlocal corpus
+            corpus = corpus or corpus_documents(d)
+            return corpus[spec][index]
+        return get
+
+    for number, (spec, count) in enumerate(zip(specs, counts)):
+        rows = _rows(config, workdir, tokenizer, spec, "train", documents_of(spec, 0))
         if len(rows) < count:
             raise UserError(f"data.source {spec} fills only {len(rows)} rows of {t.seq_len + 1} tokens, fewer "
                             f"than the {count} it must give each batch; add text or lower train.batch_size")
-        parts.append(RowBatches(rows, count, t.seed + 1000 * index, eos_id=tokenizer.eos_id,
-                                pad_id=tokenizer.pad_id, document_mask=d.document_mask))
-        if eval_docs:
-            eval_rows.append(pack_rows(tokenizer.encode_batch(eval_docs), tokenizer.eos_id, t.seq_len,
-                                       tokenizer.pad_id))
+        parts.append(RowBatches(rows, count, t.seed + 1000 * number, eos_id=tokenizer.eos_id,
+                                pad_id=tokenizer.pad_id, document_mask=d.document_mask,
+                                process_index=jax.process_index(), process_count=jax.process_count()))
+        held = _rows(config, workdir, tokenizer, spec, "eval", documents_of(spec, 1))
+        if len(held):
+            eval_rows.append(held[np.arange(len(held))])
     batches = parts[0] if len(parts) == 1 else MixedBatches(parts)
     held_out = np.concatenate(eval_rows) if eval_rows else np.zeros((0, t.seq_len + 1), np.int32)
     size = min(t.batch_size, len(held_out))

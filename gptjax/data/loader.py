@@ -33,7 +33,7 @@ def _default_sharding():
 
 
 class Loader:
-    """Iterates global jax.Array batches for steps [state["step"], stop)."""
+    """Iterates global jax.Array batches for steps [start, stop); `state()` says where it is."""
 
     def __init__(self, batches, stop: int, *, start: int = 0, num_workers: int = 0, prefetch: int = 2,
                  sharding=None):
@@ -41,9 +41,10 @@ class Loader:
 
         self.batches, self.stop, self._next = batches, stop, start
         self.sharding = sharding or _default_sharding()
-        dataset = grain.MapDataset.source(_Steps(batches, start, stop)).to_iter_dataset()
-        if num_workers > 0:
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        # Worker threads, not processes: building a batch is numpy slicing that releases the GIL,
+        # and threads need no pickling of the token store or process start-up.
+        options = grain.ReadOptions(num_threads=max(num_workers, 1), prefetch_buffer_size=max(2 * num_workers, 1))
+        dataset = grain.MapDataset.source(_Steps(batches, start, stop)).to_iter_dataset(options)
         self._host = iter(dataset)
         self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
         self._thread = threading.Thread(target=self._fill, daemon=True)
