@@ -25,7 +25,9 @@ def decay_mask(params):
     """True for the weights that decay: matrices and embeddings, never biases or LayerNorm gains
     (GPT-1's "modified L2"). Decided by name as well as rank, since the fused QKV bias is 3-D."""
     def decays(path, p):
-        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        # The last dict key names the parameter (Flax adds a trailing `.value` attribute step).
+        keys = [k.key for k in path if hasattr(k, "key")]
+        name = str(keys[-1]) if keys else ""
         return p.ndim >= 2 and not name.endswith("bias") and name != "scale"
     return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -341,3 +341,12 @@ def test_top_p_applies_to_the_top_k_renormalised_distribution(logits):
     top_k_only = np.where(logits >= kth, logits, -np.inf)
     np.testing.assert_array_equal(np.isfinite(out), nucleus_mask(top_k_only, p))
     assert (np.isfinite(out).sum(-1) < k).any()
+
+
+def test_a_model_configured_for_cudnn_still_decodes_through_the_cache():
+    # Decoding needs masks only the XLA path takes, so it must not depend on model.attention.
+    from gptjax.config import load_config
+    from gptjax.model import init_decoder
+    cfg = load_config("configs/tiny.py", ["model.n_layer=1", "model.attention=cudnn"])
+    out = generate.generate_tokens(init_decoder(cfg.model, 0), [[5, 6, 7]], max_new_tokens=3, temperature=0)
+    assert out.shape == (1, 3)

@@ -48,3 +48,20 @@ def test_weight_decay_skips_biases_and_gains():
     np.testing.assert_array_equal(new["bias"], 1.0)
     np.testing.assert_array_equal(new["scale"], 1.0)
 
+
+
+def test_decay_mask_on_the_real_model_skips_every_bias_and_gain():
+    from flax import nnx
+
+    from gptjax.config import load_config
+    from gptjax.model import init_decoder
+    from gptjax.optim import decay_mask
+
+    config = load_config("configs/tiny.py", ["model.n_layer=1"])
+    params = nnx.state(init_decoder(config.model, 0), nnx.Param)
+    flat = {".".join(str(getattr(k, "key", k)) for k in path): v
+            for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(decay_mask(params)))}
+    decayed = sorted(name for name, on in flat.items() if on)
+    assert decayed == ["blocks.0.attn.out_kernel", "blocks.0.attn.qkv_kernel", "blocks.0.mlp.fc_kernel",
+                       "blocks.0.mlp.proj_kernel", "wpe", "wte"]
+    assert not flat["blocks.0.attn.qkv_bias"]  # 3-D, but a bias
