@@ -125,8 +125,9 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
     from gptjax.data import corpus
 
     _prepare_workdir(config, workdir)
-    tokenizer = corpus.workdir_tokenizer(config, workdir)
-    batches, eval_batches = corpus.pretraining_batches(config, tokenizer, workdir)
+    documents: dict = {}  # read at most once, only if the tokenizer or an unprepared source needs them
+    tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
+    batches, eval_batches = corpus.pretraining_batches(config, tokenizer, workdir, documents)
     trainer = Trainer(config)
     t = config.train
     loader = Loader(batches, t.steps, num_workers=config.data.num_workers)

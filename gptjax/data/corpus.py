@@ -29,6 +29,14 @@ def corpus_documents(data_cfg) -> dict[str, tuple[list[str], list[str]]]:
             for spec in parse_sources(data_cfg.source)}
 
 
+def _filled(cache: dict | None, data_cfg) -> dict:
+    """The corpus documents, read once into `cache` (a dict shared by the caller's steps)."""
+    cache = {} if cache is None else cache
+    if not cache:
+        cache.update(corpus_documents(data_cfg))
+    return cache
+
+
 def workdir_tokenizer(config, workdir: str, corpus: dict | None = None) -> Tokenizer:
     """WORKDIR/tokenizer.model: copied from data.tokenizer, or trained on the corpus once."""
     target = os.path.join(workdir, "tokenizer.model")
@@ -49,8 +57,7 @@ def workdir_tokenizer(config, workdir: str, corpus: dict | None = None) -> Token
         if config.data.tokenizer_vocab_size > config.model.vocab_size:
             raise UserError(f"data.tokenizer_vocab_size ({config.data.tokenizer_vocab_size}) exceeds "
                             f"model.vocab_size ({config.model.vocab_size}); lower the first or raise the second")
-        corpus = corpus or corpus_documents(config.data)
-        texts = (doc for train, _ in corpus.values() for doc in train)
+        texts = (doc for train, _ in _filled(corpus, config.data).values() for doc in train)
         tokenizer = train_tokenizer(texts, config.data.tokenizer_vocab_size, os.path.join(workdir, "tokenizer"))
     check_vocab(config.model.vocab_size, tokenizer)
     return tokenizer
@@ -79,7 +86,7 @@ def _encoded(tokenizer: Tokenizer, docs: list[str], chunk: int = 4096):
 
 def prepare(config, workdir: str, tokenizer: Tokenizer, corpus: dict | None = None) -> list[dict]:
     """Tokenizes every source of the config once into WORKDIR/data/ (`gptjax prepare`)."""
-    corpus = corpus or corpus_documents(config.data)
+    corpus = _filled(corpus, config.data)
     written = []
     for spec, (train_docs, eval_docs) in corpus.items():
         for split, docs in (("train", train_docs), ("eval", eval_docs)):
@@ -107,12 +114,10 @@ def pretraining_batches(config, tokenizer: Tokenizer, workdir: str, corpus: dict
     counts = quotas(weights, t.batch_size, specs) if len(specs) > 1 else [t.batch_size]
     parts, eval_rows = [], []
 
+    corpus = {} if corpus is None else corpus
+
     def documents_of(spec, index):
-        def get():
-            nonlocal corpus
-            corpus = corpus or corpus_documents(d)
-            return corpus[spec][index]
-        return get
+        return lambda: _filled(corpus, d)[spec][index]
 
     for number, (spec, count) in enumerate(zip(specs, counts)):
         rows = _rows(config, workdir, tokenizer, spec, "train", documents_of(spec, 0))
