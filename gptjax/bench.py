@@ -5,8 +5,9 @@
 
 Runs the same jitted step as `gptjax pretrain` on random tokens (no data pipeline, so the figure is
 the step alone), reports compile + first step separately from the steady state, and prints one
-table row: config, batch, seq, tokens/s, MFU, step ms, compile s, peak GiB. It needs only jax,
-flax, optax and ml_collections, so it runs on a bare GPU machine.
+table row: config, batch, seq, tokens/s, MFU, step ms, compile s, peak GiB. `train` needs only
+jax, flax, optax and ml_collections, so it runs on a bare GPU machine; `data` also needs
+sentencepiece and grain.
 """
 
 from __future__ import annotations

@@ -110,3 +110,20 @@ def test_processes_read_disjoint_rows_that_make_the_global_batch():
         assert sorted(map(tuple, np.concatenate(local))) == sorted(map(tuple, whole.batch(step)["tokens"]))
     with pytest.raises(ValueError, match="does not split over 3 processes"):
         RowBatches(rows, 8, seed=1, eos_id=EOS, pad_id=PAD, process_index=0, process_count=3)
+
+
+def test_prepared_text_is_refused_after_its_files_change(tmp_path):
+    from gptjax.data import synthetic
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_text("\n\n".join(synthetic.documents(60, start=60 * i)))
+    config = _config(f"data.source=text:{folder}/*.txt", "data.text_documents=blank_line")
+    workdir = str(tmp_path / "w")
+    os.makedirs(workdir)
+    tokenizer = corpus.workdir_tokenizer(config, workdir)
+    corpus.prepare(config, workdir, tokenizer)
+    corpus.pretraining_batches(config, tokenizer, workdir)
+    (folder / "2.txt").unlink()
+    with pytest.raises(UserError, match="files_sha1"):
+        corpus.pretraining_batches(config, tokenizer, workdir)

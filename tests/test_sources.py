@@ -126,3 +126,10 @@ def test_pretraining_from_text_and_jsonl_sources_through_the_cli(tmp_path):
     result = _cli("pretrain", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "x"),
                   f"--config.data.source=text:{tmp_path}/*.nothing")
     assert result.returncode == 2 and "matches no files" in result.stderr
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"d.jsonl:2: not UTF-8"):
+        jsonl_documents(str(path), "text")

@@ -11,7 +11,7 @@ import numpy as np
 
 from gptjax.data.mixture import MixedBatches, quotas
 from gptjax.data.packing import RowBatches, as_batch, pack_rows
-from gptjax.data.sources import parse_sources, parse_weights, source_documents
+from gptjax.data.sources import parse_sources, parse_weights, source_documents, source_fingerprint
 from gptjax.data.token_files import TokenRows, read_prepared, source_dir, write_prepared
 from gptjax.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
 from gptjax.errors import UserError
@@ -70,6 +70,7 @@ def _prepared_meta(config, tokenizer: Tokenizer, spec: str, split: str) -> dict:
             "tokenizer_sha1": hashlib.sha1(tokenizer.serialized_model_proto()).hexdigest()}
     if spec == "synthetic":
         meta.update(num_documents=d.num_documents, data_seed=d.seed)
+    meta["files_sha1"] = source_fingerprint(spec, d)
     if spec.startswith("text:"):
         meta["text_documents"] = d.text_documents
     if spec.startswith("jsonl:"):
@@ -111,7 +112,14 @@ def pretraining_batches(config, tokenizer: Tokenizer, workdir: str, corpus: dict
     specs = parse_sources(config.data.source)
     weights = parse_weights(config.data.weights, len(specs))
     t, d = config.train, config.data
+    if t.batch_size % jax.device_count():
+        raise UserError(f"train.batch_size={t.batch_size} does not split over {jax.device_count()} devices; "
+                        f"use a multiple of {jax.device_count()}")
     counts = quotas(weights, t.batch_size, specs) if len(specs) > 1 else [t.batch_size]
+    for spec, count in zip(specs, counts):
+        if count % jax.process_count():
+            raise UserError(f"data.source {spec} fills {count} rows of each batch, which does not split over "
+                            f"{jax.process_count()} processes; adjust data.weights or train.batch_size")
     parts, eval_rows = [], []
 
     corpus = {} if corpus is None else corpus

@@ -13,6 +13,8 @@ and a resumed run needs no replay.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 
@@ -70,13 +72,23 @@ class RowBatches:
         self.eos_id, self.pad_id, self.document_mask = eos_id, pad_id, document_mask
         self.process_index, self.process_count = process_index, process_count
         self._order_cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # loader threads build batches concurrently
+
+    def __getstate__(self):
+        return {**self.__dict__, "_lock": None, "_order_cache": {}}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._order_cache:
-            n = len(self.rows)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order_cache = {epoch: order}  # only the current epoch is ever needed again
-        return self._order_cache[epoch]
+        with self._lock:
+            if epoch not in self._order_cache:
+                n = len(self.rows)
+                order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+                # Two epochs: batches straddling a boundary, built out of order by several threads.
+                self._order_cache = {e: o for e, o in self._order_cache.items() if abs(e - epoch) <= 1}
+                self._order_cache[epoch] = order
+            return self._order_cache[epoch]
 
     def indices(self, step: int) -> np.ndarray:
         n = len(self.rows)

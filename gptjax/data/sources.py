@@ -8,6 +8,7 @@ every batch each one fills (see mixture.py).
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -74,8 +75,12 @@ def text_documents(pattern: str, split: str) -> list[str]:
 def jsonl_documents(pattern: str, field: str) -> list[str]:
     docs = []
     for path in _files(pattern, "jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{number}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -87,6 +92,18 @@ def jsonl_documents(pattern: str, field: str) -> list[str]:
                 if record[field].strip():
                     docs.append(record[field])
     return docs
+
+
+def source_fingerprint(spec: str, data_cfg) -> str:
+    """Changes when the files behind a text:/jsonl: source change (names, sizes, times)."""
+    kind, _, arg = spec.partition(":")
+    if kind not in ("text", "jsonl"):
+        return ""
+    digest = hashlib.sha1()
+    for path in _files(arg, kind):
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def source_documents(spec: str, data_cfg) -> list[str]:

@@ -80,6 +80,8 @@ def _open(spec: str, data_dir: str | None):
         what = (f"is prepared in a format without random access [tfds: {str(e).splitlines()[0]}]"
                 if _is_prepared(tfds, name, data_dir) else "is not prepared")
         raise UserError(f"TFDS dataset {name} {what} under {shown}; {prepare_hint(name, shown)}") from None
+    except KeyError as e:  # a split name the unprepared dataset's metadata does not list
+        raise UserError(f"data.source tfds:{spec}: unknown split {e}; {prepare_hint(name, shown)}") from None
     except ValueError as e:  # unknown config or split
         message = str(e).splitlines()[0]
         if "BuilderConfig" in message:  # tfds's own message lists near matches, often none

@@ -89,6 +89,9 @@ def _dtype_of(path: str):
 def write_prepared(directory: str, token_lists, eos_id: int, vocab_size: int, meta: dict) -> dict:
     """Writes documents (each followed by eos) into shards under `directory`; returns meta."""
     os.makedirs(directory, exist_ok=True)
+    if os.path.exists(os.path.join(directory, "meta.json")):
+        # Invalidate first: an interrupted rewrite must not leave old metadata over new shards.
+        os.remove(os.path.join(directory, "meta.json"))
     dtype, suffix = (np.uint16, "u16") if vocab_size <= 1 << 16 else (np.uint32, "u32")
     shard_tokens, buffer, count, total, docs = {}, [], 0, 0, 0
 
@@ -124,8 +127,11 @@ def read_prepared(directory: str, expect: dict) -> list[str] | None:
     path = os.path.join(directory, "meta.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        meta = json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is damaged; run `gptjax prepare` again") from None
     for key, value in expect.items():
         if meta.get(key) != value:
             raise UserError(f"{directory} was prepared with {key}={meta.get(key)!r}, but this run has "
