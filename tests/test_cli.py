@@ -69,3 +69,19 @@ def test_model_smaller_than_tokenizer_is_refused(tmp_path):
                  "--config.model.vocab_size=300", "--config.data.num_documents=300")
     assert result.returncode == 2
     assert "model.vocab_size" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_then_pretrain_reads_the_prepared_shards(tmp_path):
+    workdir = tmp_path / "run"
+    args = ["--config", "configs/tiny.py", "--workdir", str(workdir), "--config.data.num_documents=300",
+            "--config.data.document_mask=true"]
+    result = run("prepare", *args)
+    assert result.returncode == 0, result.stderr
+    assert "synthetic [train]: 294 documents" in result.stdout
+    shards = sorted((workdir / "data").glob("*/shard-*"))
+    assert len(shards) == 2 and all(s.suffix == ".u16" for s in shards)
+    # Another corpus setting must not silently reuse the shards.
+    result = run("pretrain", *args, "--no-progress", "--config.train.steps=3", "--config.data.eval_fraction=0.1")
+    assert result.returncode == 2 and "run `gptjax prepare` again" in result.stderr
+    result = run("pretrain", *args, "--no-progress", "--config.train.steps=3", "--config.model.n_layer=1")
+    assert result.returncode == 0, result.stderr

@@ -148,3 +148,23 @@ def test_pretraining_from_a_prepared_tfds_dataset(prepared, tmp_path):
     # Accented letters exist only in the TFDS half of the mixture; the tokenizer learned them as pieces.
     assert tokenizer.unk_id not in tokenizer.encode("héllo wörld")
     assert len(tokenizer.encode("wörld")) < len("wörld".encode())
+
+
+def test_mock_data_drives_pretraining(tmp_path, monkeypatch):
+    from tensorflow_datasets.core.data_sources import base
+
+    from gptjax.config import load_config
+    from gptjax.data.tokenizer import train_tokenizer
+    from gptjax.data import synthetic
+    from gptjax.train import pretrain
+
+    monkeypatch.setattr(base.BaseDataSource, "__getitems__", lambda self, keys: [self[k] for k in keys])
+    # Mock records are random strings; a tokenizer with byte fallback encodes any of them.
+    tokenizer = train_tokenizer(iter(synthetic.documents(200)), 400, str(tmp_path / "tok"))
+    config = load_config("configs/tiny.py", [
+        "data.source=tfds:tiny_shakespeare", f"data.tokenizer={tokenizer.path}", "train.steps=3",
+        "train.batch_size=2", "train.seq_len=16", "train.log_every=1", "model.n_layer=1"])
+    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+        summary = pretrain(config, str(tmp_path / "run"), progress=False)
+    assert [r["step"] for r in summary["history"]] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in summary["history"])
