@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "data.document_mask", False, "restart positions and mask attention at document boundaries inside a row")
     _field(c, "data.tokenizer", "", "path of a SentencePiece .model; empty = train one on the corpus into WORKDIR/tokenizer.model")
     _field(c, "data.tokenizer_vocab_size", 512, "vocabulary size when the tokenizer is trained here")
+    _field(c, "data.tokenizer_documents", 200_000, "documents (shared between sources) the tokenizer is trained on")
     _field(c, "data.num_documents", 20000, "synthetic corpus: documents generated")
     _field(c, "data.eval_fraction", 0.02, "fraction of documents held out for the eval loss")
     _field(c, "data.seed", 0, "seed of the corpus itself (independent of train.seed)")
@@ -239,7 +240,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     d = config.data
     for key in ("seed", "num_workers"):
         _check(d[key] >= 0, f"data.{key} must be >= 0, got {d[key]}")
-    for key in ("num_documents", "tokenizer_vocab_size"):
+    for key in ("num_documents", "tokenizer_vocab_size", "tokenizer_documents"):
         _check(d[key] > 0, f"data.{key} must be positive, got {d[key]}")
     _check(m.d_model % m.n_head == 0,
            f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")

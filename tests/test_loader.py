@@ -23,7 +23,10 @@ def _docs(n, seed=0):
 def test_prepared_shards_give_the_packed_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(token_files, "SHARD_TOKENS", 50)  # many shards, rows that straddle them
     docs = _docs(40)
-    meta = token_files.write_prepared(str(tmp_path / "d"), docs, EOS, 300, {"source": "x"})
+    writer = token_files.ShardWriter(str(tmp_path / "d"), 300)
+    for doc in docs:
+        writer.add([*doc, EOS])
+    meta = writer.close({"source": "x"})
     assert len(meta["shard_tokens"]) > 5
     shards = token_files.read_prepared(str(tmp_path / "d"), {"source": "x"})
     rows = token_files.TokenRows(shards, 11, PAD)

@@ -13,6 +13,8 @@ from gptjax.tasks import (GLUE_TASKS, SUBMISSION_HEADER, SYNTHETIC_TASKS, TASKS,
                           read_jsonl_split, read_tfds_split, read_tsv_split, synthetic_example,
                           synthetic_split)
 from gptjax.tasks.glue_tfds import _example as tfds_record_to_example
+from gptjax.tasks.glue_tfds import _records as tfds_records
+from gptjax.tasks.task import Task
 
 SPLITS = ("train", "validation", "test")
 MNLI_SPLITS = ("train", "validation_matched", "validation_mismatched", "test_matched", "test_mismatched")
@@ -373,7 +375,8 @@ def synthetic():
 
 
 def test_synthetic_tasks_cover_every_type_and_are_registered():
-    assert {t.type for t in SYNTHETIC_TASKS.values()} == {"classification", "pair", "similarity", "regression"}
+    assert {t.type for t in SYNTHETIC_TASKS.values()} == {"classification", "pair", "similarity", "regression",
+                                                           "multiple_choice"}
     assert all(name.startswith("synthetic_") and get_task(name) is t for name, t in SYNTHETIC_TASKS.items())
 
 
@@ -417,6 +420,38 @@ def test_synthetic_labels_follow_their_construction(synthetic):
         assert e.label == 5.0 - abs(a - b)
 
 
+def test_synthetic_choice_layout():
+    task = get_task("synthetic_choice")
+    answers = tuple(f"answer_{i}" for i in range(4))
+    assert (task.type, task.text_fields, task.label_names) == ("multiple_choice", ("context", *answers), answers)
+    assert task.num_labels == 4 and task.format_prediction(3) == "3"
+    with pytest.raises(AssertionError):  # one label per answer field
+        Task("x", "multiple_choice", ("context", "a", "b"), ("a", "b", "c"), ("accuracy",), ("train",))
+
+
+def test_synthetic_choice_has_exactly_one_answer_that_fits_the_story(synthetic):
+    examples = synthetic["synthetic_choice"]
+    for e in examples:
+        context, *answers = e.texts
+        assert len(answers) == 4 and len(set(answers)) == 4
+        # The story names its protagonist before anyone else.
+        protagonist = next(t for t in context.split() if t in syn.NAMES)
+        pronoun = syn.PRONOUNS[syn.NAMES[protagonist]][0]
+        fits, frames = [], set()
+        for answer in answers:
+            tokens = answer.split()
+            subject = next(t for t in tokens if t in ("he", "she"))
+            verb = next(t for t in tokens if t in syn.VERBS or t in syn.VERBS.values())
+            fits.append(subject == pronoun and verb in syn.INTRANSITIVE_VERBS)
+            frames.add(tuple("_" if t in (subject, verb) else t for t in tokens))
+        # Minimal pairs: the answers differ only in the pronoun and the verb form.
+        assert len(frames) == 1
+        assert fits.count(True) == 1 and fits.index(True) == e.label
+    # Which position is right carries no information: each holds it about a quarter of the time.
+    counts = Counter(e.label for e in examples)
+    assert set(counts) == {0, 1, 2, 3} and min(counts.values()) > 0.18 * len(examples), counts
+
+
 def test_synthetic_bad_arguments():
     with pytest.raises(UserError, match="unknown synthetic task 'synthetic_x'"):
         synthetic_split("synthetic_x", "train")
@@ -444,6 +479,66 @@ def test_tfds_unprepared_dataset_says_how_to_prepare_it_offline(tmp_path):
     with pytest.raises(UserError, match=r"glue/rte is not prepared under .*tfds build glue/rte "
                                         r"--file_format=array_record --data_dir DIR.*TFDS_DATA_DIR"):
         read_tfds_split("rte", "train", data_dir=str(tmp_path))
+
+
+class FakeSource:
+    """A data source of `n` records that logs its reads, whose batch reads work or raise."""
+
+    def __init__(self, n, fail=False):
+        self.n, self.reads = n, []
+        if fail:
+            self.__getitems__ = self._fail
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return {"idx": key}
+
+    def __getitems__(self, keys):
+        self.reads.append(list(keys))
+        return [{"idx": k} for k in keys]
+
+    def _fail(self, keys):
+        raise TypeError("no batch reads here")
+
+
+def test_tfds_records_are_read_in_chunks():
+    source = FakeSource(10)
+    assert [r["idx"] for r in tfds_records(source, chunk=4)] == list(range(10))
+    assert source.reads == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert list(tfds_records(FakeSource(0), chunk=4)) == []
+
+
+def test_tfds_records_fall_back_to_one_key_at_a_time():
+    failing = FakeSource(6, fail=True)
+    assert [r["idx"] for r in tfds_records(failing, chunk=4)] == list(range(6))
+    assert failing.reads == list(range(6))  # a failed batch is not tried again
+
+    class Plain:  # a Sequence without __getitems__
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, key):
+            return {"idx": key}
+
+    assert [r["idx"] for r in tfds_records(Plain(), chunk=2)] == list(range(5))
+
+
+def test_tfds_mock_data_source_batched(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from tensorflow_datasets.core.data_sources import base
+    # The mocked reader's own batch method cannot be called; answer batches through __getitem__
+    # so that the batched path is the one exercised.
+    batches = []
+    monkeypatch.setattr(base.BaseDataSource, "__getitems__",
+                        lambda self, keys: batches.append(list(keys)) or [self[k] for k in keys])
+    with warnings.catch_warnings(), tfds.testing.mock_data(num_examples=6):
+        warnings.simplefilter("ignore")
+        examples = read_tfds_split("qqp", "test")
+    assert batches == [list(range(6))]
+    assert len(examples) == 6 and [e.idx for e in examples] == sorted(e.idx for e in examples)
 
 
 @pytest.mark.parametrize("task,split", [("sst2", "train"), ("mnli", "validation_mismatched"),

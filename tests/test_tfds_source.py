@@ -141,7 +141,15 @@ def test_pretraining_from_a_prepared_tfds_dataset(prepared, tmp_path):
         "data.source=tfds:gptjax_test_text/b,synthetic", "data.weights=1,3", f"data.tfds_data_dir={prepared}",
         "data.tfds_text_field=body", "data.num_documents=300", "data.document_mask=true",
         "train.steps=4", "train.batch_size=4", "train.seq_len=16", "train.log_every=2", "model.n_layer=1"])
-    summary = pretrain(config, str(tmp_path / "run"), progress=False)
+    from gptjax.data import corpus
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    tokenizer = corpus.workdir_tokenizer(config, str(workdir))
+    metas = corpus.prepare(config, str(workdir), tokenizer)  # streamed from the TFDS records
+    tfds_train = next(m for m in metas if m["source"].startswith("tfds:") and m["split"] == "train")
+    assert tfds_train["documents"] + sum(m["documents"] for m in metas
+                                         if m["source"].startswith("tfds:") and m["split"] == "eval") == 3
+    summary = pretrain(config, str(workdir), progress=False)
     assert [r["step"] for r in summary["history"]] == [1, 2, 4]
     from gptjax.data.tokenizer import Tokenizer
     tokenizer = Tokenizer.load(str(tmp_path / "run" / "tokenizer.model"))

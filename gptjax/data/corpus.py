@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 
@@ -11,22 +12,30 @@ import numpy as np
 
 from gptjax.data.mixture import MixedBatches, quotas
 from gptjax.data.packing import RowBatches, as_batch, pack_rows
-from gptjax.data.sources import parse_sources, parse_weights, source_documents, source_fingerprint
-from gptjax.data.token_files import TokenRows, read_prepared, source_dir, write_prepared
+from gptjax.data.sources import (is_held_out, iter_source_documents, parse_sources, parse_weights,
+                                 source_documents, source_fingerprint)
+from gptjax.data.token_files import ShardWriter, TokenRows, read_prepared, source_dir
 from gptjax.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
 from gptjax.errors import UserError
 
 
-def split_documents(docs: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, held-out): the last eval_fraction of the documents is never trained on."""
-    num_eval = max(1, int(round(len(docs) * eval_fraction))) if eval_fraction > 0 and len(docs) > 1 else 0
-    return docs[: len(docs) - num_eval], docs[len(docs) - num_eval:]
-
-
 def corpus_documents(data_cfg) -> dict[str, tuple[list[str], list[str]]]:
-    """source spec -> (train documents, held-out documents)."""
-    return {spec: split_documents(source_documents(spec, data_cfg), data_cfg.eval_fraction)
-            for spec in parse_sources(data_cfg.source)}
+    """source spec -> (train documents, held-out documents), all in memory."""
+    return {spec: source_documents(spec, data_cfg) for spec in parse_sources(data_cfg.source)}
+
+
+def _tokenizer_sample(corpus: dict | None, data_cfg):
+    """Training documents for the tokenizer: at most data.tokenizer_documents, shared between the
+    sources, read from the corpus in memory if it is there and streamed from the sources if not."""
+    specs = parse_sources(data_cfg.source)
+    per_source = max(1, data_cfg.tokenizer_documents // len(specs))
+    for spec in specs:
+        if corpus:
+            docs = iter(corpus[spec][0])
+        else:
+            docs = (d for i, d in enumerate(iter_source_documents(spec, data_cfg))
+                    if not is_held_out(i, data_cfg.eval_fraction))
+        yield from itertools.islice(docs, per_source)
 
 
 def _filled(cache: dict | None, data_cfg) -> dict:
@@ -57,7 +66,7 @@ def workdir_tokenizer(config, workdir: str, corpus: dict | None = None) -> Token
         if config.data.tokenizer_vocab_size > config.model.vocab_size:
             raise UserError(f"data.tokenizer_vocab_size ({config.data.tokenizer_vocab_size}) exceeds "
                             f"model.vocab_size ({config.model.vocab_size}); lower the first or raise the second")
-        texts = (doc for train, _ in _filled(corpus, config.data).values() for doc in train)
+        texts = _tokenizer_sample(corpus, config.data)
         tokenizer = train_tokenizer(texts, config.data.tokenizer_vocab_size, os.path.join(workdir, "tokenizer"))
     check_vocab(config.model.vocab_size, tokenizer)
     return tokenizer
@@ -85,15 +94,22 @@ def _encoded(tokenizer: Tokenizer, docs: list[str], chunk: int = 4096):
         yield from tokenizer.encode_batch(docs[start:start + chunk])
 
 
-def prepare(config, workdir: str, tokenizer: Tokenizer, corpus: dict | None = None) -> list[dict]:
-    """Tokenizes every source of the config once into WORKDIR/data/ (`gptjax prepare`)."""
-    corpus = _filled(corpus, config.data)
+def prepare(config, workdir: str, tokenizer: Tokenizer) -> list[dict]:
+    """Tokenizes every source of the config into WORKDIR/data/ (`gptjax prepare`), streaming, so
+    corpora larger than memory work."""
     written = []
-    for spec, (train_docs, eval_docs) in corpus.items():
-        for split, docs in (("train", train_docs), ("eval", eval_docs)):
-            meta = _prepared_meta(config, tokenizer, spec, split)
-            written.append(write_prepared(source_dir(workdir, spec, split), _encoded(tokenizer, docs),
-                                          tokenizer.eos_id, tokenizer.vocab_size, meta))
+    for spec in parse_sources(config.data.source):
+        writers = {split: ShardWriter(source_dir(workdir, spec, split), tokenizer.vocab_size)
+                   for split in ("train", "eval")}
+        stream = iter_source_documents(spec, config.data)
+        index = 0
+        while chunk := list(itertools.islice(stream, 4096)):
+            for ids in tokenizer.encode_batch(chunk):
+                held = is_held_out(index, config.data.eval_fraction)
+                writers["eval" if held else "train"].add([*ids, tokenizer.eos_id])
+                index += 1
+        for split, writer in writers.items():
+            written.append(writer.close(_prepared_meta(config, tokenizer, spec, split)))
     return written
 
 

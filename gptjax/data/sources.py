@@ -60,20 +60,21 @@ def _read(path: str) -> str:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
 
 
-def text_documents(pattern: str, split: str) -> list[str]:
+def iter_text_documents(pattern: str, split: str):
     """One document per file (split='file') or per blank-line-separated block ('blank_line')."""
-    docs = []
     for path in _files(pattern, "text"):
         content = _read(path)
-        if split == "file":
-            docs.append(content.strip())
-        else:
-            docs.extend(block.strip() for block in re.split(r"\n\s*\n", content))
-    return [d for d in docs if d]
+        blocks = [content] if split == "file" else re.split(r"\n\s*\n", content)
+        for block in blocks:
+            if block.strip():
+                yield block.strip()
 
 
-def jsonl_documents(pattern: str, field: str) -> list[str]:
-    docs = []
+def text_documents(pattern: str, split: str) -> list[str]:
+    return list(iter_text_documents(pattern, split))
+
+
+def iter_jsonl_documents(pattern: str, field: str):
     for path in _files(pattern, "jsonl"):
         with open(path, "rb") as f:
             for number, raw in enumerate(f, 1):
@@ -90,8 +91,11 @@ def jsonl_documents(pattern: str, field: str) -> list[str]:
                 if not isinstance(record, dict) or not isinstance(record.get(field), str):
                     raise UserError(f"{path}:{number}: no string field '{field}' (set data.jsonl_field)")
                 if record[field].strip():
-                    docs.append(record[field])
-    return docs
+                    yield record[field]
+
+
+def jsonl_documents(pattern: str, field: str) -> list[str]:
+    return list(iter_jsonl_documents(pattern, field))
 
 
 def source_fingerprint(spec: str, data_cfg) -> str:
@@ -106,18 +110,30 @@ def source_fingerprint(spec: str, data_cfg) -> str:
     return digest.hexdigest()
 
 
-def source_documents(spec: str, data_cfg) -> list[str]:
-    """All documents of one source, in a fixed order."""
+def iter_source_documents(spec: str, data_cfg):
+    """The documents of one source, in a fixed order, one at a time."""
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
-        docs = synthetic.documents(data_cfg.num_documents, seed=data_cfg.seed)
-    elif kind == "text":
-        docs = text_documents(arg, data_cfg.text_documents)
-    elif kind == "jsonl":
-        docs = jsonl_documents(arg, data_cfg.jsonl_field)
-    else:
-        from gptjax.data.tfds_source import tfds_documents
-        docs = tfds_documents(arg, data_cfg.tfds_data_dir or None, data_cfg.tfds_text_field)
-    if not docs:
-        raise UserError(f"data.source {spec} holds no text")
-    return docs
+        return iter(synthetic.documents(data_cfg.num_documents, seed=data_cfg.seed))
+    if kind == "text":
+        return iter_text_documents(arg, data_cfg.text_documents)
+    if kind == "jsonl":
+        return iter_jsonl_documents(arg, data_cfg.jsonl_field)
+    from gptjax.data.tfds_source import iter_tfds_documents
+    return iter_tfds_documents(arg, data_cfg.tfds_data_dir or None, data_cfg.tfds_text_field)
+
+
+def is_held_out(index: int, eval_fraction: float) -> bool:
+    """Whether document `index` belongs to the held-out set: every 1/eval_fraction-th document,
+    decided from the index alone so a stream of any length splits without being counted first."""
+    return int((index + 1) * eval_fraction) > int(index * eval_fraction)
+
+
+def source_documents(spec: str, data_cfg) -> tuple[list[str], list[str]]:
+    """(train, held-out) documents of one source, in memory."""
+    train, held = [], []
+    for index, doc in enumerate(iter_source_documents(spec, data_cfg)):
+        (held if is_held_out(index, data_cfg.eval_fraction) else train).append(doc)
+    if not train:
+        raise UserError(f"data.source {spec} holds no text" + (" outside the held-out fraction (lower data.eval_fraction)" if held else ""))
+    return train, held

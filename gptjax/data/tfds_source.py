@@ -30,18 +30,21 @@ def parse_tfds_spec(spec: str) -> tuple[str, str]:
     return name, split.strip() or "train"
 
 
-def tfds_documents(spec: str, data_dir: str | None, text_field: str = "") -> list[str]:
-    """The non-blank text of every record of one split, in stored order."""
+def iter_tfds_documents(spec: str, data_dir: str | None, text_field: str = ""):
+    """The non-blank text of every record of one split, in stored order, read chunk by chunk so
+    that a corpus far larger than memory (c4, wikipedia) can be streamed into `gptjax prepare`."""
     tfds, source = _open(spec, data_dir)
     field = _text_field(tfds, spec, source.dataset_info.features, text_field)
-    docs = []
     for start in range(0, len(source), _CHUNK):
         for record in source.__getitems__(list(range(start, min(start + _CHUNK, len(source))))):
             value = record[field]
             text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
             if text.strip():
-                docs.append(text)
-    return docs
+                yield text
+
+
+def tfds_documents(spec: str, data_dir: str | None, text_field: str = "") -> list[str]:
+    return list(iter_tfds_documents(spec, data_dir, text_field))
 
 
 def tfds_record_count(spec: str, data_dir: str | None) -> int:

@@ -86,40 +86,48 @@ def _dtype_of(path: str):
     return np.uint16 if path.endswith(".u16") else np.uint32
 
 
-def write_prepared(directory: str, token_lists, eos_id: int, vocab_size: int, meta: dict) -> dict:
-    """Writes documents (each followed by eos) into shards under `directory`; returns meta."""
-    os.makedirs(directory, exist_ok=True)
-    if os.path.exists(os.path.join(directory, "meta.json")):
-        # Invalidate first: an interrupted rewrite must not leave old metadata over new shards.
-        os.remove(os.path.join(directory, "meta.json"))
-    dtype, suffix = (np.uint16, "u16") if vocab_size <= 1 << 16 else (np.uint32, "u32")
-    shard_tokens, buffer, count, total, docs = {}, [], 0, 0, 0
+class ShardWriter:
+    """Appends documents' token ids (end-of-document included) to shards under `directory`."""
 
-    def flush():
-        nonlocal buffer, count
-        if not buffer:
+    def __init__(self, directory: str, vocab_size: int):
+        os.makedirs(directory, exist_ok=True)
+        if os.path.exists(os.path.join(directory, "meta.json")):
+            # Invalidate first: an interrupted rewrite must not leave old metadata over new shards.
+            os.remove(os.path.join(directory, "meta.json"))
+        self.directory = directory
+        self.dtype, self.suffix = (np.uint16, "u16") if vocab_size <= 1 << 16 else (np.uint32, "u32")
+        self.shard_tokens: dict[str, int] = {}
+        self._buffer: list = []
+        self._count = self.tokens = self.documents = 0
+
+    def add(self, ids) -> None:
+        self._buffer.append(np.asarray(ids, dtype=self.dtype))
+        self._count += len(ids)
+        self.tokens += len(ids)
+        self.documents += 1
+        if self._count >= SHARD_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
             return
-        name = f"shard-{len(shard_tokens):05d}.{suffix}"
-        data = np.concatenate(buffer).astype(dtype)
-        tmp = os.path.join(directory, name + ".tmp")
+        name = f"shard-{len(self.shard_tokens):05d}.{self.suffix}"
+        data = np.concatenate(self._buffer)
+        tmp = os.path.join(self.directory, name + ".tmp")
         data.tofile(tmp)
-        os.replace(tmp, os.path.join(directory, name))  # a half-written shard never has the final name
-        shard_tokens[name] = len(data)
-        buffer, count = [], 0
+        os.replace(tmp, os.path.join(self.directory, name))  # a half-written shard never has the final name
+        self.shard_tokens[name] = len(data)
+        self._buffer, self._count = [], 0
 
-    for ids in token_lists:
-        buffer.append(np.asarray([*ids, eos_id], dtype=np.int64))
-        count += len(ids) + 1
-        total += len(ids) + 1
-        docs += 1
-        if count >= SHARD_TOKENS:
-            flush()
-    flush()
-    meta = {**meta, "documents": docs, "tokens": total, "shard_tokens": shard_tokens}
-    with open(os.path.join(directory, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(os.path.join(directory, "meta.json.tmp"), os.path.join(directory, "meta.json"))
-    return meta
+    def close(self, meta: dict) -> dict:
+        """Writes the last shard and meta.json, which makes the directory valid; returns meta."""
+        self._flush()
+        meta = {**meta, "documents": self.documents, "tokens": self.tokens, "shard_tokens": self.shard_tokens}
+        tmp = os.path.join(self.directory, "meta.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, os.path.join(self.directory, "meta.json"))
+        return meta
 
 
 def read_prepared(directory: str, expect: dict) -> list[str] | None:

@@ -13,6 +13,11 @@ template the text came from:
   express the same opinion, a relation with no direction.
 * synthetic_relatedness (regression, STS-B-like): two five-sentence reviews scored
   5 - |positives(a) - positives(b)|, from 0 (opposite) to 5 (same balance of opinion).
+* synthetic_choice (multiple_choice, story-cloze-like): a story, then CHOICES continuations that
+  cross he/she with a verb that agrees or not ("she sleeps ." / "she sleep ." / "he sleeps ." /
+  "he sleep ."); only the protagonist's pronoun with the agreeing verb is right. Each candidate is
+  the only one of its (pronoun, agreement) cell, so none stands out without the story: agreement
+  rules out two, and only the protagonist's gender, set in the story, separates the other two.
 
 Example i of a split is a pure function of (seed, task, split, i), so any subset can be produced
 directly and every host agrees. Test splits keep their labels: this data is not scored by a server.
@@ -31,6 +36,7 @@ from gptjax.tasks.task import Task
 
 SIZES = {"train": 2000, "validation": 200, "test": 200}
 REVIEW_SENTENCES = 5  # sentences per text of synthetic_relatedness, and so its top score
+CHOICES = 4  # candidate answers per synthetic_choice example: one per (pronoun, agreement) cell
 _SPLITS = tuple(SIZES)
 
 
@@ -76,6 +82,26 @@ def _relatedness(rng: np.random.Generator):
     return (_opinions(rng, a), _opinions(rng, b)), float(score)
 
 
+# One frame for all candidates of an example, so they differ only in the pronoun and verb form.
+_CONTINUATIONS = ("the next day , {} {} .", "{} {} again .", "then {} {} .")
+
+
+def _choice(rng: np.random.Generator):
+    names, verbs = tuple(syn.NAMES), tuple(syn.INTRANSITIVE_VERBS)
+    name = names[int(rng.random() * len(names))]
+    context = syn.story(rng, name)
+    right = syn.PRONOUNS[syn.NAMES[name]][0]
+    wrong = next(forms[0] for gender, forms in syn.PRONOUNS.items() if gender != syn.NAMES[name])
+    singular = verbs[int(rng.random() * len(verbs))]
+    plural = syn.INTRANSITIVE_VERBS[singular]
+    frame = _CONTINUATIONS[int(rng.random() * len(_CONTINUATIONS))]
+    distractors = [(right, plural), (wrong, singular), (wrong, plural)]
+    answers = [frame.format(*distractors[i]) for i in rng.permutation(len(distractors))]
+    label = int(rng.random() * CHOICES)
+    answers.insert(label, frame.format(right, singular))
+    return (context, *answers), label
+
+
 def _task(name, type_, fields, labels, metrics, prediction_format="label_id", **kw) -> Task:
     return Task(f"synthetic_{name}", type_, fields, labels, metrics, _SPLITS,
                 prediction_format=prediction_format, **kw)
@@ -91,6 +117,9 @@ SYNTHETIC_TASKS: dict[str, Task] = {t.name: t for t in (
           ("f1", "accuracy")),
     _task("relatedness", "regression", ("sentence1", "sentence2"), (), ("pearson", "spearman"), "float",
           score_range=(0.0, float(REVIEW_SENTENCES))),
+    # Example.texts is (context, answer_0, ..., answer_3); the label indexes the correct answer.
+    _task("choice", "multiple_choice", ("context", *(f"answer_{i}" for i in range(CHOICES))),
+          tuple(f"answer_{i}" for i in range(CHOICES)), ("accuracy",)),
 )}
 
 # The position of a task or split in these tuples seeds its examples: append, never reorder.
@@ -100,6 +129,7 @@ _BUILDERS: dict[str, Callable[[np.random.Generator], tuple[tuple[str, ...], int 
     "synthetic_entailment": _entailment,
     "synthetic_paraphrase": _paraphrase,
     "synthetic_relatedness": _relatedness,
+    "synthetic_choice": _choice,
 }
 _TASK_IDS = {name: i for i, name in enumerate(_BUILDERS)}
 _SPLIT_IDS = {name: i for i, name in enumerate(_SPLITS)}

@@ -16,7 +16,9 @@ from gptjax.errors import UserError
 #   pair             ordered pair:        s a $ b e            (entailment, pair classification)
 #   similarity       symmetric pair:      s a $ b e and s b $ a e, extract states added
 #   regression       as similarity, but W_y has one output read as a float score
-#   multiple_choice  reserved: one sequence per candidate, softmax over their scores
+#   multiple_choice  one sequence per candidate, s context $ answer_i e, softmax over their
+#                    scores; texts are (context, answer_0, ..., answer_k-1), the label is the
+#                    index of the correct answer, and label_names name the k answer fields
 TASK_TYPES = ("classification", "pair", "similarity", "regression", "multiple_choice")
 METRICS = ("matthews", "accuracy", "f1", "pearson", "spearman")
 # label_name: the label's name (MNLI, AX, QNLI, RTE); label_id: 0/1; float: a clipped score.
@@ -62,7 +64,10 @@ class Task:
         assert self.prediction_format in PREDICTION_FORMATS, self.prediction_format
         assert (self.type == "regression") == (not self.label_names), self.name
         assert (self.type == "regression") == (self.score_range is not None), self.name
-        if self.type != "multiple_choice":
+        if self.type == "multiple_choice":
+            assert len(self.text_fields) >= 3, self.name  # a context and at least two answers
+            assert len(self.label_names) == len(self.text_fields) - 1, self.name
+        else:
             assert len(self.text_fields) == (1 if self.type == "classification" else 2), self.name
         assert {s for s, _ in self.submission_files} <= set(self.splits), self.name
         for f in self.tsv_files:
