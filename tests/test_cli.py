@@ -1,7 +1,6 @@
 """The `gptjax` command: user mistakes end in one `error:` line and exit code 2."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from gptjax.data.mixture import MixedBatches, quotas
-from gptjax.data.packing import RowBatches, as_batch, pack_rows
+from gptjax.data.packing import RowBatches, as_batch
 from gptjax.data.sources import (is_held_out, iter_source_documents, parse_sources, parse_weights,
                                  source_documents, source_fingerprint)
 from gptjax.data.token_files import ShardWriter, TokenRows, read_prepared, source_dir
