@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     _field(c, "train.steps", 1000, "optimizer updates")
+    _field(c, "train.grad_accum", 1, "microbatches per update (train.batch_size is split into this many)")
     _field(c, "train.batch_size", 64, "sequences per update")
     _field(c, "train.seq_len", 1024, "tokens per sequence (<= model.max_len)")
     _field(c, "train.lr", 6e-4, "peak learning rate")
@@ -75,6 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "train.eval_every", 100, "steps between held-out evaluations (0 = only at the end)")
     _field(c, "train.eval_batches", 4, "batches of held-out data per evaluation")
     _field(c, "train.checkpoint_every", 0, "steps between parameter saves (0 = only at the end)")
+
+    c.mesh = ml_collections.ConfigDict()
+    _field(c, "mesh.data", -1, "data-parallel replicas (-1 = the devices the other axes leave)")
+    _field(c, "mesh.fsdp", 1, "devices each parameter's embed dimension is sharded over (batch splits over it too)")
+    _field(c, "mesh.tensor", 1, "tensor-parallel devices: heads, MLP width and vocabulary are split over them")
 
     c.data = ml_collections.ConfigDict()
     _field(c, "data.source", "synthetic", "pretraining text: synthetic, text:<glob>, jsonl:<glob>, tfds:<name>[/<config>][:<split>]; several separated by commas")
@@ -232,7 +238,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.schedule in SCHEDULE_CHOICES, f"train.schedule must be one of {SCHEDULE_CHOICES}, got '{t.schedule}'")
     for key in ("vocab_size", "vocab_pad_multiple", "n_layer", "n_head", "d_model", "d_ff", "max_len"):
         _check(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
-    for key in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
+    for key in ("steps", "batch_size", "seq_len", "log_every", "eval_batches", "grad_accum"):
         _check(t[key] > 0, f"train.{key} must be positive, got {t[key]}")
     for key in ("seed", "eval_every", "checkpoint_every"):
         _check(t[key] >= 0, f"train.{key} must be >= 0, got {t[key]}")

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib
+from gptjax import checkpoint, config as config_lib, sharding
 from gptjax.errors import UserError
 from gptjax.loss import lm_loss
 from gptjax.data.loader import Loader
@@ -33,21 +33,43 @@ class TrainState:
 
 
 def batch_loss(graphdef, params, batch, dropout_key, vocab_size):
-    """(mean token loss, token count) of one batch under `params`."""
+    """(summed token loss, token count) of one batch under `params`."""
     model = nnx.merge(graphdef, params)
     hidden = model(batch["tokens"], batch["positions"], batch.get("segment_ids"), dropout_key=dropout_key)
-    total, count = lm_loss(model.lm_logits(hidden), batch["targets"], batch["loss_mask"], vocab_size)
-    return total / jnp.maximum(count, 1.0), count
+    return lm_loss(model.lm_logits(hidden), batch["targets"], batch["loss_mask"], vocab_size)
 
 
-def train_step(graphdef, tx, schedule, vocab_size, base_key, state: TrainState, batch):
-    # The dropout key is a function of the step alone, so any step can be replayed exactly.
-    key = jax.random.fold_in(base_key, state.step)
+def _microbatches(batch: dict, count: int) -> dict:
+    # Microbatch j takes rows j, j + count, ...: every device holds part of every microbatch,
+    # so splitting a data-sharded batch moves nothing between devices.
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def train_step(graphdef, tx, schedule, vocab_size, grad_accum, seed, state: TrainState, batch):
+    # The dropout key is a function of the seed and step alone, so any step can be replayed exactly.
+    # Made inside the step: a key array closed over would be pinned to one device.
+    key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
     grad_fn = jax.value_and_grad(partial(batch_loss, graphdef), has_aux=True)
-    (loss, count), grads = grad_fn(state.params, batch, key, vocab_size)
+    if grad_accum == 1:
+        (total, count), grads = grad_fn(state.params, batch, key, vocab_size)
+    else:
+        def accumulate(carry, inputs):
+            index, micro = inputs
+            (micro_total, micro_count), micro_grads = grad_fn(state.params, micro, jax.random.fold_in(key, index),
+                                                              vocab_size)
+            total, count, grads = carry
+            return (total + micro_total, count + micro_count, jax.tree.map(jnp.add, grads, micro_grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (total, count, grads), _ = jax.lax.scan(accumulate, zeros,
+                                                (jnp.arange(grad_accum), _microbatches(batch, grad_accum)))
+    # Weighted by target tokens over the whole global batch, however it was split.
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), "tokens": count}
+    metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+               "tokens": count}
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
@@ -58,20 +80,34 @@ def eval_step(graphdef, vocab_size, params, batch):
 
 
 class Trainer:
-    """Holds the model definition, optimizer and jitted functions for one config."""
+    """The model definition, optimizer state on the mesh, and the jitted step for one config."""
 
-    def __init__(self, config, model: Decoder | None = None):
+    def __init__(self, config, mesh=None):
         self.config = config
-        model = model or init_decoder(config.model, config.train.seed)
-        self.graphdef, params = nnx.split(model, nnx.Param)
-        self.flops_per_token = model.flops_per_token(config.train.seq_len)
+        self.mesh = mesh or sharding.make_mesh(config.mesh)
+        sharding.check_divisible(config, self.mesh)
+        seed = config.train.seed
+        abstract = nnx.eval_shape(lambda: init_decoder(config.model, seed))
+        self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+        self.flops_per_token = abstract.flops_per_token(config.train.seq_len)
+        param_shardings = sharding.param_shardings(self.mesh, abstract_params)
+        # Created directly in its sharded layout: no device ever holds the whole model.
+        params = jax.jit(lambda: nnx.state(init_decoder(config.model, seed), nnx.Param),
+                         out_shardings=param_shardings)()
         self.schedule = lr_schedule(config.train)
         self.tx = make_optimizer(config.train)
-        self.state = TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
-        base_key = jax.random.key(config.train.seed + 1)
+        replicated = sharding.replicated(self.mesh)
+        # Moments inherit the parameters' shardings; the scalar counters go on every device.
+        opt_state = jax.tree.map(
+            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
+            jax.jit(self.tx.init)(params))
+        self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
+        state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
         vocab = config.model.vocab_size
-        self._step = jax.jit(partial(train_step, self.graphdef, self.tx, self.schedule, vocab, base_key),
-                             donate_argnums=(0,))
+        step = partial(train_step, self.graphdef, self.tx, self.schedule, vocab, config.train.grad_accum, seed)
+        self._step = jax.jit(step, in_shardings=(state_shardings, self.batch_sharding),
+                             out_shardings=(state_shardings, replicated), donate_argnums=(0,))
         self._eval = jax.jit(partial(eval_step, self.graphdef, vocab))
 
     def step(self, batch: dict) -> dict:
@@ -126,11 +162,11 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
 
     _prepare_workdir(config, workdir)
     documents: dict = {}  # read at most once, only if the tokenizer or an unprepared source needs them
+    trainer = Trainer(config)  # first: a mesh that does not fit is reported before any data work
     tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
     batches, eval_batches = corpus.pretraining_batches(config, tokenizer, workdir, documents)
-    trainer = Trainer(config)
     t = config.train
-    loader = Loader(batches, t.steps, num_workers=config.data.num_workers)
+    loader = Loader(batches, t.steps, num_workers=config.data.num_workers, sharding=trainer.batch_sharding)
     writer = MetricsWriter(workdir)
     history, eval_history, pending = [], [], []
     bar = tqdm(total=t.steps, disable=not progress, unit="step", dynamic_ncols=True)

@@ -128,9 +128,6 @@ def pretraining_batches(config, tokenizer: Tokenizer, workdir: str, corpus: dict
     specs = parse_sources(config.data.source)
     weights = parse_weights(config.data.weights, len(specs))
     t, d = config.train, config.data
-    if t.batch_size % jax.device_count():
-        raise UserError(f"train.batch_size={t.batch_size} does not split over {jax.device_count()} devices; "
-                        f"use a multiple of {jax.device_count()}")
     counts = quotas(weights, t.batch_size, specs) if len(specs) > 1 else [t.batch_size]
     for spec, count in zip(specs, counts):
         if count % jax.process_count():

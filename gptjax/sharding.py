@@ -1,0 +1,111 @@
+"""The device mesh (data, fsdp, tensor) and the one table that says where every parameter lives.
+
+Parameters carry logical axis names (model.py); RULES maps each name to a mesh axis. FSDP shards
+the embedding dimension of every weight, tensor parallelism shards heads, MLP width and
+vocabulary, and the batch is split over data and fsdp together. The same jitted train step then
+runs on 1 CPU, 8 fake CPU devices, one GPU or a pod: only the mesh changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gptjax.errors import UserError
+from gptjax.model import padded_vocab_size
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (None = replicated). Read top to bottom: this is the whole layout.
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("length", None),
+)
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+    """Sizes of (data, fsdp, tensor); one of them may be -1 for "the rest of the devices"."""
+    sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise UserError(f"mesh sizes {sizes} must be positive, with at most one -1 (the rest of the devices)")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if num_devices % fixed:
+            raise UserError(f"mesh {sizes} cannot use {num_devices} devices: {num_devices} is not a multiple "
+                            f"of {fixed}; change mesh.data, mesh.fsdp or mesh.tensor")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise UserError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} needs "
+                        f"{math.prod(sizes.values())} devices, but there are {num_devices}; make the product "
+                        f"{num_devices} (one size may be -1)")
+    return sizes
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(mesh_cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if devices == list(jax.devices()):
+        # Device order that follows the interconnect. Auto axes: XLA propagates shardings from the
+        # parameters and the batch, rather than every op having to state its output sharding.
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    return jax.sharding.Mesh(np.array(devices).reshape(shape), MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_divisible(config, mesh: jax.sharding.Mesh) -> None:
+    """Dimensions a mesh axis would split unevenly, as an error before any compilation."""
+    m, t = config.model, config.train
+    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    for name, size in (("model.n_head", m.n_head), ("model.d_ff", m.d_ff),
+                       ("the padded vocabulary", padded_vocab_size(m.vocab_size, m.vocab_pad_multiple))):
+        if size % tensor:
+            raise UserError(f"{name} ({size}) is not divisible by mesh.tensor ({tensor}); pick a tensor size "
+                            f"that divides it")
+    if m.d_model % fsdp:
+        raise UserError(f"model.d_model ({m.d_model}) is not divisible by mesh.fsdp ({fsdp})")
+    replicas = mesh.shape["data"] * fsdp
+    micro = t.batch_size // max(t.grad_accum, 1)
+    if t.batch_size % t.grad_accum or micro % replicas:
+        raise UserError(f"train.batch_size ({t.batch_size}) / train.grad_accum ({t.grad_accum}) must be a "
+                        f"multiple of mesh.data x mesh.fsdp ({replicas})")
+
+
+def spec(axes) -> PartitionSpec:
+    """PartitionSpec of a tensor whose dimensions have these logical names."""
+    table = dict(RULES)
+    used, out = set(), []
+    for name in axes:
+        target = table.get(name) if name is not None else None
+        targets = target if isinstance(target, tuple) else (target,)
+        if target is None or used & set(targets):
+            out.append(None)  # a mesh axis can split only one dimension of a tensor
+            continue
+        used |= set(targets)
+        out.append(target)
+    return PartitionSpec(*out)
+
+
+def param_shardings(mesh, params: nnx.State) -> nnx.State:
+    """A NamedSharding per parameter, from its `axes` metadata through RULES."""
+    def one(variable):
+        return variable.replace(NamedSharding(mesh, spec(variable.get_metadata()["axes"])))
+    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, spec(("batch", "length")))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

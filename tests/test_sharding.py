@@ -1,0 +1,89 @@
+"""Sharded equals unsharded on 8 fake CPU devices; gradient accumulation; mesh errors."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from gptjax.config import load_config
+from gptjax.data.packing import as_batch
+from gptjax.errors import UserError
+from gptjax.sharding import check_divisible, mesh_shape, spec
+from gptjax.train import Trainer
+
+MESHES = ["data=8", "data=1,fsdp=8", "data=2,fsdp=2,tensor=2", "data=2,tensor=4"]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "tests/sharding_worker.py", "single", *MESHES], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_training_matches_one_device(runs, mesh):
+    base, run = np.array(runs["single"]["losses"]), np.array(runs[mesh]["losses"])
+    assert np.ptp(base) > 1e-3  # the losses move, so agreement is not trivial
+    np.testing.assert_allclose(run, base, rtol=1e-5)
+    sizes = dict(kv.split("=") for kv in mesh.split(","))
+    assert runs[mesh]["mesh"] == {"data": int(sizes.get("data", 1)), "fsdp": int(sizes.get("fsdp", 1)),
+                                  "tensor": int(sizes.get("tensor", 1))}
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_parameters_live_where_the_rules_say(runs, mesh):
+    specs = runs[mesh]["specs"]
+    assert specs["wte"] == ["tensor", "fsdp"]  # vocab over tensor, embed over fsdp
+    assert specs["blocks.0.attn.qkv_kernel"] == ["fsdp", None, "tensor", None]
+    assert specs["blocks.0.attn.out_kernel"] == ["tensor", None, "fsdp"]
+    assert specs["blocks.0.mlp.fc_kernel"] == ["fsdp", "tensor"]
+    assert specs["blocks.0.ln_1.scale"] == ["fsdp"]
+    m = runs[mesh]["mesh"]
+    # The tiny model: padded vocabulary 512, d_model 128, 4 heads of 32.
+    assert runs[mesh]["local_shapes"]["wte"] == [512 // m["tensor"], 128 // m["fsdp"]]
+    assert runs[mesh]["local_shapes"]["blocks.0.attn.qkv_kernel"] == [128 // m["fsdp"], 3, 4 // m["tensor"], 32]
+
+
+def test_logical_rules():
+    assert tuple(spec(("batch", "length"))) == (("data", "fsdp"), None)
+    assert tuple(spec(("vocab", "embed"))) == ("tensor", "fsdp")
+    assert tuple(spec(("heads", "mlp"))) == ("tensor", None)  # one mesh axis splits one dimension
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    losses = {}
+    for accum in (1, 4):
+        config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "train.seq_len=32",
+                                                 "model.n_layer=2", f"train.grad_accum={accum}"])
+        trainer = Trainer(config)
+        rng = np.random.default_rng(0)
+        out = []
+        for _ in range(5):
+            rows = rng.integers(6, 512, size=(16, 33)).astype(np.int32)
+            batch = as_batch(rows, 2, 0, True)  # document masks: microbatches hold different token counts
+            out.append(float(trainer.step(batch)["loss"]))
+        losses[accum] = out
+    assert np.ptp(losses[1]) > 1e-3
+    np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
+
+
+def test_meshes_that_do_not_fit_are_clear_errors():
+    cfg = types.SimpleNamespace
+    with pytest.raises(UserError, match="needs 6 devices, but there are 8"):
+        mesh_shape({"data": 3, "fsdp": 2, "tensor": 1}, 8)
+    with pytest.raises(UserError, match="not a multiple of 3"):
+        mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+    assert mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    config = load_config("configs/tiny.py")
+    fake = cfg(shape={"data": 1, "fsdp": 1, "tensor": 8})
+    with pytest.raises(UserError, match=r"model.n_head \(4\) is not divisible by mesh.tensor \(8\)"):
+        check_divisible(config, fake)
+    with pytest.raises(UserError, match="must be a multiple of mesh.data x mesh.fsdp"):
+        check_divisible(config, cfg(shape={"data": 3, "fsdp": 1, "tensor": 1}))
