@@ -14,35 +14,9 @@ batches, a far longer run than this config's 600k steps of 32 x 1024 tokens (~20
 real corpus (data.source) and a GPU; on the built-in synthetic corpus this config runs as is.
 """
 
-from gptjax.config import base_config
+from gptjax.config import gpt2_config
 
 
 def get_config():
-    c = base_config()
-    c.name = "gpt2_small"
-    c.model.block = "pre_ln"
-    c.model.vocab_size = 50257
-    c.model.vocab_pad_multiple = 128
-    c.model.n_layer = 12
-    c.model.n_head = 12
-    c.model.d_model = 768
-    c.model.d_ff = 3072
-    c.model.max_len = 1024
-    c.model.dropout = 0.0
-    c.model.attn_dropout = 0.0
-    c.model.scale_residual_init = True
-    c.train.batch_size = 32
-    c.train.seq_len = 1024
-    c.train.steps = 600_000
-    c.train.lr = 0.0006
-    c.train.warmup_steps = 2000
-    c.train.schedule = "cosine"
-    c.train.min_lr_ratio = 0.1
-    c.train.weight_decay = 0.1
-    c.train.b1 = 0.9
-    c.train.b2 = 0.95
-    c.train.grad_clip = 1.0
-    c.train.log_every = 100
-    c.train.eval_every = 2000
-    c.train.checkpoint_every = 5000
+    c = gpt2_config("gpt2_small", n_layer=12, n_head=12, d_model=768, lr=0.0006, batch_size=32)
     return c

@@ -12,36 +12,10 @@ What it should reach: not yet measured with gptjax; it needs a real corpus and a
 built-in synthetic corpus this config runs as is.
 """
 
-from gptjax.config import base_config
+from gptjax.config import gpt2_config
 
 
 def get_config():
-    c = base_config()
-    c.name = "gpt2_xl"
-    c.model.block = "pre_ln"
-    c.model.vocab_size = 50257
-    c.model.vocab_pad_multiple = 128
-    c.model.n_layer = 48
-    c.model.n_head = 25
-    c.model.d_model = 1600
-    c.model.d_ff = 6400
-    c.model.max_len = 1024
-    c.model.dropout = 0.0
-    c.model.attn_dropout = 0.0
-    c.model.scale_residual_init = True
+    c = gpt2_config("gpt2_xl", n_layer=48, n_head=25, d_model=1600, lr=0.0002, batch_size=4)
     c.model.remat = "save_dots"  # 1.5B parameters: trade recomputation for activation memory
-    c.train.batch_size = 4
-    c.train.seq_len = 1024
-    c.train.steps = 600_000
-    c.train.lr = 0.0002
-    c.train.warmup_steps = 2000
-    c.train.schedule = "cosine"
-    c.train.min_lr_ratio = 0.1
-    c.train.weight_decay = 0.1
-    c.train.b1 = 0.9
-    c.train.b2 = 0.95
-    c.train.grad_clip = 1.0
-    c.train.log_every = 100
-    c.train.eval_every = 2000
-    c.train.checkpoint_every = 5000
     return c

@@ -102,6 +102,22 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def gpt2_config(name: str, n_layer: int, n_head: int, d_model: int, lr: float,
+                batch_size: int) -> ml_collections.ConfigDict:
+    """The GPT-2 family's shared recipe (configs/gpt2_*.py): pre-LN with a final LN, context 1024,
+    the 50,257-token vocabulary padded to a multiple of 128, residual projections initialised
+    with 0.02 / sqrt(2 * n_layer), no dropout, AdamW (0.9, 0.95) with warmup then cosine to 10%."""
+    c = base_config()
+    c.name = name
+    c.model.update(block="pre_ln", vocab_size=50257, vocab_pad_multiple=128, n_layer=n_layer, n_head=n_head,
+                   d_model=d_model, d_ff=4 * d_model, max_len=1024, dropout=0.0, attn_dropout=0.0,
+                   scale_residual_init=True)
+    c.train.update(batch_size=batch_size, seq_len=1024, steps=600_000, lr=lr, warmup_steps=2000,
+                   schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
+                   log_every=100, eval_every=2000, checkpoint_every=5000)
+    return c
+
+
 def load_config(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
     """Loads `configs/*.py` (its `get_config()`), applies `a.b=value` overrides, validates."""
     if not os.path.isfile(path):
