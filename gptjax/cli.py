@@ -99,6 +99,9 @@ def cmd_demo(args, extra):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptjax", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    parser.add_argument("--coordinator", help="multi-process runs: HOST:PORT of process 0")
+    parser.add_argument("--num-processes", type=int, help="multi-process runs: how many processes")
+    parser.add_argument("--process-id", type=int, help="multi-process runs: this process's id, 0..N-1")
     sub = parser.add_subparsers(dest="command", required=True)
     # --debug is accepted after the command too; SUPPRESS keeps the top-level value otherwise.
     common = argparse.ArgumentParser(add_help=False)
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
+        from gptjax import distributed
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         args.fn(args, extra)
     except UserError as e:
         if args.debug:

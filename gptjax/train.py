@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib, sharding
+from gptjax import checkpoint, config as config_lib, distributed, sharding
 from gptjax.errors import UserError
 from gptjax.loss import lm_loss
 from gptjax.data.loader import Loader
@@ -144,6 +144,8 @@ def _prepare_workdir(config, workdir: str) -> None:
     if step is not None:
         raise UserError(f"{workdir} already holds a trained run (checkpoints/{step}); "
                         f"pass a new --workdir to train again")
+    if not distributed.is_main():
+        return
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config_lib.to_json(config) + "\n")
     metrics = os.path.join(workdir, "metrics.jsonl")
@@ -163,13 +165,18 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
     _prepare_workdir(config, workdir)
     documents: dict = {}  # read at most once, only if the tokenizer or an unprepared source needs them
     trainer = Trainer(config)  # first: a mesh that does not fit is reported before any data work
-    tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
+    main = distributed.is_main()
+    if main:  # trains the tokenizer if there is none; the other processes then load it
+        tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
+    distributed.barrier("tokenizer")
+    if not main:
+        tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
     batches, eval_batches = corpus.pretraining_batches(config, tokenizer, workdir, documents)
     t = config.train
     loader = Loader(batches, t.steps, num_workers=config.data.num_workers, sharding=trainer.batch_sharding)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir) if main else None
     history, eval_history, pending = [], [], []
-    bar = tqdm(total=t.steps, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=t.steps, disable=not (progress and main), unit="step", dynamic_ncols=True)
     window_start, paused = time.perf_counter(), 0.0  # the first window includes compilation
     for step in range(t.steps):
         pending.append(trainer.step(next(loader)))
@@ -188,7 +195,8 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
                     record["mfu"] = round(util, 4)
             pending, window_start, paused = [], time.perf_counter(), 0.0
             history.append(record)
-            writer.write(record)
+            if writer:
+                writer.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
         # Time spent evaluating and saving is kept out of the training throughput.
         pause_start = time.perf_counter()
@@ -196,18 +204,21 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
             eval_loss = trainer.eval_loss(eval_batches)
             if eval_loss is not None:
                 eval_history.append({"step": done, "eval_loss": eval_loss})
-                writer.write(eval_history[-1])
-                bar.write(f"step {done}: eval loss {eval_loss:.4f}")
+                if writer:
+                    writer.write(eval_history[-1])
+                    bar.write(f"step {done}: eval loss {eval_loss:.4f}")
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
             checkpoint.save_params(workdir, done, trainer.state.params)
         paused += time.perf_counter() - pause_start
         bar.update(1)
     bar.close()
-    writer.close()
+    if writer:
+        writer.close()
     path = checkpoint.save_params(workdir, t.steps, trainer.state.params)
     summary = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
                "eval": eval_history, "history": history, "checkpoint": path,
                "tokens_per_sec": history[-1].get("tokens_per_sec")}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2)
+    if main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2)
     return summary
