@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "train.eval_every", 100, "steps between held-out evaluations (0 = only at the end)")
     _field(c, "train.eval_batches", 4, "batches of held-out data per evaluation")
     _field(c, "train.checkpoint_every", 0, "steps between parameter saves (0 = only at the end)")
+    _field(c, "train.profile_steps", [0, 0], "[a, b]: a jax.profiler trace of steps a..b into WORKDIR/profile ([0, 0] = off)")
 
     c.mesh = ml_collections.ConfigDict()
     _field(c, "mesh.data", -1, "data-parallel replicas (-1 = the devices the other axes leave)")
@@ -256,6 +257,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
     for key in ("steps", "batch_size", "seq_len", "log_every", "eval_batches", "grad_accum"):
         _check(t[key] > 0, f"train.{key} must be positive, got {t[key]}")
+    profile = tuple(t.profile_steps)
+    _check(profile == (0, 0) or (len(profile) == 2 and 1 <= profile[0] <= profile[1]),
+           f"train.profile_steps must be [a, b] with 1 <= a <= b (or [0, 0] for off), got {list(t.profile_steps)}")
     for key in ("seed", "eval_every", "checkpoint_every"):
         _check(t[key] >= 0, f"train.{key} must be >= 0, got {t[key]}")
     _check(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, f"train.b1 and train.b2 must be in [0, 1), got {t.b1}, {t.b2}")

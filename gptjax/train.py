@@ -178,15 +178,24 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
     history, eval_history, pending = [], [], []
     bar = tqdm(total=t.steps, disable=not (progress and main), unit="step", dynamic_ncols=True)
     window_start, paused = time.perf_counter(), 0.0  # the first window includes compilation
+    profile_from, profile_to = t.profile_steps
     for step in range(t.steps):
+        if step + 1 == profile_from:
+            jax.profiler.start_trace(os.path.join(workdir, "profile"))
         pending.append(trainer.step(next(loader)))
         done = step + 1
+        if profile_from and done == min(profile_to, t.steps):
+            jax.block_until_ready(pending[-1])
+            jax.profiler.stop_trace()
         if done == 1 or done % t.log_every == 0 or done == t.steps:
             summary = _summarise(pending)  # the one host sync of the interval
             elapsed = time.perf_counter() - window_start - paused
             tokens_per_sec = summary.pop("tokens") / elapsed
             record = {"step": done, **summary, "tokens_per_sec": round(tokens_per_sec, 1),
                       "step_ms": round(1000 * elapsed / len(pending), 2)}
+            memory = jax.local_devices()[0].memory_stats()  # None where the backend keeps no count
+            if memory and "bytes_in_use" in memory:
+                record["memory_gib"] = round(memory["bytes_in_use"] / 2**30, 3)
             if done == 1:
                 record["first_step_s"] = round(elapsed, 3)  # compilation included: not throughput
             else:

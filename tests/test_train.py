@@ -93,3 +93,13 @@ def test_steps_are_deterministic_and_dropout_uses_the_step_key(tmp_path):
     # Dropout is really applied: the same initial parameters without it give another loss.
     config_nodrop = load_config("configs/tiny.py", ["train.batch_size=4", "train.seq_len=32", "model.n_layer=2"])
     assert float(Trainer(config_nodrop).step(batch)["loss"]) != losses[0][0]
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+    config = load_config("configs/tiny.py", ["train.steps=3", "train.profile_steps=[2, 3]", "model.n_layer=1",
+                                             "data.num_documents=300", "train.batch_size=4", "train.seq_len=32"])
+    pretrain(config, str(tmp_path), progress=False)
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    with pytest.raises(UserError, match="train.profile_steps"):
+        load_config("configs/tiny.py", ["train.profile_steps=[3, 2]"])
