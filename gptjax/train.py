@@ -20,7 +20,7 @@ from gptjax.loss import lm_loss
 from gptjax.data.loader import Loader
 from gptjax.metrics import MetricsWriter
 from gptjax.mfu import mfu
-from gptjax.model import Decoder, init_decoder
+from gptjax.model import init_decoder
 from gptjax.optim import lr_schedule, make_optimizer
 
 
@@ -120,9 +120,6 @@ class Trainer:
         sums = [self._eval(self.state.params, batch) for batch in batches]
         total, count = (float(sum(x)) for x in zip(*jax.device_get(sums)))
         return total / max(count, 1.0)
-
-    def model(self) -> Decoder:
-        return nnx.merge(self.graphdef, self.state.params)
 
 
 def _summarise(records: list[dict]) -> dict:
