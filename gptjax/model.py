@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax import attention
+from gptjax.sharding import constrain
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -87,7 +88,7 @@ class Attention(nnx.Module):
     def __call__(self, x, ctx: dict, dropout_key, cache: dict | None = None):
         dtype = x.dtype
         qkv = jnp.einsum("btd,dchk->btchk", x, self.qkv_kernel[...].astype(dtype))
-        qkv = qkv + self.qkv_bias[...].astype(dtype)
+        qkv = constrain(qkv + self.qkv_bias[...].astype(dtype), ("batch", "length", None, "heads", "head_dim"))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q_offset, kv_valid, implementation = 0, None, self.implementation
         if cache is not None:
@@ -103,8 +104,9 @@ class Attention(nnx.Module):
         y = attention.attend(implementation, q, k.astype(dtype), v.astype(dtype), q_offset=q_offset,
                              segment_ids=ctx.get("segment_ids"), kv_valid=kv_valid,
                              dropout_rate=self.attn_dropout, dropout_key=dropout_key)
+        y = constrain(y, ("batch", "length", "heads", "head_dim"))
         y = jnp.einsum("bthk,hkd->btd", y, self.out_kernel[...].astype(dtype))
-        return y + self.out_bias[...].astype(dtype), cache
+        return constrain(y + self.out_bias[...].astype(dtype), ("batch", "length", "embed")), cache
 
 
 class MLP(nnx.Module):
@@ -117,8 +119,10 @@ class MLP(nnx.Module):
     def __call__(self, x):
         dtype = x.dtype
         h = x @ self.fc_kernel[...].astype(dtype) + self.fc_bias[...].astype(dtype)
+        h = constrain(h, ("batch", "length", "mlp"))
         h = jax.nn.gelu(h, approximate=True)  # the tanh form, as GPT-1 and GPT-2 trained with
-        return h @ self.proj_kernel[...].astype(dtype) + self.proj_bias[...].astype(dtype)
+        y = h @ self.proj_kernel[...].astype(dtype) + self.proj_bias[...].astype(dtype)
+        return constrain(y, ("batch", "length", "embed"))
 
 
 class Block(nnx.Module):
@@ -164,7 +168,11 @@ class Decoder(nnx.Module):
         self.n_layer, self.n_head, self.d_model, self.max_len = cfg.n_layer, cfg.n_head, cfg.d_model, cfg.max_len
 
     def _embed(self, tokens, positions, dropout_key):
-        x = self.wte[...][tokens] + self.wpe[...][positions]
+        # The tables are gathered whole along `embed` first: a lookup into an fsdp-sharded
+        # column would otherwise make XLA replicate the looked-up rows on every device.
+        wte = constrain(self.wte[...], ("vocab", None))
+        wpe = constrain(self.wpe[...], (None, None))
+        x = constrain(wte[tokens] + wpe[positions], ("batch", "length", "embed"))
         return _dropout(x.astype(self.dtype), self.dropout, dropout_key)
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None):
@@ -185,7 +193,8 @@ class Decoder(nnx.Module):
 
     def lm_logits(self, hidden):
         """Logits over the padded vocabulary, in the compute dtype (the loss upcasts per row)."""
-        return jnp.einsum("btd,vd->btv", hidden, self.wte[...].astype(hidden.dtype))
+        logits = jnp.einsum("btd,vd->btv", hidden, self.wte[...].astype(hidden.dtype))
+        return constrain(logits, ("batch", "length", "vocab"))
 
     def init_cache(self, batch: int, length: int | None = None) -> dict:
         length = length or self.max_len

@@ -16,7 +16,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptjax.errors import UserError
-from gptjax.model import padded_vocab_size
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -65,6 +64,8 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
 
 def check_divisible(config, mesh: jax.sharding.Mesh) -> None:
     """Dimensions a mesh axis would split unevenly, as an error before any compilation."""
+    from gptjax.model import padded_vocab_size  # model.py imports this module
+
     m, t = config.model, config.train
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
     for name, size in (("model.n_head", m.n_head), ("model.d_ff", m.d_ff),
@@ -94,6 +95,18 @@ def spec(axes) -> PartitionSpec:
         used |= set(targets)
         out.append(target)
     return PartitionSpec(*out)
+
+
+def constrain(x, axes):
+    """Pins an activation to the layout the rules give its logical `axes`.
+
+    Active while tracing under `jax.set_mesh` (the Trainer's steps); elsewhere (generation, the
+    API, tests of the bare model) there is no mesh and this returns `x` unchanged. Without these
+    pins XLA may pick a layout from one weight's sharding and pay for it with extra collectives."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(axes)))
 
 
 def param_shardings(mesh, params: nnx.State) -> nnx.State:

@@ -111,13 +111,15 @@ class Trainer:
         self._eval = jax.jit(partial(eval_step, self.graphdef, vocab))
 
     def step(self, batch: dict) -> dict:
-        self.state, metrics = self._step(self.state, batch)
+        with jax.set_mesh(self.mesh):  # the model's activation constraints read this mesh
+            self.state, metrics = self._step(self.state, batch)
         return metrics
 
     def eval_loss(self, batches: list[dict]) -> float | None:
         if not batches:
             return None
-        sums = [self._eval(self.state.params, batch) for batch in batches]
+        with jax.set_mesh(self.mesh):
+            sums = [self._eval(self.state.params, batch) for batch in batches]
         total, count = (float(sum(x)) for x in zip(*jax.device_get(sums)))
         return total / max(count, 1.0)
 

@@ -5,6 +5,7 @@ before JAX starts, which the pytest process has already done).
 """
 
 import json
+import re
 import sys
 
 import jax
@@ -29,15 +30,22 @@ def losses(arg: str) -> dict:
     trainer = Trainer(config, mesh=mesh)
     rng = np.random.default_rng(0)
     out = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         rows = rng.integers(6, 512, size=(16, 33)).astype(np.int32)
-        out.append(float(trainer.step(as_batch(rows, 2, 0, False))["loss"]))
+        batch = as_batch(rows, 2, 0, False)
+        if step == 0:
+            with jax.set_mesh(trainer.mesh):
+                text = trainer._step.lower(trainer.state, batch).as_text()
+            # Activation layouts pinned in the step: "<spec> : <shape>" of every constraint.
+            constraints = sorted(set(re.findall(r"sdy.sharding_constraint %\S+ <@mesh, (.*)>", text)))
+        out.append(float(trainer.step(batch)["loss"]))
     flat = checkpoint.flatten(trainer.state.params)
     specs = {name: tuple(flat[name].sharding.spec) for name in
              ("wte", "wpe", "blocks.0.attn.qkv_kernel", "blocks.0.attn.out_kernel", "blocks.0.mlp.fc_kernel",
               "blocks.0.mlp.proj_bias", "blocks.0.ln_1.scale")}
     local = {name: list(flat[name].addressable_shards[0].data.shape) for name in ("wte", "blocks.0.attn.qkv_kernel")}
-    return {"losses": out, "specs": specs, "local_shapes": local, "mesh": dict(trainer.mesh.shape)}
+    return {"losses": out, "specs": specs, "local_shapes": local, "mesh": dict(trainer.mesh.shape),
+            "constraints": constraints}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ def runs():
     result = subprocess.run([sys.executable, "tests/sharding_worker.py", "single", *MESHES], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # XLA's warning that a layout change fell back to replicating a tensor on every device.
+    assert "Involuntary full rematerialization" not in result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -49,6 +51,18 @@ def test_parameters_live_where_the_rules_say(runs, mesh):
     # The tiny model: padded vocabulary 512, d_model 128, 4 heads of 32.
     assert runs[mesh]["local_shapes"]["wte"] == [512 // m["tensor"], 128 // m["fsdp"]]
     assert runs[mesh]["local_shapes"]["blocks.0.attn.qkv_kernel"] == [128 // m["fsdp"], 3, 4 // m["tensor"], 32]
+
+
+def test_activations_are_pinned_to_the_rules(runs):
+    constraints = runs["data=2,fsdp=2,tensor=2"]["constraints"]
+    batch = '{"data", "fsdp"}'
+    # Logits split over the vocabulary, attention over heads, the MLP over its width, the
+    # residual stream over the batch only.
+    # (The tiny model's vocabulary and MLP width are both 512.)
+    assert f'[{batch}, {{}}, {{"tensor"}}]> : tensor<16x32x512xf32' in constraints
+    assert f'[{batch}, {{}}, {{"tensor"}}, {{}}]> : tensor<16x32x4x32xf32' in constraints
+    assert f'[{batch}, {{}}, {{}}]> : tensor<16x32x128xf32' in constraints
+    assert runs["single"]["constraints"] and all("tensor<" in c for c in runs["single"]["constraints"])
 
 
 def test_logical_rules():
