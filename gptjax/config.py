@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "mesh.data", -1, "data-parallel replicas (-1 = the devices the other axes leave)")
     _field(c, "mesh.fsdp", 1, "devices each parameter's embed dimension is sharded over (batch splits over it too)")
     _field(c, "mesh.tensor", 1, "tensor-parallel devices: heads, MLP width and vocabulary are split over them")
+    _field(c, "mesh.dcn_data", 1, "of mesh.data, the groups across slices or nodes (slow network); "
+           "fsdp and tensor then stay inside each group")
 
     c.data = ml_collections.ConfigDict()
     _field(c, "data.source", "synthetic", "pretraining text: synthetic, text:<glob>, jsonl:<glob>, tfds:<name>[/<config>][:<split>]; several separated by commas")

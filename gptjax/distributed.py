@@ -3,12 +3,14 @@
 A process joins a job when it is told the coordinator, the process count and its own id, by
 flags (`gptjax --coordinator HOST:PORT --num-processes N --process-id I ...`) or by the
 GPTJAX_COORDINATOR / GPTJAX_NUM_PROCESSES / GPTJAX_PROCESS_ID variables that launch/local.sh
-sets. Under SLURM with several tasks, or on a TPU pod, JAX finds all three by itself.
+sets. Under SLURM with several tasks JAX finds all three by itself; on a TPU pod slice (or any
+cluster JAX can detect) GPTJAX_DISTRIBUTED=auto, which launch/tpu_vm.sh sets, asks it to.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 
@@ -18,7 +20,7 @@ from gptjax.errors import UserError
 def _auto_detected() -> bool:
     slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
     tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
-    return slurm or tpu_pod
+    return slurm or tpu_pod or os.environ.get("GPTJAX_DISTRIBUTED") == "auto"
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -50,3 +52,15 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def prefix() -> str:
+    """"[i/N] " in a multi-process run, so interleaved output says which process wrote it."""
+    if jax.process_count() == 1:
+        return ""
+    return f"[{jax.process_index()}/{jax.process_count()}] "
+
+
+def log(message: str, stream=None) -> None:
+    """Prints one line with the process prefix (stdout unless `stream` says otherwise)."""
+    print(prefix() + message, file=stream or sys.stdout, flush=True)

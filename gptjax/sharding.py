@@ -13,6 +13,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptjax.errors import UserError
@@ -54,12 +55,42 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     devices = list(devices if devices is not None else jax.devices())
     sizes = mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
+    # Auto axes: XLA propagates shardings from the parameters, the batch and the activation
+    # constraints, rather than every op having to state its output sharding.
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    groups = int(mesh_cfg.get("dcn_data", 1))
+    if groups > 1:
+        return jax.sharding.Mesh(_hybrid_devices(devices, sizes, groups), MESH_AXES, axis_types=axis_types)
     if devices == list(jax.devices()):
-        # Device order that follows the interconnect. Auto axes: XLA propagates shardings from the
-        # parameters and the batch, rather than every op having to state its output sharding.
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-    return jax.sharding.Mesh(np.array(devices).reshape(shape), MESH_AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)  # device order follows the interconnect
+    return jax.sharding.Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def _hybrid_devices(devices: list, sizes: dict, groups: int) -> np.ndarray:
+    """Devices for a data axis whose outer `groups` factor crosses the slow network (DCN).
+
+    Only the gradient all-reduce crosses groups; fsdp and tensor collectives, which run every
+    layer, stay on the fast links inside one group (a TPU slice, or a run of whole processes)."""
+    if sizes["data"] % groups:
+        raise UserError(f"mesh.dcn_data ({groups}) must divide mesh.data ({sizes['data']})")
+    inner = (sizes["data"] // groups, sizes["fsdp"], sizes["tensor"])
+    if devices[0].platform == "tpu" and all(hasattr(d, "slice_index") for d in devices):  # multi-slice
+        slices = len({d.slice_index for d in devices})
+        if slices != groups:
+            raise UserError(f"mesh.dcn_data ({groups}) must equal the number of TPU slices ({slices})")
+        return mesh_utils.create_hybrid_device_mesh(inner, (groups, 1, 1), devices).reshape(
+            sizes["data"], sizes["fsdp"], sizes["tensor"])
+    # Elsewhere a group is a run of consecutive processes (nodes, when ranks are laid out by node).
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    per_group = len(ordered) // groups
+    per_process = len(ordered) // len({d.process_index for d in ordered})
+    # A group holds whole processes, or a process holds whole groups (one process, as in tests).
+    if len(ordered) % groups or (per_group % per_process and per_process % per_group):
+        raise UserError(f"mesh.dcn_data ({groups}) must split the {len(ordered)} devices into groups of whole "
+                        f"processes ({per_process} devices each)")
+    blocks = [mesh_utils.create_device_mesh(inner, ordered[g * per_group:(g + 1) * per_group],
+                                            allow_split_physical_axes=True) for g in range(groups)]
+    return np.concatenate(blocks, axis=0)
 
 
 def check_divisible(config, mesh: jax.sharding.Mesh) -> None:

@@ -118,8 +118,12 @@ class Trainer:
     def eval_loss(self, batches: list[dict]) -> float | None:
         if not batches:
             return None
+        def local(batch):  # this process's rows, p, p + n, ...: each row is scored on one device only
+            rows = {k: np.asarray(v)[jax.process_index()::jax.process_count()] for k, v in batch.items()}
+            return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in rows.items()}
+
         with jax.set_mesh(self.mesh):
-            sums = [self._eval(self.state.params, batch) for batch in batches]
+            sums = [self._eval(self.state.params, local(batch)) for batch in batches]
         total, count = (float(sum(x)) for x in zip(*jax.device_get(sums)))
         return total / max(count, 1.0)
 

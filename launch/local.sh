@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # launch/local.sh N CMD... -- N processes of CMD on this machine, joined through jax.distributed
-# with the coordinator on localhost. Each output line is prefixed with its process id.
+# with the coordinator on localhost. Each output line is prefixed "[i/N] " (gptjax's own lines
+# already are; the rest, such as JAX warnings, get it here).
 #   launch/local.sh 2 gptjax pretrain --config configs/tiny.py --workdir runs/two
 set -euo pipefail
 if [ "$#" -lt 2 ]; then
@@ -15,7 +16,7 @@ for ((i = 0; i < n; i++)); do
   (
     set +e
     GPTJAX_COORDINATOR="localhost:$port" GPTJAX_NUM_PROCESSES="$n" GPTJAX_PROCESS_ID="$i" "$@" 2>&1 \
-      | sed -u "s/^/[$i] /"
+      | sed -u -E "/^\[[0-9]+\/[0-9]+\] /! s/^/[$i\/$n] /"
     exit "${PIPESTATUS[0]}"
   ) &
   pids+=($!)

@@ -1,6 +1,7 @@
 """Two real processes through jax.distributed on CPU match one process with the same global batch."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -21,12 +22,16 @@ def _losses(workdir):
 
 def test_two_processes_match_one(tmp_path):
     cli = [sys.executable, "-m", "gptjax.cli", "pretrain"]
-    two = subprocess.run(["launch/local.sh", "2", *cli, "--workdir", str(tmp_path / "two"), *ARGS],
-                         capture_output=True, text=True, timeout=600)
+    # Two devices per process: fsdp runs inside each process, the data axis across the two (DCN).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2"]
+    two = subprocess.run(["launch/local.sh", "2", *cli, "--workdir", str(tmp_path / "two"), *ARGS, *mesh],
+                         capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     # Every line names its process, and both processes finished the same run.
     done = sorted(line for line in two.stdout.splitlines() if " done: " in line)
-    assert [line[:3] for line in done] == ["[0]", "[1]"]
+    assert [line[:6] for line in done] == ["[0/2] ", "[1/2] "]
+    assert all(line.startswith(("[0/2] ", "[1/2] ")) for line in two.stdout.splitlines())
     one = subprocess.run([*cli, "--workdir", str(tmp_path / "one"), *ARGS], capture_output=True, text=True,
                          timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -12,7 +12,7 @@ import pytest
 from gptjax.config import load_config
 from gptjax.data.packing import as_batch
 from gptjax.errors import UserError
-from gptjax.sharding import check_divisible, mesh_shape, spec
+from gptjax.sharding import _hybrid_devices, check_divisible, mesh_shape, spec
 from gptjax.train import Trainer
 
 MESHES = ["data=8", "data=1,fsdp=8", "data=2,fsdp=2,tensor=2", "data=2,tensor=4"]
@@ -101,3 +101,16 @@ def test_meshes_that_do_not_fit_are_clear_errors():
         check_divisible(config, fake)
     with pytest.raises(UserError, match="must be a multiple of mesh.data x mesh.fsdp"):
         check_divisible(config, cfg(shape={"data": 3, "fsdp": 1, "tensor": 1}))
+
+
+def test_dcn_groups_are_whole_processes():
+    # 4 processes of 2 devices (ids 10*p + i); the data axis's outer factor runs across processes.
+    devices = [types.SimpleNamespace(id=10 * p + i, process_index=p, platform="gpu", device_kind="fake")
+               for p in (3, 1, 0, 2) for i in (1, 0)]
+    grid = _hybrid_devices(devices, {"data": 4, "fsdp": 2, "tensor": 1}, groups=2)
+    ids = [[d.id for d in row[:, 0]] for row in grid]
+    assert ids == [[0, 1], [10, 11], [20, 21], [30, 31]]  # fsdp pairs never leave a process
+    with pytest.raises(UserError, match="must split the 6 devices into groups of whole processes"):
+        _hybrid_devices(devices[:6], {"data": 6, "fsdp": 1, "tensor": 1}, groups=2)  # 3 + 3 across pairs
+    with pytest.raises(UserError, match=r"mesh.dcn_data \(3\) must divide mesh.data \(4\)"):
+        _hybrid_devices(devices, {"data": 4, "fsdp": 2, "tensor": 1}, groups=3)

@@ -13,6 +13,7 @@ from gptjax import GPT
 from gptjax.config import load_config
 from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
+from gptjax.tensorboard import read_scalars
 from gptjax.train import Trainer, pretrain
 
 
@@ -35,6 +36,18 @@ def test_training_loss_falls_by_half_and_eval_loss_falls(demo_run):
     assert len(evals) == config.train.steps // config.train.eval_every
     assert evals[-1] < evals[0] < train[0]["loss"]
     assert evals[-1] < 0.5 * train[0]["loss"]
+
+
+def test_tensorboard_holds_the_same_numbers_as_metrics_jsonl(demo_run):
+    _, workdir, _ = demo_run
+    records = read_metrics(workdir)
+    board = {(step, tag): value for step, tag, value in read_scalars(os.path.join(workdir, "tensorboard"))}
+    for r in records:
+        if "eval_loss" in r:
+            assert board[(r["step"], "eval/loss")] == pytest.approx(r["eval_loss"], rel=1e-6)
+        else:
+            assert board[(r["step"], "train/loss")] == pytest.approx(r["loss"], rel=1e-6)
+            assert board[(r["step"], "train/tokens_per_sec")] == pytest.approx(r["tokens_per_sec"], rel=1e-6)
 
 
 def test_workdir_contract(demo_run):

@@ -153,8 +153,13 @@ def pretraining_batches(config, tokenizer: Tokenizer, workdir: str, corpus: dict
             eval_rows.append(held[np.arange(len(held))])
     batches = parts[0] if len(parts) == 1 else MixedBatches(parts)
     held_out = np.concatenate(eval_rows) if eval_rows else np.zeros((0, t.seq_len + 1), np.int32)
-    size = min(t.batch_size, len(held_out))
-    count = min(t.eval_batches, len(held_out) // size) if size else 0
-    eval_batches = [as_batch(held_out[i * size:(i + 1) * size], tokenizer.eos_id, tokenizer.pad_id,
-                             d.document_mask) for i in range(count)]
+    # Global batches of train.batch_size rows; the last one padded with rows that count for nothing,
+    # so every held-out row up to train.eval_batches batches is scored once.
+    held_out = held_out[:t.eval_batches * t.batch_size]
+    eval_batches = []
+    for start in range(0, len(held_out), t.batch_size):
+        rows = np.full((t.batch_size, t.seq_len + 1), tokenizer.pad_id, np.int32)
+        part = held_out[start:start + t.batch_size]
+        rows[:len(part)] = part
+        eval_batches.append(as_batch(rows, tokenizer.eos_id, tokenizer.pad_id, d.document_mask))
     return batches, eval_batches
