@@ -2,6 +2,8 @@
 
     python -m gptjax.bench train --config configs/gpt2_small.py --config.train.batch_size=12
     python -m gptjax.bench data --config configs/gpt2_small.py --workdir runs/bench-data
+    python -m gptjax.bench checkpoint --config configs/gpt2_small.py --workdir runs/bench-ckpt \
+        --config.train.batch_size=1 --config.train.seq_len=128
 
 Runs the same jitted step as `gptjax pretrain` on random tokens (no data pipeline, so the figure is
 the step alone), reports compile + first step separately from the steady state, and prints one
@@ -88,6 +90,46 @@ def bench_data(config, workdir: str, steps: int) -> list[tuple[str, float]]:
     return [("loader from prepared files", prepared), ("on-the-fly tokenization", fly)]
 
 
+def bench_checkpoint(config, workdir: str, steps: int) -> list[tuple[str, float]]:
+    """How long a save holds up the training loop, asynchronous vs synchronous, and whether the
+    steps while an asynchronous save is written in the background are slower."""
+    import os
+
+    from gptjax import checkpoint
+    from gptjax.train import Trainer
+
+    trainer = Trainer(config)
+    batch = _random_batch(config, 0)
+    jax.block_until_ready(trainer.step(batch))
+
+    def step_ms(count: int) -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            metrics = trainer.step(batch)
+        jax.block_until_ready(metrics)
+        return 1000 * (time.perf_counter() - start) / count
+
+    step_ms(steps)  # the first steps after compilation run slow on some backends
+    plain = step_ms(steps)
+    rows = [("state size GiB", sum(x.nbytes for x in jax.tree.leaves(trainer.state)) / 2**30),
+            ("step ms, no save", plain)]
+    sync = checkpoint.Checkpointer(os.path.join(workdir, "sync"), async_save=False)
+    start = time.perf_counter()
+    sync.save(1, trainer.state.params, trainer.state.opt_state, {"step": 1}, None)
+    rows.append(("synchronous save s (loop blocked)", time.perf_counter() - start))
+    sync.close()
+    saver = checkpoint.Checkpointer(os.path.join(workdir, "async"))
+    start = time.perf_counter()
+    saver.save(1, trainer.state.params, trainer.state.opt_state, {"step": 1}, None)
+    rows.append(("async save s (loop blocked)", time.perf_counter() - start))
+    rows.append(("step ms, first after async save", step_ms(1)))
+    rows.append((f"step ms, next {steps} during/after it", step_ms(steps)))
+    saver.wait()
+    rows.append(("async save s (until on disk)", time.perf_counter() - start))
+    saver.close()
+    return rows
+
+
 def format_row(r: dict) -> str:
     mfu_text = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
@@ -110,17 +152,29 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--workdir", required=True, help="where the tokenizer and prepared files go")
     p.add_argument("--steps", type=int, default=200, help="batches timed")
+    p = sub.add_parser("checkpoint", help="time saving the train state")
+    p.add_argument("--config", required=True)
+    p.add_argument("--workdir", required=True, help="a new directory for the checkpoints")
+    p.add_argument("--steps", type=int, default=5, help="steps timed before and after a save")
     args, extra = parser.parse_known_args(argv)
     from gptjax.cli import split_overrides
     try:
         config = load_config(args.config, split_overrides(extra))
         if args.what == "data":
             rows = bench_data(config, args.workdir, args.steps)
+        elif args.what == "checkpoint":
+            rows = bench_checkpoint(config, args.workdir, args.steps)
         else:
             result = bench_train(config, args.steps, args.warmup)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.what == "checkpoint":
+        print(f"{config.name} on {jax.devices()[0].device_kind}: batch {config.train.batch_size} x "
+              f"{config.train.seq_len}")
+        for name, value in rows:
+            print(f"{name:>40}: {value:,.3f}")
+        return 0
     if args.what == "data":
         print(f"{config.name}: batch {config.train.batch_size} x {config.train.seq_len}, "
               f"document_mask={config.data.document_mask}, num_workers={config.data.num_workers}")

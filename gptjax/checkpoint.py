@@ -1,14 +1,26 @@
-"""Parameter checkpoints in WORKDIR/checkpoints/<step>/params (Orbax).
+"""Checkpoints in WORKDIR/checkpoints/<step>/ (Orbax): save, keep, restore onto any mesh.
 
-Parameters are stored as a flat dict keyed by dotted names ("blocks.0.attn.qkv_kernel"): the
-names are stable, readable with plain Orbax, and independent of Flax's container types.
+A training checkpoint holds four items:
+
+    params     the parameters, a flat dict keyed by dotted names ("blocks.0.attn.qkv_kernel"):
+               stable, readable with plain Orbax, independent of Flax's container types
+    opt_state  the optimizer state's arrays, in the order of its pytree
+    meta       JSON: step, seed (the dropout key is a function of seed and step), the data
+               loader's state, the mesh, and the full config of the run
+    tokenizer  the bytes of the SentencePiece model the run trained with
+
+`from_pretrained` and fine-tuning read `params` alone. Orbax writes each checkpoint under a
+temporary name and renames it when every item is complete, so a save cut short (kill -9, a
+lost node) is never listed, never restored, and never deleted here.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import jax
+import numpy as np
 from flax import nnx
 
 from gptjax.errors import UserError
@@ -42,17 +54,125 @@ def unflatten(flat: dict, like: nnx.State) -> nnx.State:
     return state
 
 
-def _manager(directory: str):
+def _abstract(tree: dict) -> dict:
+    """Restore targets: shape, dtype and the sharding to read into (each process reads its shards)."""
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
+            for k, v in tree.items()}
+
+
+def _ocp():
     import orbax.checkpoint as ocp  # heavy; only when checkpoints are touched
-    return ocp, ocp.CheckpointManager(os.path.abspath(directory),
-                                      options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+    return ocp
+
+
+def checkpoint_dir(path: str) -> tuple[str, int | None]:
+    """(the checkpoints directory, a step or None) for a workdir or a WORKDIR/checkpoints/<step> path."""
+    path = os.path.abspath(path)
+    if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
+        return os.path.dirname(path), int(os.path.basename(path))
+    return os.path.join(path, "checkpoints"), None
+
+
+class Checkpointer:
+    """The checkpoints of one run: asynchronous saves of the whole train state, retention, restore."""
+
+    def __init__(self, workdir: str, keep: int = 0, keep_every: int = 0, async_save: bool = True,
+                 read_only: bool = False):
+        ocp = _ocp()
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep or None, keep_period=keep_every or None, create=not read_only,
+            read_only=read_only, enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, params: nnx.State, opt_state, meta: dict, tokenizer_bytes: bytes | None) -> str:
+        """Starts writing; returns once the arrays are copied off the devices, while the files are
+        written in the background. Training may change the state right away."""
+        ocp = _ocp()
+        items = {"params": ocp.args.StandardSave(flatten(params)),
+                 "opt_state": ocp.args.StandardSave(_leaves(opt_state)),
+                 "meta": ocp.args.JsonSave(meta)}
+        if tokenizer_bytes is not None:
+            items["tokenizer"] = ocp.args.StandardSave({"model": np.frombuffer(tokenizer_bytes, np.uint8)})
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        return os.path.join(self.directory, str(step))
+
+    def wait(self) -> None:
+        """Blocks until every save in flight is on disk."""
+        self._manager.wait_until_finished()
+
+    def read_meta(self, step: int) -> dict:
+        ocp = _ocp()
+        try:
+            return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged checkpoint
+            raise DamagedCheckpoint(self.directory, step, e) from None
+
+    def restore(self, step: int, params: nnx.State, opt_state) -> tuple[nnx.State, object, dict]:
+        """(params, opt_state, meta) of `step`, laid out like the given (sharded) templates."""
+        ocp = _ocp()
+        leaves, treedef = jax.tree.flatten(opt_state)
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(flatten(params))),
+                                  opt_state=ocp.args.StandardRestore(_abstract(_leaves(opt_state))),
+                                  meta=ocp.args.JsonRestore())
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001
+            raise DamagedCheckpoint(self.directory, step, e) from None
+        saved = restored["opt_state"]
+        if len(saved) != len(leaves):
+            raise UserError(f"checkpoint {self.directory}/{step} holds {len(saved)} optimizer arrays, this "
+                            f"optimizer has {len(leaves)}; the optimizer settings changed in a way that cannot resume")
+        opt = jax.tree.unflatten(treedef, [saved[k] for k in sorted(saved)])
+        return unflatten(dict(restored["params"]), params), opt, dict(restored["meta"])
+
+    def tokenizer_bytes(self, step: int) -> bytes | None:
+        ocp = _ocp()
+        if not os.path.isdir(os.path.join(self.directory, str(step), "tokenizer")):
+            return None
+        restored = self._manager.restore(step, args=ocp.args.Composite(tokenizer=ocp.args.StandardRestore()))
+        return np.asarray(restored["tokenizer"]["model"]).tobytes()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _leaves(tree) -> dict:
+    # Zero-padded indices: Orbax sorts keys as strings, and restore puts them back in this order.
+    return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+class DamagedCheckpoint(UserError):
+    def __init__(self, directory: str, step: int, error: Exception):
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = reason.split(". See full TensorStore details")[0][:300]  # the rest is a repr of the reader
+        super().__init__(f"checkpoint {directory}/{step} cannot be read ({reason})")
+        self.step = step
+
+
+def set_aside(directory: str, step: int) -> str:
+    """Renames a checkpoint out of the step sequence (kept, never deleted) so that the resumed run
+    can save that step again."""
+    target = os.path.join(directory, f"{step}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+    number = 1
+    while os.path.exists(target):
+        target, number = f"{target.split('~')[0]}~{number}", number + 1
+    os.rename(os.path.join(directory, str(step)), target)
+    return target
 
 
 def save_params(workdir: str, step: int, params: nnx.State) -> str:
-    ocp, manager = _manager(os.path.join(workdir, "checkpoints"))
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(flatten(params))))
-    manager.wait_until_finished()
-    manager.close()
+    """A params-only checkpoint (for exported or converted models), written synchronously."""
+    ocp = _ocp()
+    with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(create=True)) as manager:
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(flatten(params))))
+        manager.wait_until_finished()
     return os.path.join(workdir, "checkpoints", str(step))
 
 
@@ -60,28 +180,37 @@ def latest_step(workdir: str) -> int | None:
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         return None
-    _, manager = _manager(directory)
-    step = manager.latest_step()
-    manager.close()
-    return step
-
-
-def load_params(workdir: str, like: nnx.State, step: int | None = None) -> tuple[nnx.State, int]:
-    """Restores the params of `step` (default: newest) into the structure of `like`."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise UserError(f"no checkpoints in {workdir} (expected {directory}/<step>/); "
-                        f"train first with `gptjax pretrain --workdir {workdir}`")
-    ocp, manager = _manager(directory)
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise UserError(f"no complete checkpoint{'' if step is None else f' for step {step}'} in {directory}")
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flatten(like).items()}
+    steps = [int(name) for name in os.listdir(directory)
+             if name.isdigit() and os.path.isdir(os.path.join(directory, name))]
+    if not steps:
+        return None
+    checkpointer = Checkpointer(workdir, read_only=True)
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-    except (ValueError, KeyError) as e:
-        raise UserError(f"checkpoint {directory}/{step} cannot be read or does not match the model "
-                        f"({str(e).splitlines()[0][:200]}); check model.* against the saved config.json") from None
+        complete = checkpointer.steps()
     finally:
-        manager.close()
+        checkpointer.close()
+    return complete[-1] if complete else None
+
+
+def load_params(path: str, like: nnx.State, step: int | None = None) -> tuple[nnx.State, int]:
+    """The params (only) of a workdir's newest checkpoint, or of `step`, or of a checkpoint path
+    WORKDIR/checkpoints/<step>, into the structure (and shardings) of `like`."""
+    directory, path_step = checkpoint_dir(path)
+    step = path_step if step is None else step
+    if not os.path.isdir(directory):
+        raise UserError(f"no checkpoints in {path} (expected {directory}/<step>/); "
+                        f"train first with `gptjax pretrain --workdir {path}`")
+    ocp = _ocp()
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        steps = sorted(manager.all_steps())
+        step = steps[-1] if step is None and steps else step
+        if step is None or step not in steps:
+            raise UserError(f"no complete checkpoint{'' if step is None else f' for step {step}'} in {directory}"
+                            + (f" (complete: {steps})" if steps else ""))
+        abstract = _abstract({k: v for k, v in flatten(like).items()})
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+        except (ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {directory}/{step} cannot be read or does not match the model "
+                            f"({str(e).splitlines()[0][:200]}); check model.* against the saved config.json") from None
     return unflatten(dict(restored["params"]), like), step

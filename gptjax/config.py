@@ -75,7 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "train.log_every", 10, "steps between metrics lines (each one is a host sync)")
     _field(c, "train.eval_every", 100, "steps between held-out evaluations (0 = only at the end)")
     _field(c, "train.eval_batches", 4, "batches of held-out data per evaluation")
-    _field(c, "train.checkpoint_every", 0, "steps between parameter saves (0 = only at the end)")
+    _field(c, "train.checkpoint_every", 0, "steps between checkpoints (0 = only at the end and on SIGTERM)")
+    _field(c, "train.keep", 3, "newest checkpoints kept (0 = all)")
+    _field(c, "train.keep_every", 0, "also keep every checkpoint whose step is a multiple of this, forever (0 = off)")
+    _field(c, "train.resume", "latest", "latest | <step> | none: what the same command finds in WORKDIR/checkpoints")
     _field(c, "train.profile_steps", [0, 0], "[a, b]: a jax.profiler trace of steps a..b into WORKDIR/profile ([0, 0] = off)")
 
     c.mesh = ml_collections.ConfigDict()
@@ -262,7 +265,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     profile = tuple(t.profile_steps)
     _check(profile == (0, 0) or (len(profile) == 2 and 1 <= profile[0] <= profile[1]),
            f"train.profile_steps must be [a, b] with 1 <= a <= b (or [0, 0] for off), got {list(t.profile_steps)}")
-    for key in ("seed", "eval_every", "checkpoint_every"):
+    for key in ("seed", "eval_every", "checkpoint_every", "keep", "keep_every"):
         _check(t[key] >= 0, f"train.{key} must be >= 0, got {t[key]}")
     _check(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, f"train.b1 and train.b2 must be in [0, 1), got {t.b1}, {t.b2}")
     d = config.data
@@ -277,6 +280,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model.dropout and model.attn_dropout must be in [0, 1)")
     _check(not (m.attention == "cudnn" and m.attn_dropout > 0),
            "model.attention=cudnn has no attention-probability dropout; set model.attn_dropout=0 or model.attention=xla")
+    _check(str(t.resume) in ("latest", "none") or str(t.resume).isdigit(),
+           f"train.resume must be latest, none or a step number, got '{t.resume}'")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _check(0.0 <= config.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")

@@ -1,9 +1,22 @@
-"""The one exception type for mistakes a user can fix.
+"""How a run ends early: a mistake the user can fix, or a preemption.
 
 The CLI turns a UserError into a single `error: ...` line and exit code 2 (no traceback unless
-`--debug`); every other exception is a bug in gptjax and keeps its traceback.
+`--debug`), and Preempted into exit code 75, which launch/slurm.sbatch answers with a requeue;
+every other exception is a bug in gptjax and keeps its traceback.
 """
 
 
 class UserError(Exception):
     """A problem with the user's input (config, files, flags) whose message says what to change."""
+
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, state saved, run the same command again"
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM (or a preemption notice) after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int, path: str):
+        super().__init__(f"stopped by a termination signal after step {step}; saved {path}; "
+                         f"run the same command again to resume")
+        self.step, self.path = step, path

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from functools import partial
 
@@ -15,7 +17,7 @@ import optax
 from flax import nnx
 
 from gptjax import checkpoint, config as config_lib, distributed, sharding
-from gptjax.errors import UserError
+from gptjax.errors import Preempted, UserError
 from gptjax.loss import lm_loss
 from gptjax.data.loader import Loader
 from gptjax.metrics import MetricsWriter
@@ -138,98 +140,250 @@ def _summarise(records: list[dict]) -> dict:
     return out
 
 
-def _prepare_workdir(config, workdir: str) -> None:
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot use --workdir {workdir}: {e.strerror}") from None
-    step = checkpoint.latest_step(workdir)
-    if step is not None:
-        raise UserError(f"{workdir} already holds a trained run (checkpoints/{step}); "
-                        f"pass a new --workdir to train again")
-    if not distributed.is_main():
+# Fields that fix the parameters' shapes or meaning: a checkpoint cannot continue under others.
+FROZEN_ON_RESUME = tuple(f"model.{k}" for k in ("vocab_size", "vocab_pad_multiple", "n_layer", "n_head", "d_model",
+                                                 "d_ff", "max_len", "block"))
+
+
+def _flat_settings(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict, config) -> dict:
+    """{field: (saved value, current value)} for every setting that differs from the checkpoint's."""
+    before, now = _flat_settings(saved), _flat_settings(json.loads(config_lib.to_json(config)))
+    return {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and k != "train.resume"}
+
+
+def _log(message: str) -> None:
+    if distributed.is_main():
+        distributed.log(message)
+
+
+def _resume(config, workdir: str, trainer: Trainer, checkpointer: checkpoint.Checkpointer) -> int:
+    """Restores the checkpoint train.resume asks for into `trainer`; returns its step (0: fresh)."""
+    steps, mode = checkpointer.steps(), str(config.train.resume)
+    if mode == "none":
+        if steps:
+            raise UserError(f"{workdir} holds checkpoints (newest: step {steps[-1]}) and train.resume=none; "
+                            f"pass a new --workdir to start afresh, or train.resume=latest to continue")
+        return 0
+    if mode.isdigit() and int(mode) not in steps:
+        raise UserError(f"train.resume={mode}, but {checkpointer.directory} has no complete checkpoint for step "
+                        f"{mode} (complete: {steps or 'none'})")
+    if not steps:
+        return 0
+    damaged = []
+    for step in [int(mode)] if mode.isdigit() else steps[::-1]:
+        try:
+            changes = config_changes(checkpointer.read_meta(step)["config"], config)
+            frozen = {k: v for k, v in changes.items() if k in FROZEN_ON_RESUME}
+            if frozen:
+                key, (old, new) = next(iter(frozen.items()))
+                raise UserError(f"{key} is {new!r} but the checkpoint at step {step} was trained with {old!r}; "
+                                f"a run cannot resume with another model shape: set {key}={old} or pass a "
+                                f"new --workdir")
+            params, opt_state, meta = checkpointer.restore(step, trainer.state.params, trainer.state.opt_state)
+        except checkpoint.DamagedCheckpoint as e:
+            if mode != "latest":
+                raise UserError(f"{e}; train.resume=latest would fall back to an earlier checkpoint") from None
+            _log(f"warning: {e}; falling back to the previous complete checkpoint")
+            damaged.append(step)
+            continue
+        break
+    else:
+        raise UserError(f"no checkpoint in {checkpointer.directory} can be read (steps {steps}); pass a new "
+                        f"--workdir to start afresh")
+    if changes:
+        _log("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    # Newer checkpoints (unreadable, or passed over by train.resume=<step>) are in the way of the
+    # steps this run saves again: renamed aside, never deleted.
+    if distributed.is_main():
+        for newer in (s for s in steps if s > step):
+            why = "unreadable" if newer in damaged else "newer"
+            _log(f"kept the {why} checkpoint {newer} as {checkpoint.set_aside(checkpointer.directory, newer)}")
+    distributed.barrier("set-aside")
+    replicated = trainer.state.step.sharding
+    trainer.state = TrainState(jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated), params, opt_state)
+    _log(f"resumed from {checkpointer.directory}/{step}")
+    return int(meta["step"])
+
+
+def _restart_metrics(workdir: str, step: int) -> None:
+    """metrics.jsonl of a (re)started run: records past `step` belong to work being redone, so the
+    old file is kept as metrics.jsonl.N and the new one starts with the records up to `step`."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
         return
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config) + "\n")
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(metrics):  # an earlier attempt that ended before its first checkpoint
-        number = 1
-        while os.path.exists(f"{metrics}.{number}"):
-            number += 1
-        os.replace(metrics, f"{metrics}.{number}")
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) == len(lines):
+        return
+    number = 1
+    while os.path.exists(f"{path}.{number}"):
+        number += 1
+    os.replace(path, f"{path}.{number}")
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+class _StopSignal:
+    """SIGTERM asks the run to stop after the current step. One process: a signal handler. Several:
+    JAX's preemption sync point, which has every process stop after the same step."""
+
+    def __init__(self):
+        self.received, self._previous = False, None
+        self._shared = jax.process_count() > 1
+        if not self._shared and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __call__(self, step: int) -> bool:
+        if self._shared:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def pretrain(config, workdir: str, progress: bool = True) -> dict:
-    """Trains `config` into `workdir`; returns a summary (first/last loss, eval losses, tokens/s)."""
+    """Trains `config` into `workdir`, or resumes the run there; returns a summary (first/last
+    loss, eval losses, tokens/s). On SIGTERM: saves, then raises Preempted."""
     from tqdm.auto import tqdm
 
     from gptjax.data import corpus
 
-    _prepare_workdir(config, workdir)
-    documents: dict = {}  # read at most once, only if the tokenizer or an unprepared source needs them
-    trainer = Trainer(config)  # first: a mesh that does not fit is reported before any data work
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use --workdir {workdir}: {e.strerror}") from None
+    t = config.train
     main = distributed.is_main()
+    trainer = Trainer(config)  # first: a mesh that does not fit is reported before any data work
+    checkpointer = checkpoint.Checkpointer(workdir, keep=t.keep, keep_every=t.keep_every)
+    try:
+        steps = checkpointer.steps()
+        if str(t.resume) == "latest" and steps and steps[-1] >= t.steps:
+            _log(f"{workdir} already holds step {steps[-1]} of train.steps={t.steps}; raise train.steps to train on")
+            return {"finished_before": True, "step": steps[-1],
+                    "checkpoint": os.path.join(checkpointer.directory, str(steps[-1]))}
+        start = _resume(config, workdir, trainer, checkpointer)
+        if start >= t.steps:
+            raise UserError(f"train.resume={t.resume} restores step {start}, which is not before "
+                            f"train.steps={t.steps}; raise train.steps")
+        checkpointer.close()  # reopened: a damaged checkpoint may have been set aside
+        checkpointer = checkpoint.Checkpointer(workdir, keep=t.keep, keep_every=t.keep_every)
+        return _train(config, workdir, trainer, checkpointer, start, progress and main, tqdm, corpus)
+    finally:
+        checkpointer.close()
+
+
+def _train(config, workdir, trainer, checkpointer, start, progress, tqdm, corpus) -> dict:
+    t, main = config.train, distributed.is_main()
+    if main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(config) + "\n")
+        _restart_metrics(workdir, start)
+    documents: dict = {}  # read at most once, only if the tokenizer or an unprepared source needs them
     if main:  # trains the tokenizer if there is none; the other processes then load it
         tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
     distributed.barrier("tokenizer")
     if not main:
         tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
+    with open(os.path.join(workdir, "tokenizer.model"), "rb") as f:
+        tokenizer_bytes = f.read()
     batches, eval_batches = corpus.pretraining_batches(config, tokenizer, workdir, documents)
-    t = config.train
-    loader = Loader(batches, t.steps, num_workers=config.data.num_workers, sharding=trainer.batch_sharding)
+    loader = Loader(batches, t.steps, start=start, num_workers=config.data.num_workers,
+                    sharding=trainer.batch_sharding)
     writer = MetricsWriter(workdir) if main else None
+    stop = _StopSignal()
     history, eval_history, pending = [], [], []
-    bar = tqdm(total=t.steps, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     window_start, paused = time.perf_counter(), 0.0  # the first window includes compilation
     profile_from, profile_to = t.profile_steps
-    for step in range(t.steps):
-        if step + 1 == profile_from:
-            jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        pending.append(trainer.step(next(loader)))
-        done = step + 1
-        if profile_from and done == min(profile_to, t.steps):
-            jax.block_until_ready(pending[-1])
-            jax.profiler.stop_trace()
-        if done == 1 or done % t.log_every == 0 or done == t.steps:
-            summary = _summarise(pending)  # the one host sync of the interval
-            elapsed = time.perf_counter() - window_start - paused
-            tokens_per_sec = summary.pop("tokens") / elapsed
-            record = {"step": done, **summary, "tokens_per_sec": round(tokens_per_sec, 1),
-                      "step_ms": round(1000 * elapsed / len(pending), 2)}
-            memory = jax.local_devices()[0].memory_stats()  # None where the backend keeps no count
-            if memory and "bytes_in_use" in memory:
-                record["memory_gib"] = round(memory["bytes_in_use"] / 2**30, 3)
-            if done == 1:
-                record["first_step_s"] = round(elapsed, 3)  # compilation included: not throughput
-            else:
-                util = mfu(trainer.flops_per_token, tokens_per_sec)
-                if util is not None:
-                    record["mfu"] = round(util, 4)
-            pending, window_start, paused = [], time.perf_counter(), 0.0
-            history.append(record)
-            if writer:
-                writer.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
-        # Time spent evaluating and saving is kept out of the training throughput.
-        pause_start = time.perf_counter()
-        if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            eval_loss = trainer.eval_loss(eval_batches)
-            if eval_loss is not None:
-                eval_history.append({"step": done, "eval_loss": eval_loss})
+    saved = start  # the newest step on disk (or being written)
+    blocked, reported = [], 0  # seconds each save held up the loop; how many are in metrics.jsonl
+
+    def save(step: int) -> str:
+        meta = {"step": step, "seed": t.seed, "loader": loader.state(), "mesh": dict(trainer.mesh.shape),
+                "config": json.loads(config_lib.to_json(config)), "format": 1}
+        began = time.perf_counter()
+        path = checkpointer.save(step, trainer.state.params, trainer.state.opt_state, meta, tokenizer_bytes)
+        blocked.append(round(time.perf_counter() - began, 4))  # the loop's wait; writing goes on behind it
+        return path
+
+    try:
+        for step in range(start, t.steps):
+            if step + 1 == profile_from:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            pending.append(trainer.step(next(loader)))
+            done = step + 1
+            if profile_from and done == min(profile_to, t.steps):
+                jax.block_until_ready(pending[-1])
+                jax.profiler.stop_trace()
+            if done == start + 1 or done % t.log_every == 0 or done == t.steps:
+                summary = _summarise(pending)  # the one host sync of the interval
+                elapsed = time.perf_counter() - window_start - paused
+                tokens_per_sec = summary.pop("tokens") / elapsed
+                record = {"step": done, **summary, "tokens_per_sec": round(tokens_per_sec, 1),
+                          "step_ms": round(1000 * elapsed / len(pending), 2)}
+                memory = jax.local_devices()[0].memory_stats()  # None where the backend keeps no count
+                if memory and "bytes_in_use" in memory:
+                    record["memory_gib"] = round(memory["bytes_in_use"] / 2**30, 3)
+                if done == start + 1:
+                    record["first_step_s"] = round(elapsed, 3)  # compilation included: not throughput
+                else:
+                    util = mfu(trainer.flops_per_token, tokens_per_sec)
+                    if util is not None:
+                        record["mfu"] = round(util, 4)
+                if len(blocked) > reported:  # a save since the last record
+                    record["checkpoint_blocked_s"], reported = blocked[-1], len(blocked)
+                pending, window_start, paused = [], time.perf_counter(), 0.0
+                history.append(record)
                 if writer:
-                    writer.write(eval_history[-1])
-                    bar.write(f"step {done}: eval loss {eval_loss:.4f}")
-        if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
-            checkpoint.save_params(workdir, done, trainer.state.params)
-        paused += time.perf_counter() - pause_start
-        bar.update(1)
-    bar.close()
-    if writer:
-        writer.close()
-    path = checkpoint.save_params(workdir, t.steps, trainer.state.params)
-    summary = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+                    writer.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+            # Time spent evaluating and saving is kept out of the training throughput.
+            pause_start = time.perf_counter()
+            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                eval_loss = trainer.eval_loss(eval_batches)
+                if eval_loss is not None:
+                    eval_history.append({"step": done, "eval_loss": eval_loss})
+                    if writer:
+                        writer.write(eval_history[-1])
+                        bar.write(distributed.prefix() + f"step {done}: eval loss {eval_loss:.4f}")
+            if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
+                save(done)
+                saved = done
+            if done < t.steps and stop(done):
+                if saved != done:
+                    save(done)
+                checkpointer.wait()
+                raise Preempted(done, os.path.join(checkpointer.directory, str(done)))
+            paused += time.perf_counter() - pause_start
+            bar.update(1)
+    finally:
+        stop.close()
+        bar.close()
+        if writer:
+            writer.close()
+    checkpointer.wait()
+    path = os.path.join(checkpointer.directory, str(t.steps))
+    summary = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "start_step": start,
                "eval": eval_history, "history": history, "checkpoint": path,
-               "tokens_per_sec": history[-1].get("tokens_per_sec")}
+               "tokens_per_sec": history[-1].get("tokens_per_sec"), "checkpoint_blocked_s": blocked}
     if main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2)

@@ -48,5 +48,49 @@ def losses(arg: str) -> dict:
             "constraints": constraints}
 
 
+def _trainer(arg: str) -> Trainer:
+    overrides = [f"mesh.{kv}" for kv in arg.split(",") if kv and kv != "single"]
+    config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "train.seq_len=32",
+                                             "model.n_layer=2", *overrides])
+    if arg == "single":
+        config.mesh.data = 1
+        return Trainer(config, mesh=sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+    return Trainer(config)
+
+
+def restore(workdir: str, saved_on: str, targets: list[str]) -> dict:
+    """Trains 3 steps on `saved_on`, checkpoints, and restores onto each target mesh."""
+    trainer = _trainer(saved_on)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        trainer.step(as_batch(rng.integers(6, 512, size=(16, 33)).astype(np.int32), 2, 0, False))
+    saver = checkpoint.Checkpointer(workdir)
+    saver.save(3, trainer.state.params, trainer.state.opt_state, {"step": 3}, None)
+    saver.close()
+    expected = {k: np.asarray(v) for k, v in checkpoint.flatten(trainer.state.params).items()}
+    expected_opt = [np.asarray(x) for x in jax.tree.leaves(trainer.state.opt_state)]
+    out = {}
+    for target in targets:
+        fresh = _trainer(target)
+        reader = checkpoint.Checkpointer(workdir, read_only=True)
+        params, opt_state, _ = reader.restore(3, fresh.state.params, fresh.state.opt_state)
+        reader.close()
+        flat = checkpoint.flatten(params)
+        out[target] = {
+            "params_equal": all(np.array_equal(np.asarray(flat[k]), expected[k]) for k in expected),
+            "opt_equal": all(np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(opt_state), expected_opt)),
+            "init_differs": not all(np.array_equal(np.asarray(v), expected[k])
+                                    for k, v in checkpoint.flatten(fresh.state.params).items()),
+            # Each array arrives in the target mesh's layout, as the rules give it.
+            "layout_matches": all(flat[k].sharding.is_equivalent_to(v.sharding, v.ndim)
+                                  for k, v in checkpoint.flatten(fresh.state.params).items()),
+            "devices": len(flat["wte"].sharding.device_set),
+        }
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps({arg: losses(arg) for arg in sys.argv[1:]}))
+    if sys.argv[1] == "restore":
+        print(json.dumps(restore(sys.argv[2], sys.argv[3], sys.argv[4:])))
+    else:
+        print(json.dumps({arg: losses(arg) for arg in sys.argv[1:]}))

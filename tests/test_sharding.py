@@ -114,3 +114,15 @@ def test_dcn_groups_are_whole_processes():
         _hybrid_devices(devices[:6], {"data": 6, "fsdp": 1, "tensor": 1}, groups=2)  # 3 + 3 across pairs
     with pytest.raises(UserError, match=r"mesh.dcn_data \(3\) must divide mesh.data \(4\)"):
         _hybrid_devices(devices, {"data": 4, "fsdp": 2, "tensor": 1}, groups=3)
+
+
+def test_a_checkpoint_restores_onto_another_mesh(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    targets = ["data=2,tensor=4", "single"]
+    result = subprocess.run([sys.executable, "tests/sharding_worker.py", "restore", str(tmp_path), "data=1,fsdp=8",
+                             *targets], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for target in targets:
+        assert out[target] == {"params_equal": True, "opt_equal": True, "init_differs": True,
+                               "layout_matches": True, "devices": 8 if target != "single" else 1}, target

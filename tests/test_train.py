@@ -85,10 +85,12 @@ def test_from_pretrained_reproduces_the_trained_model(demo_run):
     assert len(greedy.split()) >= 3
 
 
-def test_a_second_run_into_a_trained_workdir_is_refused(demo_run):
+def test_the_same_command_on_a_finished_run_changes_nothing(demo_run):
     config, workdir, _ = demo_run
-    with pytest.raises(UserError, match="already holds a trained run"):
-        pretrain(config, workdir, progress=False)
+    before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
+    summary = pretrain(config, workdir, progress=False)
+    assert summary["finished_before"] and summary["step"] == config.train.steps
+    assert {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)} == before
 
 
 def test_steps_are_deterministic_and_dropout_uses_the_step_key(tmp_path):
