@@ -17,7 +17,12 @@ install: $(BIN)/gptjax
 demo: install
 	$(BIN)/gptjax demo --workdir $(WORKDIR)
 
-test: install
+# The tests also load models in transformers (PyTorch on CPU) to check Hugging Face parity.
+$(VENV)/.hf-installed: $(BIN)/gptjax
+	$(BIN)/pip install --quiet 'torch==2.13.0' && $(BIN)/pip install --quiet -e '.[test,hf]'
+	touch $@
+
+test: install $(VENV)/.hf-installed
 	$(BIN)/python -m pytest -q tests
 
 clean:

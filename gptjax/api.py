@@ -53,25 +53,69 @@ class GPT:
 
     @classmethod
     def from_pretrained(cls, path: str, step: int | None = None) -> "GPT":
-        """Parameters (never optimizer state) from a gptjax workdir."""
+        """Parameters (never optimizer state) from a gptjax workdir, or a Hugging Face GPT-2 /
+        openai-gpt folder (config.json with a `model_type`), or one checkpoint of a run,
+        WORKDIR/checkpoints/<step>. A tokenizer.model beside it is loaded too."""
+        directory, checkpoint_step = checkpoint.checkpoint_dir(path)
+        if checkpoint_step is not None:
+            return cls._from_checkpoint(directory, checkpoint_step)
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
-            raise UserError(f"{path} is not a gptjax workdir (no config.json); pass the --workdir of a run")
+            raise UserError(f"{path} is not a gptjax workdir (no config.json); pass the --workdir of a run "
+                            f"or a Hugging Face GPT-2 folder")
         try:
             with open(config_path) as f:
                 values = json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{config_path} is not valid JSON (line {e.lineno}): {e.msg}") from None
-        config = config_lib.config_from_dict(values)
-        # Build the structure without spending time on a random init that is overwritten.
-        abstract = nnx.eval_shape(lambda: init_decoder(config.model, 0))
-        graphdef, like = nnx.split(abstract, nnx.Param)
-        params, _ = checkpoint.load_params(path, like, step)
+        if isinstance(values, dict) and "model_type" in values:
+            from gptjax import hf
+            if step is not None:
+                raise UserError(f"{path} is a Hugging Face folder, which has no steps; leave out step")
+            config, module = hf.load_hf(path)
+        else:
+            config = config_lib.config_from_dict(values)
+            # Build the structure without spending time on a random init that is overwritten.
+            abstract = nnx.eval_shape(lambda: init_decoder(config.model, 0))
+            graphdef, like = nnx.split(abstract, nnx.Param)
+            params, _ = checkpoint.load_params(path, like, step)
+            module = nnx.merge(graphdef, params)
         tokenizer = None
         tok_path = os.path.join(path, "tokenizer.model")
         if os.path.isfile(tok_path):
             from gptjax.data.tokenizer import Tokenizer
             tokenizer = Tokenizer.load(tok_path)
+        return cls(config, module, tokenizer)
+
+    @classmethod
+    def _from_checkpoint(cls, directory: str, step: int) -> "GPT":
+        """A training checkpoint carries its run's config and tokenizer; params-only ones (from
+        `save` or `convert`) take both from the workdir around them."""
+        workdir = os.path.dirname(directory)
+        if not os.path.isdir(os.path.join(directory, str(step))):
+            raise UserError(f"{directory}/{step} does not exist; the complete checkpoints are the numbered "
+                            f"folders in {directory}")
+        reader = checkpoint.Checkpointer(workdir, read_only=True)
+        try:
+            has_meta = os.path.isdir(os.path.join(directory, str(step), "meta"))
+            config = config_lib.config_from_dict(reader.read_meta(step)["config"]) if has_meta else None
+            tokenizer_bytes = reader.tokenizer_bytes(step)
+        finally:
+            reader.close()
+        if config is None:
+            return cls.from_pretrained(workdir, step)
+        abstract = nnx.eval_shape(lambda: init_decoder(config.model, 0))
+        graphdef, like = nnx.split(abstract, nnx.Param)
+        params, _ = checkpoint.load_params(os.path.join(directory, str(step)), like)
+        tokenizer = None
+        if tokenizer_bytes is not None:
+            import tempfile
+
+            from gptjax.data.tokenizer import Tokenizer
+            with tempfile.NamedTemporaryFile(suffix=".model") as f:
+                f.write(tokenizer_bytes)
+                f.flush()
+                tokenizer = Tokenizer.load(f.name)
         return cls(config, nnx.merge(graphdef, params), tokenizer)
 
     def num_params(self) -> int:

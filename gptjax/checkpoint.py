@@ -80,9 +80,10 @@ class Checkpointer:
                  read_only: bool = False):
         ocp = _ocp()
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        # read_only: nothing is created; (Orbax's own read_only flag only adds log warnings).
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep or None, keep_period=keep_every or None, create=not read_only,
-            read_only=read_only, enable_async_checkpointing=async_save)
+            enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -201,7 +202,7 @@ def load_params(path: str, like: nnx.State, step: int | None = None) -> tuple[nn
         raise UserError(f"no checkpoints in {path} (expected {directory}/<step>/); "
                         f"train first with `gptjax pretrain --workdir {path}`")
     ocp = _ocp()
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as manager:
         steps = sorted(manager.all_steps())
         step = steps[-1] if step is None and steps else step
         if step is None or step not in steps:

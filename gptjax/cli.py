@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from gptjax.errors import UserError
+from gptjax.errors import REQUEUE_EXIT_CODE, Preempted, UserError
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -42,10 +42,13 @@ def cmd_pretrain(args, extra):
     from gptjax.train import pretrain
     config = _load(args, extra)
     summary = pretrain(config, args.workdir, progress=not args.no_progress)
+    if summary.get("finished_before"):
+        return
     last_eval = summary["eval"][-1]["eval_loss"] if summary["eval"] else None
-    print(f"done: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
-          + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
-          + f"; checkpoint {summary['checkpoint']}")
+    from gptjax import distributed
+    distributed.log(f"done: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+                    + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
+                    + f"; checkpoint {summary['checkpoint']}")
 
 
 def cmd_prepare(args, extra):
@@ -88,6 +91,29 @@ def cmd_generate(args, extra):
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for prompt, text in zip(prompts, texts):
         print(json.dumps({"prompt": prompt, "completion": text}) if args.json else f"{prompt}{text}")
+
+
+def cmd_convert(args, extra):
+    from gptjax import hf
+    from gptjax.api import GPT
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.from_hf and args.to and not args.to_hf:
+        if args.step is not None:
+            raise UserError("--step applies to --from WORKDIR only; a Hugging Face folder has no steps")
+        if hf.read_hf_config(args.from_hf) is None:
+            raise UserError(f"{args.from_hf} is not a Hugging Face model folder (no config.json with a model_type)")
+        model = GPT.from_pretrained(args.from_hf)
+        model.save(args.to)
+        print(f"wrote {args.to} ({model.config.name}, {model.num_params():,} parameters, "
+              f"block={model.config.model.block}); `gptjax.GPT.from_pretrained('{args.to}')` loads it")
+    elif args.from_workdir and args.to_hf and not args.to:
+        model = GPT.from_pretrained(args.from_workdir, args.step)
+        hf.save_hf(model.config, model.module, args.to_hf, model.tokenizer)
+        kind = "GPT2LMHeadModel" if model.config.model.block == "pre_ln" else "OpenAIGPTLMHeadModel"
+        print(f"wrote {args.to_hf} as {kind}; transformers.AutoModelForCausalLM.from_pretrained loads it")
+    else:
+        raise UserError("convert takes --from-hf DIR --to WORKDIR, or --from WORKDIR --to-hf DIR")
 
 
 def cmd_demo(args, extra):
@@ -135,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.set_defaults(fn=cmd_generate)
 
+    p = sub.add_parser("convert", parents=[common],
+                       help="Hugging Face GPT-2 / openai-gpt folder <-> gptjax workdir")
+    p.add_argument("--from-hf", metavar="DIR", help="a folder with config.json and model.safetensors / pytorch_model.bin")
+    p.add_argument("--to", metavar="WORKDIR", help="a new gptjax workdir (config.json + params checkpoint)")
+    p.add_argument("--from", dest="from_workdir", metavar="WORKDIR", help="a gptjax workdir to export")
+    p.add_argument("--to-hf", metavar="DIR", help="writes config.json + model.safetensors (pre-LN as GPT-2, post-LN as openai-gpt)")
+    p.add_argument("--step", type=int, help="with --from: the checkpoint step (default: newest)")
+    p.set_defaults(fn=cmd_convert)
+
     p = sub.add_parser("demo", parents=[common], help="synthetic corpus -> tokenizer -> pretrain -> samples, on CPU in minutes")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--config", default=None, help="default: configs/tiny.py")
@@ -145,15 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    from gptjax import distributed
     try:
-        from gptjax import distributed
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         args.fn(args, extra)
     except UserError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        distributed.log(f"error: {e}", sys.stderr)
         return 2
+    except Preempted as e:
+        distributed.log(str(e), sys.stderr)
+        return REQUEUE_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -194,3 +194,5 @@ def test_from_pretrained_reads_a_checkpoint_path_params_only(baseline):
     expected = _params(baseline, 8)
     assert all(np.array_equal(flat[k], expected[k]) for k in expected)
     assert not all(np.array_equal(flat[k], _params(baseline)[k]) for k in expected)  # not the newest
+    assert model.config.model.n_layer == 1 and model.tokenizer is not None  # both from the checkpoint
+    assert model.tokenizer.decode(model.tokenizer.encode("the cat")) == "the cat"

@@ -1,0 +1,287 @@
+"""Hugging Face interop: GPT-2 (`GPT2LMHeadModel`) and openai-gpt (`OpenAIGPTLMHeadModel`) folders.
+
+    load_hf("path/to/gpt2")               -> (config, Decoder) with the folder's weights
+    save_hf(config, decoder, "out/")      -> config.json + model.safetensors that transformers loads
+
+A folder is `config.json` plus `model.safetensors` (read here with numpy, no PyTorch), sharded
+safetensors with their `.index.json`, or `pytorch_model.bin` (needs PyTorch). Pre-LN gptjax
+models export as GPT-2, post-LN ones as openai-gpt: the two architectures differ exactly where
+`model.block` does. Both use the tanh GELU, the same LayerNorm and 1/sqrt(head_dim) scaling.
+
+Hugging Face's Conv1D keeps weights as [in, out], the orientation of our kernels, so the mapping
+is reshapes only: c_attn [d, 3d] -> qkv_kernel [d, 3, heads, head_dim] because the 3d outputs are
+q | k | v, each laid out head by head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptjax import checkpoint, config as config_lib
+from gptjax.errors import UserError
+from gptjax.model import Decoder, init_decoder
+
+MODEL_TYPES = ("gpt2", "openai-gpt")
+# Activations that compute the tanh form of GELU, which is what our MLP uses.
+TANH_GELUS = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")
+
+# safetensors dtype names; bfloat16 comes from ml_dtypes through JAX (numpy has none).
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors: 8-byte little-endian header length, a JSON header, then the raw tensor bytes.
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """name -> array, memory-mapped so a multi-GB file is only read as tensors are converted."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
+        if n > size - 8:
+            raise UserError(f"{path} is not a safetensors file (header length {n} exceeds the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            start, end = info["data_offsets"]
+            shape = tuple(int(x) for x in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: tensor '{name}' has an unreadable header entry {info!r} "
+                            f"(dtypes gptjax reads: {', '.join(_DTYPES)})") from None
+        if not 0 <= start <= end <= len(data) or end - start != dtype.itemsize * int(np.prod(shape)):
+            raise UserError(f"{path} is truncated or corrupt: tensor '{name}' {shape} {info['dtype']} does "
+                            f"not fit bytes {start}..{end} of {len(data)}")
+        tensors[name] = data[start:end].view(dtype).reshape(shape)
+    return tensors
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    # The format stores little-endian, C-order bytes (a no-op conversion on x86 and ARM).
+    arrays = {k: np.ascontiguousarray(v, dtype=np.dtype(v.dtype).newbyteorder("<")) for k, v in tensors.items()}
+    header, offset = {}, 0
+    for name, a in arrays.items():
+        if a.dtype not in _NAMES:
+            raise UserError(f"cannot write tensor '{name}' of dtype {a.dtype} as safetensors")
+        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned, as the format asks
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays.values():
+            f.write(a.tobytes())
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{path} is a PyTorch file and reading it needs PyTorch: `pip install torch`, or "
+                        f"convert the folder to model.safetensors, which gptjax reads without it") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file it cannot unpickle
+        raise UserError(f"{path} cannot be read by torch.load ({type(e).__name__}: {str(e)[:200]})") from None
+    # .float() first: numpy has no bfloat16 and this is a one-off conversion to float32 anyway.
+    return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "float")}
+
+
+def read_weights(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a Hugging Face folder: single-file or sharded, safetensors preferred."""
+    for name, reader in (("model.safetensors", read_safetensors), ("pytorch_model.bin", _read_torch_bin)):
+        if os.path.isfile(os.path.join(path, name)):
+            return reader(os.path.join(path, name))
+        index = os.path.join(path, name + ".index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            tensors = {}
+            for shard in shards:
+                tensors.update(reader(os.path.join(path, shard)))
+            return tensors
+    raise UserError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin "
+                    f"(or their sharded .index.json)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+
+def read_hf_config(path: str) -> dict | None:
+    """The folder's config.json if it describes a Hugging Face model (has `model_type`), else None."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_path} is not valid JSON (line {e.lineno}): {e.msg}") from None
+    return values if isinstance(values, dict) and "model_type" in values else None
+
+
+def _get(hf: dict, *names):
+    """A required config field under any of its names (newer configs may use the generic ones)."""
+    for name in names:
+        if hf.get(name) is not None:
+            return hf[name]
+    raise UserError(f"the Hugging Face config.json has no '{names[0]}'")
+
+
+def config_from_hf(hf: dict):
+    """The gptjax config of a Hugging Face GPT-2 / openai-gpt config.json, or a UserError saying
+    which setting gptjax cannot represent."""
+    kind = hf.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise UserError(f"unsupported Hugging Face model_type '{kind}': gptjax reads {' and '.join(MODEL_TYPES)} "
+                        f"(GPT2LMHeadModel, OpenAIGPTLMHeadModel)")
+    d = _get(hf, "n_embd", "hidden_size")
+    if kind == "gpt2":
+        act, d_ff = hf.get("activation_function", "gelu_new"), hf.get("n_inner") or 4 * d
+        unsupported = {"scale_attn_weights": (hf.get("scale_attn_weights", True), True),
+                       "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), False),
+                       "add_cross_attention": (hf.get("add_cross_attention", False), False)}
+    else:
+        act, d_ff = hf.get("afn", "gelu"), 4 * d
+        act = "gelu_new" if act == "gelu" else act  # openai-gpt's "gelu" is the tanh form
+        unsupported = {}
+    unsupported["tie_word_embeddings"] = (hf.get("tie_word_embeddings", True), True)
+    if act not in TANH_GELUS:
+        raise UserError(f"activation '{act}' is not supported: gptjax's MLP uses the tanh GELU "
+                        f"({', '.join(TANH_GELUS)})")
+    for key, (value, wanted) in unsupported.items():
+        if value != wanted:
+            raise UserError(f"Hugging Face config {key}={value} is not supported (gptjax needs {wanted})")
+    c = config_lib.base_config()
+    c.name = f"hf-{kind}"
+    max_len = _get(hf, "n_positions", "n_ctx", "max_position_embeddings")
+    c.model.update(block="pre_ln" if kind == "gpt2" else "post_ln", vocab_size=_get(hf, "vocab_size"),
+                   n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=_get(hf, "n_head", "num_attention_heads"),
+                   d_model=d, d_ff=d_ff, max_len=max_len, ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+                   init_std=float(hf.get("initializer_range", 0.02)),
+                   # One dropout rate covers embeddings and residual branches here.
+                   dropout=float(hf.get("resid_pdrop", 0.1)), attn_dropout=float(hf.get("attn_pdrop", 0.1)),
+                   scale_residual_init=kind == "gpt2")
+    c.train.seq_len = max_len
+    config_lib.validate(c)
+    return c
+
+
+def hf_config_from(config, tokenizer=None) -> dict:
+    """config.json for transformers: GPT-2 for pre-LN models, openai-gpt for post-LN ones."""
+    m = config.model
+    common = dict(vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.n_layer,
+                  n_head=m.n_head, layer_norm_epsilon=m.ln_eps, initializer_range=m.init_std,
+                  resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.attn_dropout,
+                  tie_word_embeddings=True, torch_dtype="float32", dtype="float32")
+    if tokenizer is not None:
+        # GPT-2's convention: one end-of-text id serves as both bos and eos.
+        common.update(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    else:  # transformers' GPT-2 default of 50256 would point outside a smaller vocabulary
+        common.update(bos_token_id=None, eos_token_id=None)
+    if m.block == "pre_ln":
+        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new",
+                    n_inner=None if m.d_ff == 4 * m.d_model else m.d_ff, scale_attn_weights=True, **common)
+    if m.d_ff != 4 * m.d_model:
+        raise UserError(f"openai-gpt has no MLP-width setting (it is 4 * n_embd = {4 * m.d_model}), but this "
+                        f"post-LN model has model.d_ff={m.d_ff}; only pre-LN models export with any width (as GPT-2)")
+    return dict(architectures=["OpenAIGPTLMHeadModel"], model_type="openai-gpt", afn="gelu", n_ctx=m.max_len, **common)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: Hugging Face names <-> our flat names (checkpoint.flatten).
+
+def _layer_map(config) -> list[tuple[str, str, tuple]]:
+    """(hf name, our name, hf shape) for every tensor. Where HF's shape differs from ours it is
+    the same numbers in the same order (row-major), so a reshape converts either way."""
+    m = config.model
+    d, f, h = m.d_model, m.d_ff, m.n_head
+    gpt2 = m.block == "pre_ln"
+    rows = [("wte.weight" if gpt2 else "tokens_embed.weight", "wte", (m.vocab_size, d)),
+            ("wpe.weight" if gpt2 else "positions_embed.weight", "wpe", (m.max_len, d))]
+    for i in range(m.n_layer):
+        theirs, us = f"h.{i}.", f"blocks.{i}."
+        rows += [(theirs + "ln_1.weight", us + "ln_1.scale", (d,)), (theirs + "ln_1.bias", us + "ln_1.bias", (d,)),
+                 (theirs + "attn.c_attn.weight", us + "attn.qkv_kernel", (d, 3 * d)),  # ours [d, 3, h, d/h]
+                 (theirs + "attn.c_attn.bias", us + "attn.qkv_bias", (3 * d,)),  # ours [3, h, d/h]
+                 (theirs + "attn.c_proj.weight", us + "attn.out_kernel", (d, d)),  # ours [h, d/h, d]
+                 (theirs + "attn.c_proj.bias", us + "attn.out_bias", (d,)),
+                 (theirs + "ln_2.weight", us + "ln_2.scale", (d,)), (theirs + "ln_2.bias", us + "ln_2.bias", (d,)),
+                 (theirs + "mlp.c_fc.weight", us + "mlp.fc_kernel", (d, f)), (theirs + "mlp.c_fc.bias", us + "mlp.fc_bias", (f,)),
+                 (theirs + "mlp.c_proj.weight", us + "mlp.proj_kernel", (f, d)),
+                 (theirs + "mlp.c_proj.bias", us + "mlp.proj_bias", (d,))]
+    if gpt2:
+        rows += [("ln_f.weight", "ln_f.scale", (d,)), ("ln_f.bias", "ln_f.bias", (d,))]
+    return rows
+
+
+def _abstract(config):
+    return nnx.split(nnx.eval_shape(lambda: init_decoder(config.model, 0)), nnx.Param)
+
+
+def load_hf(path: str):
+    """(gptjax config, Decoder holding the folder's weights) for a GPT-2 / openai-gpt folder."""
+    hf = read_hf_config(path)
+    if hf is None:
+        raise UserError(f"{path} is not a Hugging Face model folder (no config.json with a model_type)")
+    config = config_from_hf(hf)
+    # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model "h.0...": accept both. Buffers
+    # (attn.bias, attn.masked_bias) and the tied lm_head.weight are simply never looked up.
+    tensors = {k.removeprefix("transformer."): v for k, v in read_weights(path).items()}
+    graphdef, like = _abstract(config)
+    ours_shapes = {k: v.shape for k, v in checkpoint.flatten(like).items()}
+    flat = {}
+    for hf_name, ours, shape in _layer_map(config):
+        if hf_name not in tensors:
+            raise UserError(f"{path} lacks the weight '{hf_name}' that a {hf['model_type']} model with "
+                            f"{config.model.n_layer} layers has; is the folder complete?")
+        value = np.asarray(tensors[hf_name], np.float32)
+        if value.shape != shape:
+            raise UserError(f"{path}: weight '{hf_name}' has shape {value.shape} but config.json implies {shape}")
+        if ours == "wte":  # our embedding has extra rows up to a multiple of vocab_pad_multiple
+            value = np.pad(value, ((0, ours_shapes["wte"][0] - shape[0]), (0, 0)))
+        flat[ours] = jnp.asarray(value.reshape(ours_shapes[ours]))
+    return config, nnx.merge(graphdef, checkpoint.unflatten(flat, like))
+
+
+def save_hf(config, module: Decoder, path: str, tokenizer=None) -> None:
+    """Writes `path`/config.json and model.safetensors that transformers' from_pretrained loads."""
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        raise UserError(f"{path} already holds a model.safetensors; export to a new directory")
+    hf = hf_config_from(config, tokenizer)
+    flat = checkpoint.flatten(nnx.state(module, nnx.Param))
+    tensors = {}
+    for hf_name, ours, shape in _layer_map(config):
+        value = np.asarray(jax.device_get(flat[ours]), np.float32)
+        if ours == "wte":
+            value = value[: config.model.vocab_size]  # drop our padding rows
+        # The prefix GPT2LMHeadModel.save_pretrained writes; lm_head.weight is tied and left out as it does.
+        tensors["transformer." + hf_name] = value.reshape(shape)
+    os.makedirs(path, exist_ok=True)
+    write_safetensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+        f.write("\n")
+    if tokenizer is not None:
+        # Not a transformers tokenizer (those are byte-level BPE files), but it says what the ids mean.
+        tokenizer.save(os.path.join(path, "tokenizer.model"))
