@@ -31,6 +31,14 @@ def _apply_kwargs(config, overrides: dict) -> None:
             config_lib.set_value(config, key, value)
 
 
+def _load_decoder(config, path: str, step: int | None = None) -> Decoder:
+    """The decoder of `config` holding the params saved at `path` (a workdir or one checkpoint)."""
+    # Build the structure without spending time on a random init that is overwritten.
+    graphdef, like = nnx.split(nnx.eval_shape(lambda: init_decoder(config.model, 0)), nnx.Param)
+    params, _ = checkpoint.load_params(path, like, step)
+    return nnx.merge(graphdef, params)
+
+
 class GPT:
     """A decoder with its config and (optionally) its tokenizer."""
 
@@ -75,11 +83,7 @@ class GPT:
             config, module = hf.load_hf(path)
         else:
             config = config_lib.config_from_dict(values)
-            # Build the structure without spending time on a random init that is overwritten.
-            abstract = nnx.eval_shape(lambda: init_decoder(config.model, 0))
-            graphdef, like = nnx.split(abstract, nnx.Param)
-            params, _ = checkpoint.load_params(path, like, step)
-            module = nnx.merge(graphdef, params)
+            module = _load_decoder(config, path, step)
         tokenizer = None
         tok_path = os.path.join(path, "tokenizer.model")
         if os.path.isfile(tok_path):
@@ -104,19 +108,11 @@ class GPT:
             reader.close()
         if config is None:
             return cls.from_pretrained(workdir, step)
-        abstract = nnx.eval_shape(lambda: init_decoder(config.model, 0))
-        graphdef, like = nnx.split(abstract, nnx.Param)
-        params, _ = checkpoint.load_params(os.path.join(directory, str(step)), like)
         tokenizer = None
         if tokenizer_bytes is not None:
-            import tempfile
-
             from gptjax.data.tokenizer import Tokenizer
-            with tempfile.NamedTemporaryFile(suffix=".model") as f:
-                f.write(tokenizer_bytes)
-                f.flush()
-                tokenizer = Tokenizer.load(f.name)
-        return cls(config, nnx.merge(graphdef, params), tokenizer)
+            tokenizer = Tokenizer.from_proto(tokenizer_bytes)
+        return cls(config, _load_decoder(config, os.path.join(directory, str(step))), tokenizer)
 
     def num_params(self) -> int:
         return int(sum(x.size for x in jax.tree.leaves(nnx.state(self.module, nnx.Param))))

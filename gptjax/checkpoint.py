@@ -102,6 +102,10 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         return os.path.join(self.directory, str(step))
 
+    def reload(self) -> None:
+        """Lists the step folders again (after some were renamed aside)."""
+        self._manager.reload()
+
     def wait(self) -> None:
         """Blocks until every save in flight is on disk."""
         self._manager.wait_until_finished()
@@ -130,6 +134,17 @@ class Checkpointer:
                             f"optimizer has {len(leaves)}; the optimizer settings changed in a way that cannot resume")
         opt = jax.tree.unflatten(treedef, [saved[k] for k in sorted(saved)])
         return unflatten(dict(restored["params"]), params), opt, dict(restored["meta"])
+
+    def restore_params(self, step: int, like: nnx.State) -> nnx.State:
+        """The params of `step` alone (never the optimizer state), laid out like `like`."""
+        ocp = _ocp()
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(flatten(like))))
+        try:
+            restored = self._manager.restore(step, args=args)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {self.directory}/{step} cannot be read or does not match the model "
+                            f"({str(e).splitlines()[0][:200]}); check model.* against the saved config.json") from None
+        return unflatten(dict(restored["params"]), like)
 
     def tokenizer_bytes(self, step: int) -> bytes | None:
         ocp = _ocp()
@@ -201,17 +216,13 @@ def load_params(path: str, like: nnx.State, step: int | None = None) -> tuple[nn
     if not os.path.isdir(directory):
         raise UserError(f"no checkpoints in {path} (expected {directory}/<step>/); "
                         f"train first with `gptjax pretrain --workdir {path}`")
-    ocp = _ocp()
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as manager:
-        steps = sorted(manager.all_steps())
+    reader = Checkpointer(os.path.dirname(directory), read_only=True)
+    try:
+        steps = reader.steps()
         step = steps[-1] if step is None and steps else step
         if step is None or step not in steps:
             raise UserError(f"no complete checkpoint{'' if step is None else f' for step {step}'} in {directory}"
                             + (f" (complete: {steps})" if steps else ""))
-        abstract = _abstract({k: v for k, v in flatten(like).items()})
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-        except (ValueError, KeyError) as e:
-            raise UserError(f"checkpoint {directory}/{step} cannot be read or does not match the model "
-                            f"({str(e).splitlines()[0][:200]}); check model.* against the saved config.json") from None
-    return unflatten(dict(restored["params"]), like), step
+        return reader.restore_params(step, like), step
+    finally:
+        reader.close()

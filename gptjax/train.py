@@ -209,6 +209,7 @@ def _resume(config, workdir: str, trainer: Trainer, checkpointer: checkpoint.Che
             why = "unreadable" if newer in damaged else "newer"
             _log(f"kept the {why} checkpoint {newer} as {checkpoint.set_aside(checkpointer.directory, newer)}")
     distributed.barrier("set-aside")
+    checkpointer.reload()
     replicated = trainer.state.step.sharding
     trainer.state = TrainState(jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated), params, opt_state)
     _log(f"resumed from {checkpointer.directory}/{step}")
@@ -283,8 +284,6 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
         if start >= t.steps:
             raise UserError(f"train.resume={t.resume} restores step {start}, which is not before "
                             f"train.steps={t.steps}; raise train.steps")
-        checkpointer.close()  # reopened: a damaged checkpoint may have been set aside
-        checkpointer = checkpoint.Checkpointer(workdir, keep=t.keep, keep_every=t.keep_every)
         return _train(config, workdir, trainer, checkpointer, start, progress and main, tqdm, corpus)
     finally:
         checkpointer.close()

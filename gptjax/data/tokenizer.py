@@ -62,6 +62,11 @@ class Tokenizer:
                             "file written by train_tokenizer, not the '.vocab' file or other data") from None
         return cls(sp, path, num_threads)
 
+    @classmethod
+    def from_proto(cls, proto: bytes, num_threads: int | None = None) -> "Tokenizer":
+        """From the bytes of a .model file (as a checkpoint stores them)."""
+        return cls(spm.SentencePieceProcessor(model_proto=proto), None, num_threads)
+
     # Data-loader worker processes receive the tokenizer by pickling; the model bytes are all they
     # need, and they keep working even where the original model file is not mounted.
     def __getstate__(self):
