@@ -51,6 +51,20 @@ def cmd_pretrain(args, extra):
                     + f"; checkpoint {summary['checkpoint']}")
 
 
+def cmd_finetune(args, extra):
+    from gptjax import distributed
+    from gptjax.finetune import finetune
+    summary = finetune(_load(args, extra), args.workdir, progress=not args.no_progress)
+    scores = ", ".join(f"{split} {m} {v:.4f}" for split, sc in summary["scores"].items() for m, v in sc.items())
+    distributed.log(f"best: epoch {summary['epoch']} (step {summary['step']}): {scores}; "
+                    f"`gptjax eval --config {args.config} --workdir {args.workdir}` scores it")
+
+
+def cmd_eval(args, extra):
+    from gptjax.evaluate import evaluate
+    evaluate(_load(args, extra), args.workdir)
+
+
 def cmd_prepare(args, extra):
     import time
 
@@ -138,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="where config.json, metrics.jsonl and checkpoints go")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("finetune", parents=[common], help="fine-tune on a task (GPT-1 input transforms, task head)")
+    p.add_argument("--config", required=True, help="configs/glue.py, with --config.task=NAME")
+    p.add_argument("--workdir", required=True, help="where the fine-tuning run goes (the same command resumes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+    p.set_defaults(fn=cmd_finetune)
+
+    p = sub.add_parser("eval", parents=[common], help="evaluate fine-tuned runs (or a pretrained LM zero/few-shot)")
+    p.add_argument("--config", required=True, help="configs/glue.py, with --config.task=NAME|LIST|all")
+    p.add_argument("--workdir", required=True, help="a fine-tuning run, or a folder of runs named by task")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("prepare", parents=[common], help="tokenize a config's corpus once into WORKDIR/data")
     p.add_argument("--config", required=True, help="a configs/*.py file")

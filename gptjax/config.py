@@ -23,6 +23,7 @@ BLOCK_CHOICES = ("post_ln", "pre_ln")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 REMAT_CHOICES = ("none", "full", "save_dots")
 SCHEDULE_CHOICES = ("cosine", "linear")
+MODE_CHOICES = ("finetuned", "zero_shot", "few_shot")
 
 # "section.key" -> one-line doc; `gptjax pretrain --help-config` prints it.
 FIELD_DOCS: dict[str, str] = {}
@@ -103,6 +104,29 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "data.eval_fraction", 0.02, "fraction of documents held out for the eval loss")
     _field(c, "data.seed", 0, "seed of the corpus itself (independent of train.seed)")
     _field(c, "data.num_workers", 0, "loader threads building batches ahead of the train step (0 = one)")
+
+    # Fine-tuning and evaluation (`gptjax finetune`, `gptjax eval`; configs/glue.py).
+    for key, value, doc in (
+            ("task", "", "fine-tuning / evaluation task: a name (sst2, mnli, synthetic_sentiment, ...), "
+                         "a comma-separated list, or all (the GLUE tasks)"),
+            ("source", "auto", "task data: auto (synthetic tasks: synthetic, GLUE: tfds), synthetic, tfds, "
+                               "tfds:<data_dir>, tsv:<GLUE folder>, jsonl:<folder>"),
+            ("init_from", "", "fine-tuning starts from these params: a gptjax workdir or checkpoint, or a Hugging "
+                              "Face GPT-2 / openai-gpt folder (empty = random init, no pretraining)"),
+            ("mode", "finetuned", "eval: finetuned (the run in --workdir), zero_shot or few_shot (score a "
+                                  "pretrained LM with no training)"),
+            ("shots", 0, "eval with mode=few_shot: demonstrations from the train split per prompt")):
+        c[key] = value
+        FIELD_DOCS[key] = doc
+    c.finetune = ml_collections.ConfigDict()
+    _field(c, "finetune.lm_weight", 0.5, "weight of the auxiliary LM loss on the task inputs (0 = off)")
+    _field(c, "finetune.epochs", 3, "passes over the train split")
+    _field(c, "finetune.warmup_fraction", 0.002, "linear warmup over this fraction of the updates, then linear decay to 0")
+    _field(c, "finetune.clf_dropout", 0.1, "dropout on the extract-token state before the task head")
+    _field(c, "finetune.max_examples", 0, "use only the first N train examples (0 = all)")
+    _field(c, "finetune.eval_batch_size", 64, "examples per evaluation batch")
+    _field(c, "finetune.splits", "validation,test", "eval: the splits to score (MNLI's validation/test "
+           "mean both halves); splits without labels give submission files")
 
     c.lock()
     return c
@@ -287,5 +311,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0.0 <= config.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")
     _check(config.data.text_documents in ("file", "blank_line"),
            f"data.text_documents must be file or blank_line, got '{config.data.text_documents}'")
+    f = config.finetune
+    _check(config.mode in MODE_CHOICES, f"mode must be one of {MODE_CHOICES}, got '{config.mode}'")
+    _check(config.shots >= 0, f"shots must be >= 0, got {config.shots}")
+    _check((config.mode == "few_shot") == (config.shots > 0) or config.mode == "finetuned",
+           f"mode={config.mode} with shots={config.shots}: few_shot needs shots > 0 and zero_shot shots=0")
+    _check(f.lm_weight >= 0, f"finetune.lm_weight must be >= 0, got {f.lm_weight}")
+    _check(f.epochs > 0 and f.eval_batch_size > 0, "finetune.epochs and finetune.eval_batch_size must be positive")
+    _check(0.0 <= f.warmup_fraction < 1.0, f"finetune.warmup_fraction must be in [0, 1), got {f.warmup_fraction}")
+    _check(0.0 <= f.clf_dropout < 1.0, f"finetune.clf_dropout must be in [0, 1), got {f.clf_dropout}")
+    _check(f.max_examples >= 0, f"finetune.max_examples must be >= 0, got {f.max_examples}")
     from gptjax.data.sources import parse_sources, parse_weights
     parse_weights(config.data.weights, len(parse_sources(config.data.source)))

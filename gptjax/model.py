@@ -226,3 +226,38 @@ class Decoder(nnx.Module):
 
 def init_decoder(cfg, seed: int) -> Decoder:
     return Decoder(cfg, rngs=nnx.Rngs(params=seed))
+
+
+class TaskModel(nnx.Module):
+    """The decoder with the GPT-1 task head: a linear layer W_y on the final hidden state at each
+    sequence's extract token. Only the head is new; the decoder's params come from pretraining.
+
+    tokens [B, S, T] hold S sequences per example (tasks/transforms.py):
+      combine="single"  S = 1: classification and entailment, logits [B, num_outputs]
+      combine="sum"     S = 2: both orders of a symmetric pair, extract states added before W_y
+      combine="choice"  S = k candidates, one score each (num_outputs = 1), logits [B, k]
+    """
+
+    def __init__(self, cfg, num_outputs: int, combine: str, *, rngs: nnx.Rngs):
+        assert combine in ("single", "sum", "choice"), combine
+        self.decoder = Decoder(cfg, rngs=rngs)
+        self.head_kernel = _param(rngs, (cfg.d_model, num_outputs), ("embed", None), cfg.init_std)
+        self.head_bias = _param(rngs, (num_outputs,), (None,), None)
+        self.combine = combine
+
+    def __call__(self, tokens, extract, *, dropout_key=None, clf_dropout: float = 0.0):
+        """(task logits float32, decoder hidden states [B * S, T, d] for the auxiliary LM loss)."""
+        b, s, t = tokens.shape
+        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        hidden = self.decoder(tokens.reshape(b * s, t), dropout_key=keys[0])
+        rows = jnp.take_along_axis(hidden, extract.reshape(b * s, 1, 1), axis=1)[:, 0]
+        states = rows.reshape(b, s, -1).astype(jnp.float32)
+        if self.combine == "sum":
+            states = states.sum(axis=1, keepdims=True)
+        states = _dropout(states, clf_dropout, keys[1])
+        scores = states @ self.head_kernel[...] + self.head_bias[...]  # [B, S or 1, num_outputs]
+        return (scores[..., 0] if self.combine == "choice" else scores[:, 0]), hidden
+
+
+def init_task_model(cfg, num_outputs: int, combine: str, seed: int) -> TaskModel:
+    return TaskModel(cfg, num_outputs, combine, rngs=nnx.Rngs(params=seed))

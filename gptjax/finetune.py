@@ -1,0 +1,359 @@
+"""Fine-tuning the GPT-1 way (`gptjax finetune`): the pretrained decoder plus a linear head on the
+extract token, trained on task inputs built by tasks/transforms.py with
+
+    loss = task loss (cross-entropy; squared error for regression) + finetune.lm_weight * LM loss
+
+where the LM loss is the next-token loss on the task inputs themselves (every token after
+[start], special tokens included, padding excluded). The recipe's schedule is linear warmup over
+finetune.warmup_fraction of the updates, then linear decay to 0, over finetune.epochs epochs.
+
+A run writes WORKDIR/config.json (the effective config: model shape from init_from), the
+tokenizer, metrics.jsonl (per log interval, and the validation scores of every epoch),
+checkpoints/<step> at the end of every epoch (and on SIGTERM), and best.json naming the epoch
+checkpoint with the best validation score, which `gptjax eval` uses. The same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gptjax import checkpoint, config as config_lib, distributed, sharding
+from gptjax.data.tokenizer import PAD_ID, Tokenizer, check_vocab
+from gptjax.errors import Preempted, UserError
+from gptjax.loss import lm_loss
+from gptjax.model import init_task_model
+from gptjax.optim import make_optimizer
+from gptjax.tasks import get_task, transforms
+from gptjax.tasks.scores import main_score, task_scores
+from gptjax.tasks.splits import read_split
+from gptjax.train import TrainState, _log, _resume, _StopSignal
+
+COMBINE = {"classification": "single", "pair": "single", "similarity": "sum", "regression": "sum",
+           "multiple_choice": "choice"}
+# Model fields a fine-tuning config sets itself; every other model.* field (the shape) comes from
+# the pretrained model.
+OWN_MODEL_FIELDS = ("dropout", "attn_dropout", "dtype", "attention", "remat")
+
+
+def num_outputs(task) -> int:
+    return 1 if task.type in ("regression", "multiple_choice") else len(task.label_names)
+
+
+def task_loss_sum(task_type: str, logits, labels, weights):
+    """Summed task loss over the rows with weight 1 (padding rows weigh 0)."""
+    if task_type == "regression":
+        per_row = jnp.square(logits[:, 0] - labels)
+    else:
+        safe = jnp.maximum(labels, 0)  # unlabelled/padding rows hold -1; their weight is 0
+        per_row = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, safe[:, None], -1)[:, 0]
+    return jnp.sum(per_row * weights)
+
+
+def batch_loss(graphdef, task_type, vocab_size, lm_weight, clf_dropout, params, batch, dropout_key):
+    model = nnx.merge(graphdef, params)
+    logits, hidden = model(batch["tokens"], batch["extract"], dropout_key=dropout_key, clf_dropout=clf_dropout)
+    weights = batch["weights"]
+    count = jnp.maximum(weights.sum(), 1.0)
+    task = task_loss_sum(task_type, logits, batch["labels"], weights) / count
+    aux = {"task_loss": task}
+    total = task
+    if lm_weight > 0:  # static: with the weight at 0 the vocabulary projection is never computed
+        b, s, t = batch["tokens"].shape
+        tokens = batch["tokens"].reshape(b * s, t)
+        mask = (tokens[:, 1:] != PAD_ID) & (jnp.repeat(weights, s)[:, None] > 0)
+        lm_sum, lm_count = lm_loss(model.decoder.lm_logits(hidden[:, :-1]), tokens[:, 1:], mask, vocab_size)
+        aux["lm_loss"] = lm_sum / jnp.maximum(lm_count, 1.0)
+        total = total + lm_weight * aux["lm_loss"]
+    return total, aux
+
+
+def finetune_step(loss_fn, tx, schedule, seed, state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+
+
+def predict_step(graphdef, params, batch):
+    logits, _ = nnx.merge(graphdef, params)(batch["tokens"], batch["extract"])
+    return logits
+
+
+def schedule_config(config, steps: int):
+    """config.train with the fine-tuning schedule: `steps` updates, warmup over
+    finetune.warmup_fraction of them, linear decay to 0."""
+    t = config_lib.config_from_dict(config.to_dict()).train
+    t.steps = steps
+    t.warmup_steps = math.ceil(config.finetune.warmup_fraction * steps)
+    t.schedule, t.min_lr_ratio = "linear", 0.0
+    return t
+
+
+class TaskRunner:
+    """A TaskModel on the mesh: its state, the jitted fine-tuning step and batched prediction."""
+
+    def __init__(self, config, task, total_steps: int = 1, mesh=None):
+        self.config, self.task = config, task
+        self.mesh = mesh or sharding.make_mesh(config.mesh)
+        sharding.check_divisible(config, self.mesh)
+        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if config.finetune.eval_batch_size % rows:
+            raise UserError(f"finetune.eval_batch_size ({config.finetune.eval_batch_size}) must be divisible "
+                            f"by the {rows} devices the batch is split over (mesh.data x mesh.fsdp)")
+        seed, outputs, combine = config.train.seed, num_outputs(task), COMBINE[task.type]
+        make = partial(init_task_model, config.model, outputs, combine, seed)
+        self.graphdef, abstract = nnx.split(nnx.eval_shape(make), nnx.Param)
+        self.param_shardings = sharding.param_shardings(self.mesh, abstract)
+        params = jax.jit(lambda: nnx.state(make(), nnx.Param), out_shardings=self.param_shardings)()
+        train_cfg = schedule_config(config, total_steps)
+        from gptjax.optim import lr_schedule
+        self.schedule, self.tx = lr_schedule(train_cfg), make_optimizer(train_cfg)
+        replicated = sharding.replicated(self.mesh)
+        opt_state = jax.tree.map(
+            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
+            jax.jit(self.tx.init)(params))
+        self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
+        self.rows_sharding = jax.sharding.NamedSharding(self.mesh, sharding.spec(("batch",)))
+        f = config.finetune
+        loss_fn = partial(batch_loss, self.graphdef, task.type, config.model.vocab_size, f.lm_weight, f.clf_dropout)
+        state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self._step = jax.jit(partial(finetune_step, loss_fn, self.tx, self.schedule, seed),
+                             in_shardings=(state_shardings, self.rows_sharding),
+                             out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        self._predict = jax.jit(partial(predict_step, self.graphdef), out_shardings=replicated)
+
+    def load_decoder(self, decoder_params: nnx.State) -> None:
+        """Puts pretrained decoder params (any layout) into this model's decoder, sharded."""
+        params = nnx.State(dict(self.state.params))
+        params["decoder"] = jax.device_put(decoder_params, self.param_shardings["decoder"])
+        self.state = TrainState(self.state.step, params, self.state.opt_state)
+
+    def to_mesh(self, batch: dict) -> dict:
+        """A global batch (the same numpy arrays on every process) as arrays on the mesh, each
+        process contributing its contiguous block of rows."""
+        n, p = jax.process_count(), jax.process_index()
+        def put(x):
+            rows = len(x) // n
+            return jax.make_array_from_process_local_data(self.rows_sharding, x[p * rows:(p + 1) * rows])
+        return {k: put(v) for k, v in batch.items()}
+
+    def step(self, batch: dict) -> dict:
+        with jax.set_mesh(self.mesh):
+            self.state, metrics = self._step(self.state, self.to_mesh(batch))
+        return metrics
+
+    def logits(self, encoded: transforms.Encoded) -> np.ndarray:
+        """Task logits of every example; the last batch is padded, its padding rows dropped."""
+        size, out = self.config.finetune.eval_batch_size, []
+        with jax.set_mesh(self.mesh):
+            for start in range(0, len(encoded), size):
+                rows = np.arange(start, min(start + size, len(encoded)))
+                batch = make_batch(encoded, rows, size)
+                out.append(np.asarray(self._predict(self.state.params, self.to_mesh(
+                    {"tokens": batch["tokens"], "extract": batch["extract"]})))[:len(rows)])
+        if not out:
+            return np.zeros((0, num_outputs(self.task)), np.float32)
+        return np.concatenate(out)
+
+
+def make_batch(encoded: transforms.Encoded, rows: np.ndarray, size: int) -> dict:
+    """Rows of `encoded` padded to `size` with copies of the first row that weigh 0."""
+    pad = size - len(rows)
+    picked = np.concatenate([rows, np.full(pad, rows[0] if len(rows) else 0)]).astype(np.int64)
+    labels = encoded.labels[picked]
+    weights = (np.arange(size) < len(rows)).astype(np.float32)
+    if labels.dtype.kind == "f":
+        weights = weights * ~np.isnan(labels)
+        labels = np.nan_to_num(labels)
+    else:
+        weights = weights * (labels >= 0)
+    return {"tokens": encoded.tokens[picked], "extract": encoded.extract[picked], "labels": labels,
+            "weights": weights.astype(np.float32)}
+
+
+def predictions(task, logits: np.ndarray) -> np.ndarray:
+    return logits[:, 0] if task.type == "regression" else logits.argmax(-1)
+
+
+def epoch_rows(n: int, batch_size: int, seed: int, epoch: int, index: int) -> np.ndarray:
+    """The example rows of update `index` of `epoch`: a fresh shuffle per epoch, every example
+    once; a pure function of its arguments, so a resumed run sees the same batches."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[index * batch_size:(index + 1) * batch_size]
+
+
+def validation_splits(task) -> list[str]:
+    return [s for s in task.splits if s.startswith("validation")]
+
+
+def load_tokenizer(config, pretrained) -> Tokenizer:
+    if config.data.tokenizer:
+        if not os.path.isfile(config.data.tokenizer):
+            raise UserError(f"data.tokenizer={config.data.tokenizer} does not exist; give a SentencePiece .model")
+        return Tokenizer.load(config.data.tokenizer)
+    if pretrained is not None and pretrained.tokenizer is not None:
+        return pretrained.tokenizer
+    where = f"{config.init_from} has no tokenizer.model" if config.init_from else "init_from is empty"
+    raise UserError(f"fine-tuning needs the tokenizer the model was pretrained with, and {where}; set "
+                    f"data.tokenizer to that SentencePiece .model")
+
+
+def effective_config(config, pretrained):
+    """The fine-tuning config with the model shape of the pretrained model."""
+    config = config_lib.config_from_dict(config.to_dict())
+    if pretrained is not None:
+        for key, value in pretrained.config.model.items():
+            if key not in OWN_MODEL_FIELDS:
+                config.model[key] = value
+    config.train.seq_len = config.model.max_len  # sequences are as long as the task's longest input
+    config_lib.validate(config)
+    return config
+
+
+def finetune(config, workdir: str, progress: bool = True) -> dict:
+    """Fine-tunes `config.task` into `workdir` (or resumes the run there); returns a summary
+    with the validation scores of every epoch and the best one."""
+    from gptjax.api import GPT
+
+    task = get_task(config.task) if config.task and "," not in config.task and config.task != "all" else None
+    if task is None:
+        raise UserError(f"task='{config.task}': fine-tuning takes one task (run one finetune per task)")
+    if task.name == "ax":
+        raise UserError("ax is MNLI's diagnostic test set with no training data: fine-tune mnli, then "
+                        "`gptjax eval --config.task=ax` on that run")
+    os.makedirs(workdir, exist_ok=True)
+    saved_config = os.path.join(workdir, "config.json")
+    if os.path.isfile(saved_config):
+        with open(saved_config) as f:
+            before = json.load(f).get("task")
+        if before and before != task.name:
+            raise UserError(f"{workdir} holds a fine-tuning run of task {before}; pass a new --workdir for {task.name}")
+    pretrained = GPT.from_pretrained(config.init_from) if config.init_from else None
+    config = effective_config(config, pretrained)
+    tokenizer = load_tokenizer(config, pretrained)
+    check_vocab(config.model.vocab_size, tokenizer)
+    f, t = config.finetune, config.train
+    examples = read_split(task, "train", config.source, config.data.seed)
+    if f.max_examples:
+        examples = examples[:f.max_examples]
+    if not examples:
+        raise UserError(f"the train split of {task.name} has no examples")
+    train = transforms.encode(task, examples, tokenizer, config.model.max_len)
+    if train.truncated:
+        _log(f"{train.truncated} of {len(train)} train examples were truncated to model.max_len={config.model.max_len}")
+    valid = {s: transforms.encode(task, read_split(task, s, config.source, config.data.seed), tokenizer,
+                                  config.model.max_len) for s in validation_splits(task)}
+    per_epoch = math.ceil(len(train) / t.batch_size)
+    total = f.epochs * per_epoch
+    runner = TaskRunner(config, task, total)
+    if pretrained is not None:
+        runner.load_decoder(nnx.state(pretrained.module, nnx.Param))
+        _log(f"initialised the decoder from {config.init_from}; new parameters: the task head "
+             f"({config.model.d_model} x {num_outputs(task)} + bias)")
+        del pretrained
+    checkpointer = checkpoint.Checkpointer(workdir)
+    try:
+        steps = checkpointer.steps()
+        if str(t.resume) == "latest" and steps and steps[-1] >= total:
+            _log(f"{workdir} already holds the finished run (step {steps[-1]} of {total})")
+            return {"finished_before": True, **read_best(workdir)}
+        start = _resume(config, workdir, runner, checkpointer)
+        return _loop(config, task, workdir, runner, checkpointer, tokenizer, train, valid, start, per_epoch,
+                     progress and distributed.is_main())
+    finally:
+        checkpointer.close()
+
+
+def read_best(workdir: str) -> dict:
+    path = os.path.join(workdir, "best.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{workdir} has no best.json: it is not a finished fine-tuning run; run "
+                        f"`gptjax finetune --workdir {workdir}` first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _loop(config, task, workdir, runner, checkpointer, tokenizer, train, valid, start, per_epoch, progress):
+    from tqdm.auto import tqdm
+
+    from gptjax.metrics import MetricsWriter
+    from gptjax.train import _restart_metrics
+
+    f, t = config.finetune, config.train
+    total, main = f.epochs * per_epoch, distributed.is_main()
+    if main:
+        with open(os.path.join(workdir, "config.json"), "w") as out:
+            out.write(config_lib.to_json(config) + "\n")
+        tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+        _restart_metrics(workdir, start)
+    writer = MetricsWriter(workdir) if main else None
+    best = read_best(workdir) if start and os.path.isfile(os.path.join(workdir, "best.json")) else None
+    stop, pending, history = _StopSignal(), [], []
+    tokenizer_bytes = tokenizer.serialized_model_proto()
+    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+
+    def save(step: int) -> None:
+        meta = {"step": step, "seed": t.seed, "task": task.name, "config": json.loads(config_lib.to_json(config)),
+                "format": 1}
+        checkpointer.save(step, runner.state.params, runner.state.opt_state, meta, tokenizer_bytes)
+
+    try:
+        for step in range(start, total):
+            epoch, index = divmod(step, per_epoch)
+            pending.append(runner.step(make_batch(train, epoch_rows(len(train), t.batch_size, t.seed, epoch, index),
+                                                  t.batch_size)))
+            done = step + 1
+            if done % t.log_every == 0 or done == total or done % per_epoch == 0:
+                host = jax.device_get(pending)
+                record = {"step": done, **{k: float(np.mean([r[k] for r in host])) for k in host[0] if k != "lr"},
+                          "lr": float(host[-1]["lr"])}
+                if not np.isfinite(record["loss"]):
+                    raise UserError(f"the fine-tuning loss became {record['loss']}; lower train.lr")
+                pending = []
+                history.append(record)
+                if writer:
+                    writer.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if done % per_epoch == 0:
+                scores = {s: task_scores(task, enc.labels, predictions(task, runner.logits(enc)))
+                          for s, enc in valid.items()}
+                value = float(np.mean([main_score(task, v) for v in scores.values()]))
+                record = {"step": done, "epoch": done // per_epoch, "eval_score": value,
+                          **{f"eval_{s}_{m}": v for s, sc in scores.items() for m, v in sc.items()}}
+                if writer:
+                    writer.write(record)
+                    bar.write(distributed.prefix() + f"epoch {record['epoch']}: validation " + ", ".join(
+                        f"{s} {m} {v:.4f}" for s, sc in scores.items() for m, v in sc.items()))
+                save(done)
+                if best is None or value > best["score"]:
+                    best = {"step": done, "epoch": record["epoch"], "score": value, "scores": scores}
+                    if main:
+                        _write_json(os.path.join(workdir, "best.json"), best)
+            elif done < total and stop(done):
+                save(done)
+                checkpointer.wait()
+                raise Preempted(done, os.path.join(checkpointer.directory, str(done)))
+            bar.update(1)
+    finally:
+        stop.close()
+        bar.close()
+        if writer:
+            writer.close()
+    checkpointer.wait()
+    return {"history": history, **best}

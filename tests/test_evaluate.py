@@ -1,0 +1,145 @@
+"""`gptjax eval`: files, scores recomputed from the written predictions, GLUE submissions, zero-shot."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gptjax import cli
+from gptjax.config import load_config
+from gptjax.errors import UserError
+from gptjax.evaluate import evaluate, task_splits
+from gptjax.finetune import finetune
+from gptjax.tasks import get_task, read_tsv_split, synthetic_split
+from gptjax.tasks.scores import task_scores
+from gptjax.train import pretrain
+
+FT = ["model.n_layer=2", "model.dtype=float32", "train.batch_size=16", "finetune.max_examples=64",
+      "finetune.epochs=1", "train.lr=1e-3", "finetune.eval_batch_size=24"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pre"))
+    pretrain(load_config("configs/tiny.py", ["model.n_layer=2", "train.steps=20", "data.num_documents=400",
+                                             "train.eval_every=0", "model.dtype=float32"]), workdir, progress=False)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def runs(pretrained, tmp_path_factory):
+    """WORKDIR/<task> fine-tuning runs of two synthetic tasks."""
+    root = str(tmp_path_factory.mktemp("runs"))
+    for name in ("synthetic_relatedness", "synthetic_choice"):
+        finetune(load_config("configs/tiny.py", [*FT, f"task={name}", f"init_from={pretrained}"]),
+                 os.path.join(root, name), progress=False)
+    return root
+
+
+def _read_tsv(path):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "index\tprediction"
+    return [line.split("\t") for line in lines[1:]]
+
+
+def test_scores_match_the_written_predictions(runs, capsys):
+    config = load_config("configs/tiny.py", [*FT, "task=synthetic_relatedness,synthetic_choice"])
+    summary = evaluate(config, runs)
+    table = capsys.readouterr().out
+    for name in ("synthetic_relatedness", "synthetic_choice"):
+        task = get_task(name)
+        metrics = json.load(open(os.path.join(runs, "eval", name, "metrics.json")))
+        assert metrics["step"] == json.load(open(os.path.join(runs, name, "best.json")))["step"]
+        for split in ("validation", "test"):
+            rows = _read_tsv(os.path.join(runs, "eval", name, f"predictions_{split}.tsv"))
+            examples = synthetic_split(task, split)
+            assert [int(i) for i, _ in rows] == [ex.idx for ex in examples]  # each example once, by idx
+            preds = np.array([float(p) for _, p in rows])
+            expected = task_scores(task, np.array([ex.label for ex in examples]), preds)
+            for metric, value in metrics["splits"][split]["scores"].items():
+                # regression predictions are written with 3 decimals
+                assert value == pytest.approx(expected[metric], abs=2e-3 if task.is_regression else 0)
+            assert summary["tasks"][name]["splits"][split]["examples"] == len(examples)
+        assert name in table
+    assert summary["glue_average"] is None  # synthetic tasks are not GLUE tasks
+
+
+def test_splits_cover_mnli_halves():
+    assert task_splits(get_task("mnli"), "validation,test") == [
+        "validation_matched", "validation_mismatched", "test_matched", "test_mismatched"]
+    assert task_splits(get_task("ax"), "validation,test") == ["test"]
+    with pytest.raises(UserError, match="no split 'dev'"):
+        task_splits(get_task("rte"), "dev")
+
+
+def _glue_folder(root, test_size):
+    folder = os.path.join(root, "WNLI")
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    words = ["the cat sleeps .", "anna loved the film .", "he walks .", "i hated it ."]
+    def rows(n, labelled):
+        out = ["index\tsentence1\tsentence2" + ("\tlabel" if labelled else "")]
+        for i in range(n):
+            a, b = rng.choice(words, 2)
+            out.append(f"{i}\t{a}\t{b}" + (f"\t{int(a == b)}" if labelled else ""))
+        return "\n".join(out) + "\n"
+    for name, n, labelled in (("train.tsv", 48, True), ("dev.tsv", 20, True), ("test.tsv", test_size, False)):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(rows(n, labelled))
+    return root
+
+
+def test_glue_task_from_tsv_writes_the_submission_file(pretrained, tmp_path, capsys):
+    glue = _glue_folder(str(tmp_path / "glue"), 146)  # WNLI's official test size
+    run = str(tmp_path / "wnli")
+    args = ["--config", "configs/tiny.py", "--workdir", run, "--no-progress", "--config.task=wnli",
+            f"--config.source=tsv:{glue}", f"--config.init_from={pretrained}", *[f"--config.{o}" for o in FT]]
+    assert cli.main(["finetune", *args]) == 0
+    assert cli.main(["eval", *[a for a in args if a != "--no-progress"]]) == 0
+    out = capsys.readouterr().out
+    assert "GLUE average over 1 of 9 tasks" in out
+    rows = _read_tsv(os.path.join(run, "eval", "glue_submission", "WNLI.tsv"))
+    assert [int(i) for i, _ in rows] == list(range(146)) and {p for _, p in rows} <= {"0", "1"}
+    metrics = json.load(open(os.path.join(run, "eval", "wnli", "metrics.json")))
+    dev = read_tsv_split(glue, "wnli", "validation")
+    preds = [int(p) for _, p in _read_tsv(os.path.join(run, "eval", "wnli", "predictions_validation.tsv"))]
+    assert metrics["splits"]["validation"]["scores"]["accuracy"] == pytest.approx(
+        np.mean(np.array(preds) == [ex.label for ex in dev]))
+    assert metrics["splits"]["test"]["scores"] == {}  # the test file has no labels
+
+
+def test_partial_test_split_is_refused_for_submission(pretrained, tmp_path):
+    glue = _glue_folder(str(tmp_path / "glue"), 10)
+    run = str(tmp_path / "wnli")
+    config = load_config("configs/tiny.py", [*FT, "task=wnli", f"source=tsv:{glue}", f"init_from={pretrained}"])
+    finetune(config, run, progress=False)
+    with pytest.raises(UserError, match="expected 146"):
+        evaluate(config, run)
+
+
+def test_zero_shot_scores_a_pretrained_model(pretrained, tmp_path):
+    config = load_config("configs/tiny.py", ["task=synthetic_choice,synthetic_sentiment", "mode=zero_shot",
+                                             f"init_from={pretrained}", "finetune.splits=validation"])
+    summary = evaluate(config, str(tmp_path))
+    choice = summary["tasks"]["synthetic_choice"]["splits"]["validation"]["scores"]
+    assert set(choice) == {"acc", "acc_norm"} and all(0 <= v <= 1 for v in choice.values())
+    assert set(summary["tasks"]["synthetic_sentiment"]["splits"]["validation"]["scores"]) == {"acc"}
+    assert os.path.isfile(tmp_path / "eval" / "synthetic_choice" / "predictions_validation.tsv")
+
+
+def test_missing_run_is_a_clear_error(tmp_path):
+    config = load_config("configs/tiny.py", ["task=synthetic_sentiment"])
+    with pytest.raises(UserError, match="gptjax finetune --config.task=synthetic_sentiment"):
+        evaluate(config, str(tmp_path))
+    config = load_config("configs/tiny.py", ["task=ax"])
+    with pytest.raises(UserError, match="no fine-tuning run of mnli"):
+        evaluate(config, str(tmp_path))
+
+
+def test_mode_and_shots_must_agree():
+    with pytest.raises(UserError, match="few_shot needs shots > 0"):
+        load_config("configs/glue.py", ["mode=few_shot"])
+    with pytest.raises(UserError, match="mode must be one of"):
+        load_config("configs/glue.py", ["mode=one_shot"])
