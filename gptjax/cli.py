@@ -53,10 +53,9 @@ def cmd_pretrain(args, extra):
 
 def cmd_finetune(args, extra):
     from gptjax import distributed
-    from gptjax.finetune import finetune
+    from gptjax.finetune import finetune, score_text
     summary = finetune(_load(args, extra), args.workdir, progress=not args.no_progress)
-    scores = ", ".join(f"{split} {m} {v:.4f}" for split, sc in summary["scores"].items() for m, v in sc.items())
-    distributed.log(f"best: epoch {summary['epoch']} (step {summary['step']}): {scores}; "
+    distributed.log(f"best: epoch {summary['epoch']} (step {summary['step']}): {score_text(summary['scores'])}; "
                     f"`gptjax eval --config {args.config} --workdir {args.workdir}` scores it")
 
 

@@ -123,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "finetune.epochs", 3, "passes over the train split")
     _field(c, "finetune.warmup_fraction", 0.002, "linear warmup over this fraction of the updates, then linear decay to 0")
     _field(c, "finetune.clf_dropout", 0.1, "dropout on the extract-token state before the task head")
+    _field(c, "finetune.max_len", 0, "task inputs are truncated to this many tokens (0 = model.max_len)")
     _field(c, "finetune.max_examples", 0, "use only the first N train examples (0 = all)")
     _field(c, "finetune.eval_batch_size", 64, "examples per evaluation batch")
     _field(c, "finetune.splits", "validation,test", "eval: the splits to score (MNLI's validation/test "
@@ -320,6 +321,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(f.epochs > 0 and f.eval_batch_size > 0, "finetune.epochs and finetune.eval_batch_size must be positive")
     _check(0.0 <= f.warmup_fraction < 1.0, f"finetune.warmup_fraction must be in [0, 1), got {f.warmup_fraction}")
     _check(0.0 <= f.clf_dropout < 1.0, f"finetune.clf_dropout must be in [0, 1), got {f.clf_dropout}")
+    _check(0 <= f.max_len <= m.max_len, f"finetune.max_len must be in [0, model.max_len={m.max_len}], got {f.max_len}")
     _check(f.max_examples >= 0, f"finetune.max_examples must be >= 0, got {f.max_examples}")
     from gptjax.data.sources import parse_sources, parse_weights
     parse_weights(config.data.weights, len(parse_sources(config.data.source)))

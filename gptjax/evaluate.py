@@ -86,12 +86,12 @@ class FinetunedPredictor:
         self.directory = directory
 
     def predict(self, task, examples) -> np.ndarray:
-        from gptjax.finetune import predictions
+        from gptjax.finetune import input_length, predictions
 
-        encoded = transforms.encode(task, examples, self.tokenizer, self.config.model.max_len)
+        max_len = input_length(self.config)
+        encoded = transforms.encode(task, examples, self.tokenizer, max_len)
         if encoded.truncated:
-            distributed.log(f"{task.name}: {encoded.truncated} of {len(encoded)} examples truncated to "
-                            f"model.max_len={self.config.model.max_len}")
+            distributed.log(f"{task.name}: {encoded.truncated} of {len(encoded)} examples truncated to {max_len} tokens")
         return predictions(self.trained_task, self.runner.logits(encoded))
 
 

@@ -192,6 +192,17 @@ def epoch_rows(n: int, batch_size: int, seed: int, epoch: int, index: int) -> np
     return order[index * batch_size:(index + 1) * batch_size]
 
 
+def input_length(config) -> int:
+    """Tokens per task sequence: finetune.max_len, or the model's context when it is 0."""
+    return config.finetune.max_len or config.model.max_len
+
+
+def score_text(scores: dict) -> str:
+    """{"validation": {"accuracy": 0.5}} -> "validation accuracy 0.5000"."""
+    return ", ".join(f"{split} {metric} {value:.4f}" for split, values in scores.items()
+                     for metric, value in values.items())
+
+
 def validation_splits(task) -> list[str]:
     return [s for s in task.splits if s.startswith("validation")]
 
@@ -238,6 +249,11 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
             before = json.load(f).get("task")
         if before and before != task.name:
             raise UserError(f"{workdir} holds a fine-tuning run of task {before}; pass a new --workdir for {task.name}")
+    finished = _finished(workdir, config)
+    if finished is not None:
+        _log(f"{workdir} already holds the finished run (step {finished['total_steps']}); pass a new --workdir "
+             f"to fine-tune again")
+        return {"finished_before": True, **finished}
     pretrained = GPT.from_pretrained(config.init_from) if config.init_from else None
     config = effective_config(config, pretrained)
     tokenizer = load_tokenizer(config, pretrained)
@@ -248,11 +264,12 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
         examples = examples[:f.max_examples]
     if not examples:
         raise UserError(f"the train split of {task.name} has no examples")
-    train = transforms.encode(task, examples, tokenizer, config.model.max_len)
+    max_len = input_length(config)
+    train = transforms.encode(task, examples, tokenizer, max_len)
     if train.truncated:
-        _log(f"{train.truncated} of {len(train)} train examples were truncated to model.max_len={config.model.max_len}")
-    valid = {s: transforms.encode(task, read_split(task, s, config.source, config.data.seed), tokenizer,
-                                  config.model.max_len) for s in validation_splits(task)}
+        _log(f"{train.truncated} of {len(train)} train examples were truncated to {max_len} tokens")
+    valid = {s: transforms.encode(task, read_split(task, s, config.source, config.data.seed), tokenizer, max_len)
+             for s in validation_splits(task)}
     per_epoch = math.ceil(len(train) / t.batch_size)
     total = f.epochs * per_epoch
     runner = TaskRunner(config, task, total)
@@ -272,6 +289,23 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
                      progress and distributed.is_main())
     finally:
         checkpointer.close()
+
+
+def _finished(workdir: str, config) -> dict | None:
+    """best.json of a run that completed all its updates (and train.resume=latest), else None."""
+    if str(config.train.resume) != "latest" or not os.path.isfile(os.path.join(workdir, "best.json")):
+        return None
+    best = read_best(workdir)
+    done = checkpoint.latest_step(workdir)
+    if done is None or done < best.get("total_steps", math.inf):
+        return None
+    with open(os.path.join(workdir, "config.json")) as f:
+        epochs = json.load(f)["finetune"]["epochs"]
+    if epochs != config.finetune.epochs:
+        # The schedule decays to 0 over the planned epochs, so more of them is another run.
+        raise UserError(f"{workdir} holds a finished run of {epochs} epochs and finetune.epochs is "
+                        f"{config.finetune.epochs}; pass a new --workdir to fine-tune for {config.finetune.epochs}")
+    return best
 
 
 def read_best(workdir: str) -> dict:
@@ -338,11 +372,11 @@ def _loop(config, task, workdir, runner, checkpointer, tokenizer, train, valid, 
                           **{f"eval_{s}_{m}": v for s, sc in scores.items() for m, v in sc.items()}}
                 if writer:
                     writer.write(record)
-                    bar.write(distributed.prefix() + f"epoch {record['epoch']}: validation " + ", ".join(
-                        f"{s} {m} {v:.4f}" for s, sc in scores.items() for m, v in sc.items()))
+                    bar.write(distributed.prefix() + f"epoch {record['epoch']}: {score_text(scores)}")
                 save(done)
                 if best is None or value > best["score"]:
-                    best = {"step": done, "epoch": record["epoch"], "score": value, "scores": scores}
+                    best = {"step": done, "epoch": record["epoch"], "score": value, "scores": scores,
+                            "total_steps": total}
                     if main:
                         _write_json(os.path.join(workdir, "best.json"), best)
             elif done < total and stop(done):

@@ -228,3 +228,8 @@ def test_sharded_finetuning_matches_one_device(pretrained):
     for mesh, run in runs.items():
         np.testing.assert_allclose(run["losses"], base, rtol=2e-5, err_msg=mesh)
         np.testing.assert_allclose(run["logits"], runs["single"]["logits"], rtol=1e-4, atol=1e-5, err_msg=mesh)
+
+
+def test_more_epochs_on_a_finished_run_is_refused(pretrained, sentiment_run):
+    with pytest.raises(UserError, match="finished run of 2 epochs and finetune.epochs is 3"):
+        ft.finetune(_config(pretrained, "synthetic_sentiment", "finetune.epochs=3"), sentiment_run[0], progress=False)

@@ -554,3 +554,17 @@ def test_tfds_mock_data_source(task, split):
     for e in examples:
         assert len(e.texts) == len(t.text_fields) and all(isinstance(x, str) for x in e.texts)
         assert isinstance(e.label, float) if t.is_regression else e.label in range(t.num_labels)
+
+
+@pytest.mark.parametrize("name, fits_label", [("synthetic_coreference", 0), ("synthetic_coherence", 1)])
+def test_coreference_labels_follow_the_protagonist(synthetic, name, fits_label):
+    """The label is whether the sentence's pronoun is the protagonist's, whom the story names first."""
+    from gptjax.data import synthetic as syn
+    for ex in synthetic[name]:
+        story, sentence = ex.texts
+        protagonist = next(w for w in story.split() if w in syn.NAMES)
+        pronoun = next(w for w in sentence.split() if w in ("he", "she"))
+        fits = pronoun == syn.PRONOUNS[syn.NAMES[protagonist]][0]
+        assert (ex.label == fits_label) == fits
+        verb = sentence.split()[sentence.split().index(pronoun) + 1]
+        assert verb in syn.INTRANSITIVE_VERBS  # always the agreeing (singular) form

@@ -19,6 +19,12 @@ template the text came from:
   the only one of its (pronoun, agreement) cell, so none stands out without the story: agreement
   rules out two, and only the protagonist's gender, set in the story, separates the other two.
 
+* synthetic_coreference (pair, RTE-like): a story, then one sentence about "he" or "she" with an
+  agreeing verb; it is entailed when the pronoun is the protagonist's, so only the story's
+  protagonist (named once, at the start, with a gendered noun) decides.
+* synthetic_coherence (similarity): the same story and sentence read as a symmetric relation:
+  "same_person" when both are about the protagonist.
+
 Example i of a split is a pure function of (seed, task, split, i), so any subset can be produced
 directly and every host agrees. Test splits keep their labels: this data is not scored by a server.
 """
@@ -102,6 +108,28 @@ def _choice(rng: np.random.Generator):
     return (context, *answers), label
 
 
+def _pronoun_sentence(rng: np.random.Generator):
+    """(a story, a sentence about he or she with an agreeing verb, whether it is the protagonist)."""
+    names = tuple(syn.NAMES)
+    name = names[int(rng.random() * len(names))]
+    gender = syn.NAMES[name]
+    fits = int(rng.random() < 0.5)
+    pronoun = syn.PRONOUNS[gender if fits else ("m" if gender == "f" else "f")][0]
+    verbs = tuple(syn.INTRANSITIVE_VERBS)
+    frame = _CONTINUATIONS[int(rng.random() * len(_CONTINUATIONS))]
+    return syn.story(rng, name), frame.format(pronoun, verbs[int(rng.random() * len(verbs))]), fits
+
+
+def _coreference(rng: np.random.Generator):
+    story, sentence, fits = _pronoun_sentence(rng)
+    return (story, sentence), 1 - fits  # 0 = entailment
+
+
+def _coherence(rng: np.random.Generator):
+    story, sentence, fits = _pronoun_sentence(rng)
+    return (story, sentence), fits  # 1 = the two texts are about the same person
+
+
 def _task(name, type_, fields, labels, metrics, prediction_format="label_id", **kw) -> Task:
     return Task(f"synthetic_{name}", type_, fields, labels, metrics, _SPLITS,
                 prediction_format=prediction_format, **kw)
@@ -120,6 +148,10 @@ SYNTHETIC_TASKS: dict[str, Task] = {t.name: t for t in (
     # Example.texts is (context, answer_0, ..., answer_3); the label indexes the correct answer.
     _task("choice", "multiple_choice", ("context", *(f"answer_{i}" for i in range(CHOICES))),
           tuple(f"answer_{i}" for i in range(CHOICES)), ("accuracy",)),
+    _task("coreference", "pair", ("story", "sentence"), ("entailment", "not_entailment"), ("accuracy",),
+          "label_name"),
+    _task("coherence", "similarity", ("story", "sentence"), ("different_person", "same_person"),
+          ("f1", "accuracy")),
 )}
 
 # The position of a task or split in these tuples seeds its examples: append, never reorder.
@@ -130,6 +162,8 @@ _BUILDERS: dict[str, Callable[[np.random.Generator], tuple[tuple[str, ...], int 
     "synthetic_paraphrase": _paraphrase,
     "synthetic_relatedness": _relatedness,
     "synthetic_choice": _choice,
+    "synthetic_coreference": _coreference,
+    "synthetic_coherence": _coherence,
 }
 _TASK_IDS = {name: i for i, name in enumerate(_BUILDERS)}
 _SPLIT_IDS = {name: i for i, name in enumerate(_SPLITS)}
