@@ -29,6 +29,15 @@ from gptjax.tasks.submission import write_predictions, write_submission
 SUBMISSION_DIR = "glue_submission"
 
 
+def _run_task(workdir: str) -> str:
+    """The task of the fine-tuning run in `workdir` ("" when it is not one)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        return json.load(f).get("task", "")
+
+
 def task_list(spec: str) -> list:
     spec = spec.strip()
     if not spec:
@@ -85,13 +94,13 @@ class FinetunedPredictor:
         self.tokenizer = Tokenizer.load(os.path.join(directory, "tokenizer.model"))
         self.directory = directory
 
-    def predict(self, task, examples) -> np.ndarray:
+    def predict(self, task, examples, split: str) -> np.ndarray:
         from gptjax.finetune import input_length, predictions
 
         max_len = input_length(self.config)
         encoded = transforms.encode(task, examples, self.tokenizer, max_len)
         if encoded.truncated:
-            distributed.log(f"{task.name}: {encoded.truncated} of {len(encoded)} examples truncated to {max_len} tokens")
+            distributed.log(f"{task.name} {split}: {encoded.truncated} of {len(encoded)} examples truncated to {max_len} tokens")
         return predictions(self.trained_task, self.runner.logits(encoded))
 
 
@@ -101,7 +110,8 @@ def _labelled(task, examples) -> bool:
 
 def evaluate(config, workdir: str) -> dict:
     """Scores every requested task and split; returns {task: {split: scores}} plus the GLUE average."""
-    tasks = task_list(config.task)
+    spec = config.task or (_run_task(workdir) if config.mode == "finetuned" else "")
+    tasks = task_list(spec)
     single = len(tasks) == 1
     main = distributed.is_main()
     lm = None
@@ -124,7 +134,7 @@ def evaluate(config, workdir: str) -> dict:
         for split in splits:
             examples = read_split(task, split, config.source, config.data.seed)
             if lm is None:
-                preds, scores = predictor.predict(task, examples), None
+                preds, scores = predictor.predict(task, examples, split), None
             else:
                 from gptjax import zero_shot
                 train = read_split(task, "train", config.source, config.data.seed) if config.shots or \

@@ -143,3 +143,9 @@ def test_mode_and_shots_must_agree():
         load_config("configs/glue.py", ["mode=few_shot"])
     with pytest.raises(UserError, match="mode must be one of"):
         load_config("configs/glue.py", ["mode=one_shot"])
+
+
+def test_eval_of_a_run_defaults_to_its_task(runs, capsys):
+    config = load_config("configs/glue.py", ["finetune.splits=validation"])
+    summary = evaluate(config, os.path.join(runs, "synthetic_choice"))
+    assert list(summary["tasks"]) == ["synthetic_choice"]
