@@ -55,8 +55,10 @@ def cmd_finetune(args, extra):
     from gptjax import distributed
     from gptjax.finetune import finetune, score_text
     summary = finetune(_load(args, extra), args.workdir, progress=not args.no_progress)
-    distributed.log(f"best: epoch {summary['epoch']} (step {summary['step']}): {score_text(summary['scores'])}; "
-                    f"`gptjax eval --config {args.config} --workdir {args.workdir}` scores its test split")
+    if distributed.is_main():
+        distributed.log(f"best: epoch {summary['epoch']} (step {summary['step']}): {score_text(summary['scores'])}; "
+                        f"`gptjax eval --config {args.config} --workdir {args.workdir}` scores its validation "
+                        f"and test splits")
 
 
 def cmd_eval(args, extra):

@@ -73,26 +73,41 @@ def run_dir(workdir: str, task, single: bool) -> str:
 
 
 class FinetunedPredictor:
-    """The best checkpoint of a fine-tuning run, on the mesh."""
+    """The best checkpoint of a fine-tuning run, on the mesh of the eval config (prediction only:
+    no optimizer state). Model, tokenizer and input length are the run's."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, eval_config):
         from gptjax.data.tokenizer import Tokenizer
         from gptjax.finetune import TaskRunner, read_best
 
         with open(os.path.join(directory, "config.json")) as f:
             self.config = config_lib.config_from_dict(json.load(f))
+        # The eval command's mesh and batch size, whatever the run trained with.
+        self.config.mesh = config_lib.config_from_dict({"mesh": eval_config.mesh.to_dict()}).mesh
+        self.config.finetune.eval_batch_size = eval_config.finetune.eval_batch_size
+        self.config.train.batch_size, self.config.train.grad_accum = eval_config.finetune.eval_batch_size, 1
         self.trained_task = get_task(self.config.task)
         best = read_best(directory)
         self.step = best["step"]
-        self.runner = TaskRunner(self.config, self.trained_task)
+        latest = checkpoint.latest_step(directory)
+        if latest is not None and latest < best.get("total_steps", 0):
+            _log(f"warning: {directory} has not finished fine-tuning (step {latest} of {best['total_steps']}); "
+                 f"scoring its best epoch so far (step {self.step})")
+        self.runner = TaskRunner(self.config, self.trained_task, total_steps=None)
         reader = checkpoint.Checkpointer(directory, read_only=True)
         try:
             params = reader.restore_params(self.step, self.runner.state.params)
         finally:
             reader.close()
-        self.runner.state = type(self.runner.state)(self.runner.state.step, params, self.runner.state.opt_state)
+        self.runner.state = type(self.runner.state)(self.runner.state.step, params, None)
         self.tokenizer = Tokenizer.load(os.path.join(directory, "tokenizer.model"))
         self.directory = directory
+
+    def data_settings(self, eval_config) -> dict:
+        """Where the run read its task (unless the eval config names a source)."""
+        source = eval_config.source if eval_config.source != "auto" else self.config.source
+        return {"source": source, "seed": self.config.data.seed,
+                "tfds_data_dir": eval_config.data.tfds_data_dir or self.config.data.tfds_data_dir}
 
     def predict(self, task, examples, split: str) -> np.ndarray:
         from gptjax.finetune import input_length, predictions
@@ -100,45 +115,72 @@ class FinetunedPredictor:
         max_len = input_length(self.config)
         encoded = transforms.encode(task, examples, self.tokenizer, max_len)
         if encoded.truncated:
-            distributed.log(f"{task.name} {split}: {encoded.truncated} of {len(encoded)} examples truncated to {max_len} tokens")
+            _log(f"{task.name} {split}: {encoded.truncated} of {len(encoded)} examples truncated to {max_len} tokens")
         return predictions(self.trained_task, self.runner.logits(encoded))
+
+
+def _log(message: str) -> None:
+    if distributed.is_main():
+        distributed.log(message)
 
 
 def _labelled(task, examples) -> bool:
     return bool(examples) and all(ex.label is not None for ex in examples)
 
 
+def _check_submission_size(task, split: str, examples) -> None:
+    """Before any prediction, on every process: a GLUE submission must cover the whole split."""
+    expected = dict(task.num_examples).get(split)
+    if dict(task.submission_files).get(split) and expected is not None and len(examples) != expected:
+        raise UserError(f"{task.name} {split} has {len(examples)} examples, the official split {expected}: the "
+                        f"GLUE server needs every one; evaluate the full split, or leave the test splits out "
+                        f"with --config.finetune.splits=validation")
+
+
 def evaluate(config, workdir: str) -> dict:
     """Scores every requested task and split; returns {task: {split: scores}} plus the GLUE average."""
+    from gptjax import zero_shot
+
     spec = config.task or (_run_task(workdir) if config.mode == "finetuned" else "")
     tasks = task_list(spec)
-    single = len(tasks) == 1
     main = distributed.is_main()
-    lm = None
-    if config.mode != "finetuned":
+    lm, runs, skipped = None, {}, {}
+    if config.mode == "finetuned":
+        # Every run is found before the first prediction: a missing one fails in seconds, not hours.
+        runs = {task.name: run_dir(workdir, task, len(tasks) == 1) for task in tasks}
+    else:
         from gptjax.api import GPT
         lm = GPT.from_pretrained(config.init_from or workdir)
         if lm.tokenizer is None:
             raise UserError(f"{config.init_from or workdir} has no tokenizer.model; zero/few-shot scoring needs "
                             f"the model's SentencePiece tokenizer beside it")
+        for task in tasks:
+            reason = zero_shot.unsupported(task, config.shots)
+            if reason:
+                skipped[task.name] = reason
+        tasks = [t for t in tasks if t.name not in skipped]
     results, rows = {}, []
     for task in tasks:
         splits = task_splits(task, config.finetune.splits)
         if not splits:
             continue
-        predictor = FinetunedPredictor(run_dir(workdir, task, single)) if lm is None else None
+        predictor = FinetunedPredictor(runs[task.name], config) if lm is None else None
+        data = predictor.data_settings(config) if predictor else {
+            "source": config.source, "seed": config.data.seed, "tfds_data_dir": config.data.tfds_data_dir}
+        split_examples = {split: read_split(task, split, **data) for split in splits}
+        for split, examples in split_examples.items():
+            _check_submission_size(task, split, examples)
+        train = None
+        if lm is not None and (config.shots or task.name in zero_shot.ACCEPTABILITY_TASKS) and "train" in task.splits:
+            train = read_split(task, "train", **data)
         out_dir = os.path.join(workdir, "eval", task.name)
         task_result = {"mode": config.mode, "splits": {}}
         if predictor is not None:
             task_result.update(run=predictor.directory, step=predictor.step)
-        for split in splits:
-            examples = read_split(task, split, config.source, config.data.seed)
+        for split, examples in split_examples.items():
             if lm is None:
                 preds, scores = predictor.predict(task, examples, split), None
             else:
-                from gptjax import zero_shot
-                train = read_split(task, "train", config.source, config.data.seed) if config.shots or \
-                    task.name in ("cola", "synthetic_acceptability") else None
                 scores, preds = zero_shot.evaluate(lm, task, examples, mode=config.mode, shots=config.shots,
                                                    train_examples=train, seed=config.train.seed,
                                                    batch_size=config.finetune.eval_batch_size)
@@ -161,7 +203,8 @@ def evaluate(config, workdir: str) -> dict:
                 json.dump(task_result, f, indent=2)
         results[task.name] = task_result
     average, missing = glue_average(_main_scores(results))
-    summary = {"tasks": results, "glue_average": None if np.isnan(average) else average, "glue_missing": missing}
+    summary = {"tasks": results, "glue_average": None if np.isnan(average) else average, "glue_missing": missing,
+               "skipped": skipped}
     if main:
         _print_table(rows, summary)
     return summary
@@ -184,6 +227,8 @@ def _print_table(rows, summary) -> None:
     for name, split, count, scores in rows:
         text = "  ".join(f"{m} {100 * v:.1f}" for m, v in scores.items()) or "(no labels: predictions written)"
         print(f"{name:<26} {split:<22} {count:>8}  {text}")
+    for name, reason in summary["skipped"].items():
+        print(f"{name:<26} {'-':<22} {'-':>8}  not scored: {reason}")
     if summary["glue_average"] is not None:
         counted = 9 - len(summary["glue_missing"])
         print(f"GLUE average over {counted} of 9 tasks (validation): {100 * summary['glue_average']:.1f}")

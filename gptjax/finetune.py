@@ -31,7 +31,7 @@ from gptjax.data.tokenizer import PAD_ID, Tokenizer, check_vocab
 from gptjax.errors import Preempted, UserError
 from gptjax.loss import lm_loss
 from gptjax.model import init_task_model
-from gptjax.optim import make_optimizer
+from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tasks import get_task, transforms
 from gptjax.tasks.scores import main_score, task_scores
 from gptjax.tasks.splits import read_split
@@ -102,7 +102,8 @@ def schedule_config(config, steps: int):
 class TaskRunner:
     """A TaskModel on the mesh: its state, the jitted fine-tuning step and batched prediction."""
 
-    def __init__(self, config, task, total_steps: int = 1, mesh=None):
+    def __init__(self, config, task, total_steps: int | None = 1, mesh=None):
+        """total_steps=None: prediction only (no optimizer state, no train step)."""
         self.config, self.task = config, task
         self.mesh = mesh or sharding.make_mesh(config.mesh)
         sharding.check_divisible(config, self.mesh)
@@ -110,27 +111,33 @@ class TaskRunner:
         if config.finetune.eval_batch_size % rows:
             raise UserError(f"finetune.eval_batch_size ({config.finetune.eval_batch_size}) must be divisible "
                             f"by the {rows} devices the batch is split over (mesh.data x mesh.fsdp)")
+        if config.train.grad_accum != 1:
+            raise UserError("fine-tuning has no gradient accumulation; set train.grad_accum=1 (and lower "
+                            "train.batch_size if memory is short)")
         seed, outputs, combine = config.train.seed, num_outputs(task), COMBINE[task.type]
         make = partial(init_task_model, config.model, outputs, combine, seed)
         self.graphdef, abstract = nnx.split(nnx.eval_shape(make), nnx.Param)
         self.param_shardings = sharding.param_shardings(self.mesh, abstract)
         params = jax.jit(lambda: nnx.state(make(), nnx.Param), out_shardings=self.param_shardings)()
-        train_cfg = schedule_config(config, total_steps)
-        from gptjax.optim import lr_schedule
-        self.schedule, self.tx = lr_schedule(train_cfg), make_optimizer(train_cfg)
         replicated = sharding.replicated(self.mesh)
+        self.rows_sharding = jax.sharding.NamedSharding(self.mesh, sharding.spec(("batch",)))
+        self._predict = jax.jit(partial(predict_step, self.graphdef), out_shardings=replicated)
+        step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+        if total_steps is None:
+            self.state = TrainState(step, params, None)
+            return
+        train_cfg = schedule_config(config, total_steps)
+        self.schedule, self.tx = lr_schedule(train_cfg), make_optimizer(train_cfg)
         opt_state = jax.tree.map(
             lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
             jax.jit(self.tx.init)(params))
-        self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
-        self.rows_sharding = jax.sharding.NamedSharding(self.mesh, sharding.spec(("batch",)))
+        self.state = TrainState(step, params, opt_state)
         f = config.finetune
         loss_fn = partial(batch_loss, self.graphdef, task.type, config.model.vocab_size, f.lm_weight, f.clf_dropout)
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self._step = jax.jit(partial(finetune_step, loss_fn, self.tx, self.schedule, seed),
                              in_shardings=(state_shardings, self.rows_sharding),
                              out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-        self._predict = jax.jit(partial(predict_step, self.graphdef), out_shardings=replicated)
 
     def load_decoder(self, decoder_params: nnx.State) -> None:
         """Puts pretrained decoder params (any layout) into this model's decoder, sharded."""
@@ -226,7 +233,7 @@ def effective_config(config, pretrained):
         for key, value in pretrained.config.model.items():
             if key not in OWN_MODEL_FIELDS:
                 config.model[key] = value
-    config.train.seq_len = config.model.max_len  # sequences are as long as the task's longest input
+    config.train.seq_len = config.model.max_len  # unused by fine-tuning; kept valid for validate()
     config_lib.validate(config)
     return config
 
@@ -236,9 +243,12 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
     with the validation scores of every epoch and the best one."""
     from gptjax.api import GPT
 
-    task = get_task(config.task) if config.task and "," not in config.task and config.task != "all" else None
-    if task is None:
-        raise UserError(f"task='{config.task}': fine-tuning takes one task (run one finetune per task)")
+    if not config.task:
+        raise UserError("set --config.task=NAME (sst2, mnli, synthetic_sentiment, ...): the task to fine-tune on")
+    if "," in config.task or config.task == "all":
+        raise UserError(f"task='{config.task}': fine-tuning takes one task; run one finetune per task, each "
+                        f"into WORKDIR/<task>, and `gptjax eval --config.task={config.task}` scores them together")
+    task = get_task(config.task)
     if task.name == "ax":
         raise UserError("ax is MNLI's diagnostic test set with no training data: fine-tune mnli, then "
                         "`gptjax eval --config.task=ax` on that run")
@@ -249,27 +259,34 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
             before = json.load(f).get("task")
         if before and before != task.name:
             raise UserError(f"{workdir} holds a fine-tuning run of task {before}; pass a new --workdir for {task.name}")
+        if not before and os.path.isdir(os.path.join(workdir, "checkpoints")):
+            raise UserError(f"{workdir} holds a pretraining run; pass it as --config.init_from={workdir} and give "
+                            f"the fine-tuning run a new --workdir")
     finished = _finished(workdir, config)
     if finished is not None:
         _log(f"{workdir} already holds the finished run (step {finished['total_steps']}); pass a new --workdir "
              f"to fine-tune again")
         return {"finished_before": True, **finished}
+    # The data first: a missing dataset is reported before minutes of loading weights.
+    read = partial(read_split, task, source=config.source, seed=config.data.seed,
+                   tfds_data_dir=config.data.tfds_data_dir)
+    examples = read("train")
+    if config.finetune.max_examples:
+        examples = examples[:config.finetune.max_examples]
+    if not examples:
+        raise UserError(f"the train split of {task.name} has no examples")
+    splits = {s: read(s) for s in validation_splits(task)}
     pretrained = GPT.from_pretrained(config.init_from) if config.init_from else None
     config = effective_config(config, pretrained)
     tokenizer = load_tokenizer(config, pretrained)
     check_vocab(config.model.vocab_size, tokenizer)
     f, t = config.finetune, config.train
-    examples = read_split(task, "train", config.source, config.data.seed)
-    if f.max_examples:
-        examples = examples[:f.max_examples]
-    if not examples:
-        raise UserError(f"the train split of {task.name} has no examples")
     max_len = input_length(config)
     train = transforms.encode(task, examples, tokenizer, max_len)
-    if train.truncated:
-        _log(f"{train.truncated} of {len(train)} train examples were truncated to {max_len} tokens")
-    valid = {s: transforms.encode(task, read_split(task, s, config.source, config.data.seed), tokenizer, max_len)
-             for s in validation_splits(task)}
+    valid = {s: transforms.encode(task, ex, tokenizer, max_len) for s, ex in splits.items()}
+    for name, encoded in (("train", train), *valid.items()):
+        if encoded.truncated:
+            _log(f"{encoded.truncated} of {len(encoded)} {name} examples were truncated to {max_len} tokens")
     per_epoch = math.ceil(len(train) / t.batch_size)
     total = f.epochs * per_epoch
     runner = TaskRunner(config, task, total)
@@ -281,9 +298,10 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
     checkpointer = checkpoint.Checkpointer(workdir)
     try:
         steps = checkpointer.steps()
-        if str(t.resume) == "latest" and steps and steps[-1] >= total:
-            _log(f"{workdir} already holds the finished run (step {steps[-1]} of {total})")
-            return {"finished_before": True, **read_best(workdir)}
+        if steps and steps[-1] >= total:
+            raise UserError(f"{workdir} holds checkpoints up to step {steps[-1]}, but this config makes "
+                            f"{total} updates (finetune.epochs, train.batch_size or finetune.max_examples "
+                            f"changed); pass a new --workdir")
         start = _resume(config, workdir, runner, checkpointer)
         return _loop(config, task, workdir, runner, checkpointer, tokenizer, train, valid, start, per_epoch,
                      progress and distributed.is_main())
@@ -311,8 +329,8 @@ def _finished(workdir: str, config) -> dict | None:
 def read_best(workdir: str) -> dict:
     path = os.path.join(workdir, "best.json")
     if not os.path.isfile(path):
-        raise UserError(f"{workdir} has no best.json: it is not a finished fine-tuning run; run "
-                        f"`gptjax finetune --workdir {workdir}` first")
+        raise UserError(f"{workdir} has no best.json: no fine-tuning epoch has finished there; run "
+                        f"`gptjax finetune --config configs/glue.py --config.task=... --workdir {workdir}` first")
     with open(path) as f:
         return json.load(f)
 
@@ -338,6 +356,8 @@ def _loop(config, task, workdir, runner, checkpointer, tokenizer, train, valid, 
         _restart_metrics(workdir, start)
     writer = MetricsWriter(workdir) if main else None
     best = read_best(workdir) if start and os.path.isfile(os.path.join(workdir, "best.json")) else None
+    if best is not None and best["step"] > start:
+        best = None  # it names a checkpoint this run set aside and will train again
     stop, pending, history = _StopSignal(), [], []
     tokenizer_bytes = tokenizer.serialized_model_proto()
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)

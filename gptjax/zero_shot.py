@@ -24,7 +24,7 @@ from flax import nnx
 
 from gptjax.errors import UserError
 from gptjax.tasks.registry import get_task
-from gptjax.tasks.scores import matthews
+from gptjax.tasks.scores import task_scores
 
 SENTIMENT_TASKS = ("sst2", "synthetic_sentiment")
 ACCEPTABILITY_TASKS = ("cola", "synthetic_acceptability")
@@ -37,8 +37,9 @@ def _token_logprobs(graphdef, state, tokens, targets):
     m = nnx.merge(graphdef, state)
     # The padded vocabulary columns are embedding rows no token uses: they take no probability mass.
     logits = m.lm_logits(m(tokens))[..., :m.vocab_size].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    # Only the targets' log-probabilities: no second [B, T, V] array next to the logits.
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def continuation_logprobs(model, contexts, continuations, batch_size: int = 32):
@@ -171,6 +172,18 @@ def fit_threshold(scores, positive) -> float:
     return float(cuts[best])
 
 
+def unsupported(task, shots: int) -> str | None:
+    """Why `task` cannot be scored this way (None: it can)."""
+    task = get_task(task)
+    if task.is_regression:
+        return "a regression task has no label words to compare; fine-tune on it instead"
+    if task.name in ACCEPTABILITY_TASKS and shots:
+        return "scored by a likelihood threshold, which has no label words to demonstrate; use zero_shot"
+    if shots and "train" not in task.splits:
+        return "no train split to draw demonstrations from"
+    return None
+
+
 def _check_mode(mode: str, shots: int, train_examples) -> None:
     if mode not in ("zero_shot", "few_shot"):
         raise UserError(f"unknown mode '{mode}'; use zero_shot or few_shot")
@@ -188,7 +201,8 @@ def evaluate(model, task, examples, *, mode: str = "zero_shot", shots: int = 0, 
              seed: int = 0, batch_size: int = 32):
     """(scores, predicted label ids [n]) of a pretrained GPT on a task's examples, no training.
 
-    multiple choice: the answer with the highest summed log-probability (`acc`); `acc_norm`
+    Scores are the task's metrics (`accuracy` is lm-evaluation-harness's `acc`), plus for
+    multiple choice `acc_norm`. Multiple choice: the answer with the highest summed log-probability; `acc_norm`
     divides by the answer's length in characters. SST-2-like sentiment: "<text> very" then
     " positive" / " negative". CoLA-like acceptability: the sentence's mean token log-probability
     above a threshold, a single scalar fitted on `train_examples` for the best Matthews correlation
@@ -198,9 +212,9 @@ def evaluate(model, task, examples, *, mode: str = "zero_shot", shots: int = 0, 
     task = get_task(task)
     examples, train = list(examples), list(train_examples or [])
     _check_mode(mode, shots, train)
-    if task.is_regression:
-        raise UserError(f"task {task.name} is a regression task: zero-shot scoring needs label words "
-                        f"to compare, and a score has none; fine-tune the model on it instead")
+    reason = unsupported(task, shots)
+    if reason:
+        raise UserError(f"task {task.name} cannot be scored {mode.replace('_', '-')}: {reason}")
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise UserError("zero-shot evaluation needs the model's tokenizer; load a workdir that has one")
@@ -226,7 +240,7 @@ def evaluate(model, task, examples, *, mode: str = "zero_shot", shots: int = 0, 
     preds = logp.argmax(axis=1)
     if not labelled:
         return {}, preds
-    scores = {"acc": float(np.mean(preds == labels))}
+    scores = task_scores(task, labels, preds)  # the task's own metrics; "accuracy" is lm-eval's acc
     if task.type == "multiple_choice":
         scores["acc_norm"] = float(np.mean((logp / chars).argmax(axis=1) == labels))
     return scores, preds
@@ -249,4 +263,4 @@ def _acceptability(model, task, examples, train, labels, batch_size):
     preds = np.where(ours > threshold, positive, 1 - positive)
     if labels is None:
         return {}, preds
-    return {"matthews": matthews(labels, preds), "acc": float(np.mean(preds == labels))}, preds
+    return task_scores(task, labels, preds), preds

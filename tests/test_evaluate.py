@@ -115,8 +115,9 @@ def test_partial_test_split_is_refused_for_submission(pretrained, tmp_path):
     run = str(tmp_path / "wnli")
     config = load_config("configs/tiny.py", [*FT, "task=wnli", f"source=tsv:{glue}", f"init_from={pretrained}"])
     finetune(config, run, progress=False)
-    with pytest.raises(UserError, match="expected 146"):
+    with pytest.raises(UserError, match="wnli test has 10 examples, the official split 146"):
         evaluate(config, run)
+    assert not os.path.exists(os.path.join(run, "eval", "glue_submission"))  # refused before predicting
 
 
 def test_zero_shot_scores_a_pretrained_model(pretrained, tmp_path):
@@ -124,9 +125,31 @@ def test_zero_shot_scores_a_pretrained_model(pretrained, tmp_path):
                                              f"init_from={pretrained}", "finetune.splits=validation"])
     summary = evaluate(config, str(tmp_path))
     choice = summary["tasks"]["synthetic_choice"]["splits"]["validation"]["scores"]
-    assert set(choice) == {"acc", "acc_norm"} and all(0 <= v <= 1 for v in choice.values())
-    assert set(summary["tasks"]["synthetic_sentiment"]["splits"]["validation"]["scores"]) == {"acc"}
+    assert set(choice) == {"accuracy", "acc_norm"} and all(0 <= v <= 1 for v in choice.values())
+    assert set(summary["tasks"]["synthetic_sentiment"]["splits"]["validation"]["scores"]) == {"accuracy"}
     assert os.path.isfile(tmp_path / "eval" / "synthetic_choice" / "predictions_validation.tsv")
+
+
+def test_zero_shot_skips_what_it_cannot_score(pretrained, tmp_path, capsys):
+    config = load_config("configs/tiny.py", ["task=synthetic_relatedness,synthetic_sentiment", "mode=zero_shot",
+                                             f"init_from={pretrained}", "finetune.splits=validation"])
+    summary = evaluate(config, str(tmp_path))
+    assert list(summary["tasks"]) == ["synthetic_sentiment"]
+    assert "regression" in summary["skipped"]["synthetic_relatedness"]
+    assert "synthetic_relatedness" in capsys.readouterr().out
+
+
+def test_eval_runs_on_its_own_mesh_and_batch_size(runs):
+    """A run fine-tuned on one device is scored on 1 device with another batch size, and on the
+    same predictions as with the run's own settings."""
+    name = "synthetic_choice"
+    a = evaluate(load_config("configs/tiny.py", [f"task={name}", "finetune.splits=validation",
+                                                 "finetune.eval_batch_size=7"]), runs)
+    first = open(os.path.join(runs, "eval", name, "predictions_validation.tsv")).read()
+    b = evaluate(load_config("configs/tiny.py", [f"task={name}", "finetune.splits=validation",
+                                                 "finetune.eval_batch_size=64"]), runs)
+    assert open(os.path.join(runs, "eval", name, "predictions_validation.tsv")).read() == first
+    assert a["tasks"][name]["splits"] == b["tasks"][name]["splits"]
 
 
 def test_missing_run_is_a_clear_error(tmp_path):

@@ -200,7 +200,7 @@ def _like(workdir):
 
 
 @pytest.mark.parametrize("task, message", [
-    ("ax", "diagnostic"), ("sst2,rte", "one task"), ("nosuch", "unknown task"), ("", "one task")])
+    ("ax", "diagnostic"), ("sst2,rte", "one task"), ("nosuch", "unknown task"), ("", "set --config.task")])
 def test_task_errors(pretrained, tmp_path, task, message):
     with pytest.raises(UserError, match=message):
         ft.finetune(_config(pretrained, task), str(tmp_path / "w"), progress=False)
@@ -233,3 +233,8 @@ def test_sharded_finetuning_matches_one_device(pretrained):
 def test_more_epochs_on_a_finished_run_is_refused(pretrained, sentiment_run):
     with pytest.raises(UserError, match="finished run of 2 epochs and finetune.epochs is 3"):
         ft.finetune(_config(pretrained, "synthetic_sentiment", "finetune.epochs=3"), sentiment_run[0], progress=False)
+
+
+def test_a_pretraining_workdir_is_not_a_finetuning_workdir(pretrained):
+    with pytest.raises(UserError, match="holds a pretraining run; pass it as --config.init_from"):
+        ft.finetune(_config(pretrained, "synthetic_sentiment"), pretrained, progress=False)

@@ -97,7 +97,7 @@ def test_acc_sums_log_probs_and_acc_norm_divides_by_characters(monkeypatch):
     examples = [choice_example(0, answers, 0), choice_example(1, answers[::-1], 3)]
     scores, preds = zero_shot.evaluate(model, "synthetic_choice", examples)
     assert preds.tolist() == [1, 2]  # the prediction is the acc one
-    assert scores == {"acc": 0.0, "acc_norm": 1.0}
+    assert scores == {"accuracy": 0.0, "acc_norm": 1.0}
     unlabelled = [Example(ex.idx, ex.texts, None) for ex in examples]
     scores, preds = zero_shot.evaluate(model, "synthetic_choice", unlabelled)
     assert scores == {} and preds.tolist() == [1, 2]
@@ -108,7 +108,7 @@ def test_sentiment_and_verbaliser_prompts(monkeypatch):
     model = stub_model(monkeypatch, lambda ctx, cont: -1.0 if cont == " positive" else -2.0, seen)
     scores, preds = zero_shot.evaluate(model, "sst2", [Example(0, ("great film",), 1), Example(1, ("dull",), 0)])
     assert seen[:2] == [("great film very", " negative"), ("great film very", " positive")]
-    assert preds.tolist() == [1, 1] and scores == {"acc": 0.5}
+    assert preds.tolist() == [1, 1] and scores == {"accuracy": 0.5}
     seen.clear()
     zero_shot.evaluate(model, "rte", [Example(0, ("it rains", "it is wet"), 0)])
     assert seen == [("sentence1: it rains sentence2: it is wet answer:", " entailment"),
@@ -170,7 +170,7 @@ def test_acceptability_uses_the_train_threshold_or_the_median(monkeypatch):
     examples = [Example(0, ("ok",), 1), Example(1, ("meh",), 1), Example(2, ("fine",), 0)]
     scores, preds = zero_shot.evaluate(model, "synthetic_acceptability", examples, train_examples=train)
     assert preds.tolist() == [1, 0, 1]  # threshold -2.5 from the train data
-    assert scores["acc"] == pytest.approx(1 / 3) and scores["matthews"] == pytest.approx(-0.5)
+    assert scores["accuracy"] == pytest.approx(1 / 3) and scores["matthews"] == pytest.approx(-0.5)
     _, preds = zero_shot.evaluate(model, "cola", examples)  # the median, -2.0: strictly above it
     assert preds.tolist() == [1, 0, 0]
 
@@ -179,7 +179,7 @@ def test_evaluate_errors(monkeypatch):
     model = stub_model(monkeypatch, lambda ctx, cont: 0.0)
     ex = [Example(0, ("text",), 1)]
     cases = [
-        (dict(task="stsb", examples=[Example(0, ("a", "b"), 1.0)]), "needs label words"),
+        (dict(task="stsb", examples=[Example(0, ("a", "b"), 1.0)]), "cannot be scored zero-shot: a regression task"),
         (dict(mode="one_shot"), "unknown mode 'one_shot'"),
         (dict(shots=2), "zero_shot takes shots=0"),
         (dict(mode="few_shot"), "few_shot needs shots >= 1"),
@@ -222,8 +222,8 @@ def test_evaluate_end_to_end_on_a_tiny_model(trained, name, shots):
                                        batch_size=8)
     task = get_task(name)
     assert preds.shape == (5,) and set(preds.tolist()) <= set(range(task.num_labels))
-    assert set(scores) == ({"matthews", "acc"} if name == "synthetic_acceptability"
-                           else {"acc", "acc_norm"} if name == "synthetic_choice" else {"acc"})
+    assert set(scores) == ({"matthews", "accuracy"} if name == "synthetic_acceptability"
+                           else {"accuracy", "acc_norm"} if name == "synthetic_choice" else {"accuracy"})
     assert all(np.isfinite(v) for v in scores.values())
     if name == "synthetic_sentiment":  # the predictions are the argmax of the two continuations
         prompts = zero_shot.build_prompts(task, examples, shots=shots, train_examples=train)

@@ -24,8 +24,10 @@ def resolve_source(task: Task, source: str) -> str:
     return source
 
 
-def read_split(task: str | Task, split: str, source: str = "auto", seed: int = 0) -> list[Example]:
-    """Every example of one split, in idx order."""
+def read_split(task: str | Task, split: str, source: str = "auto", seed: int = 0,
+               tfds_data_dir: str = "") -> list[Example]:
+    """Every example of one split, in idx order. `tfds` reads from `tfds_data_dir` (empty:
+    TFDS_DATA_DIR or TFDS's default) unless the source names a folder (tfds:<dir>)."""
     from gptjax import tasks
 
     task = get_task(task)
@@ -38,4 +40,4 @@ def read_split(task: str | Task, split: str, source: str = "auto", seed: int = 0
         return tasks.read_tsv_split(where, task, split)
     if kind == "jsonl":
         return tasks.read_jsonl_split(where, task, split)
-    return tasks.read_tfds_split(task, split, where or None)
+    return tasks.read_tfds_split(task, split, where or tfds_data_dir or None)
