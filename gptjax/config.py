@@ -25,7 +25,7 @@ REMAT_CHOICES = ("none", "full", "save_dots")
 SCHEDULE_CHOICES = ("cosine", "linear")
 MODE_CHOICES = ("finetuned", "zero_shot", "few_shot")
 
-# "section.key" -> one-line doc; `gptjax pretrain --help-config` prints it.
+# "section.key" -> its one-line doc, for every field base_config() defines.
 FIELD_DOCS: dict[str, str] = {}
 
 

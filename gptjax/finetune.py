@@ -397,6 +397,7 @@ def _loop(config, task, workdir, runner, checkpointer, tokenizer, train, valid, 
                 if best is None or value > best["score"]:
                     best = {"step": done, "epoch": record["epoch"], "score": value, "scores": scores,
                             "total_steps": total}
+                    checkpointer.wait()  # best.json never names a checkpoint still being written
                     if main:
                         _write_json(os.path.join(workdir, "best.json"), best)
             elif done < total and stop(done):
