@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -71,11 +70,7 @@ class GPT:
         if not os.path.isfile(config_path):
             raise UserError(f"{path} is not a gptjax workdir (no config.json); pass the --workdir of a run "
                             f"or a Hugging Face GPT-2 folder")
-        try:
-            with open(config_path) as f:
-                values = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{config_path} is not valid JSON (line {e.lineno}): {e.msg}") from None
+        values = config_lib.read_json(config_path)
         if isinstance(values, dict) and "model_type" in values:
             from gptjax import hf
             if step is not None:

@@ -192,6 +192,15 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
     return config
 
 
+def read_json(path: str):
+    """A JSON file a run wrote (config.json, best.json); damage is one clear error, not a traceback."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}): {e.msg}") from None
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 

@@ -12,6 +12,7 @@ Running it again on the same workdir shows the finished runs instead of training
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -101,10 +102,9 @@ def _finetune_all(config_path: str, overrides: list[str], workdir: str) -> dict:
             print(f"      {setting:<17} {name:<24} best validation {best['score']:.3f} (epoch {best['epoch']}, {took})")
         config = load_config(config_path, [*overrides, *FINETUNE, f"task={','.join(TASKS)}",
                                            "finetune.splits=test"])
-        with open(os.devnull, "w") as quiet:  # the table comes once, below, for all settings
-            import contextlib
-            with contextlib.redirect_stdout(quiet):
-                summary = evaluate(config, root)
+        # The table comes once, below, for all settings.
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            summary = evaluate(config, root)
         results[setting] = {}
         for name in TASKS:
             scores = summary["tasks"][name]["splits"]["test"]["scores"]

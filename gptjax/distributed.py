@@ -64,3 +64,9 @@ def prefix() -> str:
 def log(message: str, stream=None) -> None:
     """Prints one line with the process prefix (stdout unless `stream` says otherwise)."""
     print(prefix() + message, file=stream or sys.stdout, flush=True)
+
+
+def log_main(message: str) -> None:
+    """`log` on process 0 only: messages about the run as a whole, said once."""
+    if is_main():
+        log(message)

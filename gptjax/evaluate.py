@@ -20,22 +20,16 @@ import os
 import numpy as np
 
 from gptjax import checkpoint, config as config_lib, distributed
+from gptjax.distributed import log_main
+from gptjax.data.tokenizer import Tokenizer
 from gptjax.errors import UserError
+from gptjax.finetune import TaskRunner, input_length, predictions, read_best, saved_config
 from gptjax.tasks import GLUE_TASKS, get_task, transforms
 from gptjax.tasks.scores import glue_average, main_score, task_scores
 from gptjax.tasks.splits import read_split
 from gptjax.tasks.submission import write_predictions, write_submission
 
 SUBMISSION_DIR = "glue_submission"
-
-
-def _run_task(workdir: str) -> str:
-    """The task of the fine-tuning run in `workdir` ("" when it is not one)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        return ""
-    with open(path) as f:
-        return json.load(f).get("task", "")
 
 
 def task_list(spec: str) -> list:
@@ -62,11 +56,8 @@ def run_dir(workdir: str, task, single: bool) -> str:
     """The fine-tuning run that predicts `task`: WORKDIR itself or WORKDIR/<task>."""
     trained = "mnli" if task.name == "ax" else task.name
     for candidate in ([workdir] if single else []) + [os.path.join(workdir, trained)]:
-        path = os.path.join(candidate, "config.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                if json.load(f).get("task") == trained:
-                    return candidate
+        if saved_config(candidate).get("task") == trained:
+            return candidate
     raise UserError(f"no fine-tuning run of {trained} for task {task.name}: expected "
                     f"{'--workdir or ' if single else ''}{os.path.join(workdir, trained)} to be one "
                     f"(made by `gptjax finetune --config.task={trained}`)")
@@ -77,11 +68,7 @@ class FinetunedPredictor:
     no optimizer state). Model, tokenizer and input length are the run's."""
 
     def __init__(self, directory: str, eval_config):
-        from gptjax.data.tokenizer import Tokenizer
-        from gptjax.finetune import TaskRunner, read_best
-
-        with open(os.path.join(directory, "config.json")) as f:
-            self.config = config_lib.config_from_dict(json.load(f))
+        self.config = config_lib.config_from_dict(saved_config(directory))
         # The eval command's mesh and batch size, whatever the run trained with.
         self.config.mesh = config_lib.config_from_dict({"mesh": eval_config.mesh.to_dict()}).mesh
         self.config.finetune.eval_batch_size = eval_config.finetune.eval_batch_size
@@ -91,7 +78,7 @@ class FinetunedPredictor:
         self.step = best["step"]
         latest = checkpoint.latest_step(directory)
         if latest is not None and latest < best.get("total_steps", 0):
-            _log(f"warning: {directory} has not finished fine-tuning (step {latest} of {best['total_steps']}); "
+            log_main(f"warning: {directory} has not finished fine-tuning (step {latest} of {best['total_steps']}); "
                  f"scoring its best epoch so far (step {self.step})")
         self.runner = TaskRunner(self.config, self.trained_task, total_steps=None)
         reader = checkpoint.Checkpointer(directory, read_only=True)
@@ -110,18 +97,12 @@ class FinetunedPredictor:
                 "tfds_data_dir": eval_config.data.tfds_data_dir or self.config.data.tfds_data_dir}
 
     def predict(self, task, examples, split: str) -> np.ndarray:
-        from gptjax.finetune import input_length, predictions
-
         max_len = input_length(self.config)
         encoded = transforms.encode(task, examples, self.tokenizer, max_len)
         if encoded.truncated:
-            _log(f"{task.name} {split}: {encoded.truncated} of {len(encoded)} examples truncated to {max_len} tokens")
+            log_main(f"{task.name} {split}: {encoded.truncated} of {len(encoded)} examples truncated to "
+                     f"{max_len} tokens")
         return predictions(self.trained_task, self.runner.logits(encoded))
-
-
-def _log(message: str) -> None:
-    if distributed.is_main():
-        distributed.log(message)
 
 
 def _labelled(task, examples) -> bool:
@@ -141,7 +122,7 @@ def evaluate(config, workdir: str) -> dict:
     """Scores every requested task and split; returns {task: {split: scores}} plus the GLUE average."""
     from gptjax import zero_shot
 
-    spec = config.task or (_run_task(workdir) if config.mode == "finetuned" else "")
+    spec = config.task or (saved_config(workdir).get("task", "") if config.mode == "finetuned" else "")
     tasks = task_list(spec)
     main = distributed.is_main()
     lm, runs, skipped = None, {}, {}

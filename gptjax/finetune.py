@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ from flax import nnx
 
 from gptjax import checkpoint, config as config_lib, distributed, sharding
 from gptjax.data.tokenizer import PAD_ID, Tokenizer, check_vocab
+from gptjax.distributed import log_main
 from gptjax.errors import Preempted, UserError
 from gptjax.loss import lm_loss
 from gptjax.model import init_task_model
@@ -35,7 +36,7 @@ from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tasks import get_task, transforms
 from gptjax.tasks.scores import main_score, task_scores
 from gptjax.tasks.splits import read_split
-from gptjax.train import TrainState, _log, _resume, _StopSignal
+from gptjax.train import TrainState, _resume, _StopSignal
 
 COMBINE = {"classification": "single", "pair": "single", "similarity": "sum", "regression": "sum",
            "multiple_choice": "choice"}
@@ -195,8 +196,13 @@ def predictions(task, logits: np.ndarray) -> np.ndarray:
 def epoch_rows(n: int, batch_size: int, seed: int, epoch: int, index: int) -> np.ndarray:
     """The example rows of update `index` of `epoch`: a fresh shuffle per epoch, every example
     once; a pure function of its arguments, so a resumed run sees the same batches."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[index * batch_size:(index + 1) * batch_size]
+    return _epoch_order(n, seed, epoch)[index * batch_size:(index + 1) * batch_size]
+
+
+@lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    # Shuffled once per epoch, not at every update (QQP has 364k examples).
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def input_length(config) -> int:
@@ -253,10 +259,9 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
         raise UserError("ax is MNLI's diagnostic test set with no training data: fine-tune mnli, then "
                         "`gptjax eval --config.task=ax` on that run")
     os.makedirs(workdir, exist_ok=True)
-    saved_config = os.path.join(workdir, "config.json")
-    if os.path.isfile(saved_config):
-        with open(saved_config) as f:
-            before = json.load(f).get("task")
+    saved = saved_config(workdir)
+    if saved:
+        before = saved.get("task")
         if before and before != task.name:
             raise UserError(f"{workdir} holds a fine-tuning run of task {before}; pass a new --workdir for {task.name}")
         if not before and os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -264,7 +269,7 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
                             f"the fine-tuning run a new --workdir")
     finished = _finished(workdir, config)
     if finished is not None:
-        _log(f"{workdir} already holds the finished run (step {finished['total_steps']}); pass a new --workdir "
+        log_main(f"{workdir} already holds the finished run (step {finished['total_steps']}); pass a new --workdir "
              f"to fine-tune again")
         return {"finished_before": True, **finished}
     # The data first: a missing dataset is reported before minutes of loading weights.
@@ -286,13 +291,13 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
     valid = {s: transforms.encode(task, ex, tokenizer, max_len) for s, ex in splits.items()}
     for name, encoded in (("train", train), *valid.items()):
         if encoded.truncated:
-            _log(f"{encoded.truncated} of {len(encoded)} {name} examples were truncated to {max_len} tokens")
+            log_main(f"{encoded.truncated} of {len(encoded)} {name} examples were truncated to {max_len} tokens")
     per_epoch = math.ceil(len(train) / t.batch_size)
     total = f.epochs * per_epoch
     runner = TaskRunner(config, task, total)
     if pretrained is not None:
         runner.load_decoder(nnx.state(pretrained.module, nnx.Param))
-        _log(f"initialised the decoder from {config.init_from}; new parameters: the task head "
+        log_main(f"initialised the decoder from {config.init_from}; new parameters: the task head "
              f"({config.model.d_model} x {num_outputs(task)} + bias)")
         del pretrained
     checkpointer = checkpoint.Checkpointer(workdir)
@@ -317,8 +322,7 @@ def _finished(workdir: str, config) -> dict | None:
     done = checkpoint.latest_step(workdir)
     if done is None or done < best.get("total_steps", math.inf):
         return None
-    with open(os.path.join(workdir, "config.json")) as f:
-        epochs = json.load(f)["finetune"]["epochs"]
+    epochs = saved_config(workdir)["finetune"]["epochs"]
     if epochs != config.finetune.epochs:
         # The schedule decays to 0 over the planned epochs, so more of them is another run.
         raise UserError(f"{workdir} holds a finished run of {epochs} epochs and finetune.epochs is "
@@ -326,13 +330,19 @@ def _finished(workdir: str, config) -> dict | None:
     return best
 
 
+def saved_config(workdir: str) -> dict:
+    """WORKDIR/config.json of a run as written ({} where there is none); "task" names a
+    fine-tuning run's task and is empty for a pretraining run."""
+    path = os.path.join(workdir, "config.json")
+    return config_lib.read_json(path) if os.path.isfile(path) else {}
+
+
 def read_best(workdir: str) -> dict:
     path = os.path.join(workdir, "best.json")
     if not os.path.isfile(path):
         raise UserError(f"{workdir} has no best.json: no fine-tuning epoch has finished there; run "
                         f"`gptjax finetune --config configs/glue.py --config.task=... --workdir {workdir}` first")
-    with open(path) as f:
-        return json.load(f)
+    return config_lib.read_json(path)
 
 
 def _write_json(path: str, value) -> None:

@@ -132,11 +132,7 @@ def read_hf_config(path: str) -> dict | None:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         return None
-    try:
-        with open(config_path) as f:
-            values = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_path} is not valid JSON (line {e.lineno}): {e.msg}") from None
+    values = config_lib.read_json(config_path)
     return values if isinstance(values, dict) and "model_type" in values else None
 
 
@@ -215,7 +211,7 @@ def _layer_map(config) -> list[tuple[str, str, tuple]]:
     """(hf name, our name, hf shape) for every tensor. Where HF's shape differs from ours it is
     the same numbers in the same order (row-major), so a reshape converts either way."""
     m = config.model
-    d, f, h = m.d_model, m.d_ff, m.n_head
+    d, f = m.d_model, m.d_ff
     gpt2 = m.block == "pre_ln"
     rows = [("wte.weight" if gpt2 else "tokens_embed.weight", "wte", (m.vocab_size, d)),
             ("wpe.weight" if gpt2 else "positions_embed.weight", "wpe", (m.max_len, d))]

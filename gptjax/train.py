@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from gptjax import checkpoint, config as config_lib, distributed, sharding
+from gptjax.distributed import log_main
 from gptjax.errors import Preempted, UserError
 from gptjax.loss import lm_loss
 from gptjax.data.loader import Loader
@@ -161,10 +162,6 @@ def config_changes(saved: dict, config) -> dict:
     return {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and k != "train.resume"}
 
 
-def _log(message: str) -> None:
-    if distributed.is_main():
-        distributed.log(message)
-
 
 def _resume(config, workdir: str, trainer: Trainer, checkpointer: checkpoint.Checkpointer) -> int:
     """Restores the checkpoint train.resume asks for into `trainer`; returns its step (0: fresh)."""
@@ -193,7 +190,7 @@ def _resume(config, workdir: str, trainer: Trainer, checkpointer: checkpoint.Che
         except checkpoint.DamagedCheckpoint as e:
             if mode != "latest":
                 raise UserError(f"{e}; train.resume=latest would fall back to an earlier checkpoint") from None
-            _log(f"warning: {e}; falling back to the previous complete checkpoint")
+            log_main(f"warning: {e}; falling back to the previous complete checkpoint")
             damaged.append(step)
             continue
         break
@@ -201,18 +198,18 @@ def _resume(config, workdir: str, trainer: Trainer, checkpointer: checkpoint.Che
         raise UserError(f"no checkpoint in {checkpointer.directory} can be read (steps {steps}); pass a new "
                         f"--workdir to start afresh")
     if changes:
-        _log("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        log_main("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     # Newer checkpoints (unreadable, or passed over by train.resume=<step>) are in the way of the
     # steps this run saves again: renamed aside, never deleted.
     if distributed.is_main():
         for newer in (s for s in steps if s > step):
             why = "unreadable" if newer in damaged else "newer"
-            _log(f"kept the {why} checkpoint {newer} as {checkpoint.set_aside(checkpointer.directory, newer)}")
+            log_main(f"kept the {why} checkpoint {newer} as {checkpoint.set_aside(checkpointer.directory, newer)}")
     distributed.barrier("set-aside")
     checkpointer.reload()
     replicated = trainer.state.step.sharding
     trainer.state = TrainState(jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated), params, opt_state)
-    _log(f"resumed from {checkpointer.directory}/{step}")
+    log_main(f"resumed from {checkpointer.directory}/{step}")
     return int(meta["step"])
 
 
@@ -277,7 +274,8 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
     try:
         steps = checkpointer.steps()
         if str(t.resume) == "latest" and steps and steps[-1] >= t.steps:
-            _log(f"{workdir} already holds step {steps[-1]} of train.steps={t.steps}; raise train.steps to train on")
+            log_main(f"{workdir} already holds step {steps[-1]} of train.steps={t.steps}; "
+                     f"raise train.steps to train on")
             return {"finished_before": True, "step": steps[-1],
                     "checkpoint": os.path.join(checkpointer.directory, str(steps[-1]))}
         start = _resume(config, workdir, trainer, checkpointer)

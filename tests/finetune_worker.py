@@ -5,7 +5,6 @@ import json
 import sys
 
 import jax
-import numpy as np
 from flax import nnx
 
 from gptjax import finetune as ft, sharding

@@ -6,8 +6,6 @@ its numbers are in README.md. Here every stage runs, with the same code, on a fe
 import json
 import os
 
-import pytest
-
 from gptjax import demo
 from gptjax.tasks import get_task, synthetic_split
 
