@@ -1,20 +1,28 @@
-"""Throughput benchmark of the real train step.
+"""Benchmarks of training speed and memory; every performance figure in the project comes from here.
 
-    python -m gptjax.bench train --config configs/gpt2_small.py --config.train.batch_size=12
+    python -m gptjax.bench train --config configs/gpt2_small.py --batches 12,32
+    python -m gptjax.bench parts --config configs/gpt2_small.py --config.train.batch_size=12
+    python -m gptjax.bench memory --config configs/gpt2_xl.py --batches 4,8,16
+    python -m gptjax.bench loop --config configs/gpt2_small.py --workdir runs/bench-loop --steps 300
     python -m gptjax.bench data --config configs/gpt2_small.py --workdir runs/bench-data
     python -m gptjax.bench checkpoint --config configs/gpt2_small.py --workdir runs/bench-ckpt \
         --config.train.batch_size=1 --config.train.seq_len=128
 
-Runs the same jitted step as `gptjax pretrain` on random tokens (no data pipeline, so the figure is
-the step alone), reports compile + first step separately from the steady state, and prints one
-table row: config, batch, seq, tokens/s, MFU, step ms, compile s, peak GiB. `train` needs only
-jax, flax, optax and ml_collections, so it runs on a bare GPU machine; `data` also needs
-sentencepiece and grain.
+`train` runs the same jitted step as `gptjax pretrain` on random tokens (no data pipeline, so the
+figure is the step alone) and prints one table row per batch size: tokens/s, MFU, steady step
+ms, compile s and first step s apart, the allocator's peak GiB and the compiler's memory plan.
+`parts` splits a step into its parts (step_parts.py), `memory` compiles without allocating
+(step_analysis.py), `loop` measures what the pretraining loop adds to the bare step (data,
+logging, evaluation, saves). `--xla-flags` takes presets from xla_flags.py. `train`, `parts` and
+`memory` need only jax, flax, optax and ml_collections, so they run on a bare GPU machine.
+Results and the commands behind them: bench/NOTES.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import sys
 import time
 
@@ -30,12 +38,14 @@ from gptjax.model import compute_dtype
 
 
 def _random_batch(config, seed: int) -> dict:
+    """Random tokens in the shape of a pretraining batch; with data.document_mask, rows hold
+    documents of average length seq_len / 8 (segment ids and restarting positions)."""
+    from gptjax.data.packing import as_batch
     b, t, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
-    rows = np.random.default_rng(seed).integers(0, v, size=(b, t + 1), dtype=np.int32)
-    return jax.device_put({
-        "tokens": rows[:, :-1], "targets": rows[:, 1:],
-        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-        "loss_mask": np.ones((b, t), np.float32)})
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(2, v, size=(b, t + 1), dtype=np.int32)
+    rows[rng.random(rows.shape) < 8 / t] = 1  # end-of-document tokens
+    return jax.device_put(as_batch(rows, eos_id=1, pad_id=0, document_mask=config.data.document_mask))
 
 
 def _peak_gib() -> float | None:
@@ -44,26 +54,64 @@ def _peak_gib() -> float | None:
     return None if peak is None else peak / 2**30
 
 
-def bench_train(config, steps: int, warmup: int) -> dict:
+def bench_train(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
+    from gptjax import step_analysis
     from gptjax.train import Trainer
     trainer = Trainer(config)
     batches = [_random_batch(config, i) for i in range(2)]
+    compile_s = trainer.compile(batches[0])
+    plan_gib = step_analysis.memory_plan(trainer._step)["peak"]
     start = time.perf_counter()
     jax.block_until_ready(trainer.step(batches[0]))
     first_step_s = time.perf_counter() - start
     for i in range(warmup):
         trainer.step(batches[i % 2])
     jax.block_until_ready(trainer.state.params)
+    if profile_dir:
+        jax.profiler.start_trace(profile_dir)
     start = time.perf_counter()
     for i in range(steps):
         metrics = trainer.step(batches[i % 2])
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - start
+    if profile_dir:
+        jax.profiler.stop_trace()
     tokens_per_sec = steps * config.train.batch_size * config.train.seq_len / elapsed
     return {"config": config.name, "batch": config.train.batch_size, "seq": config.train.seq_len,
             "tokens_per_sec": tokens_per_sec, "mfu": mfu(trainer.flops_per_token, tokens_per_sec),
-            "step_ms": 1000 * elapsed / steps, "compile_s": first_step_s, "peak_gib": _peak_gib(),
-            "loss": float(metrics["loss"])}
+            "step_ms": 1000 * elapsed / steps, "compile_s": compile_s, "first_step_s": first_step_s,
+            "peak_gib": _peak_gib(), "plan_gib": plan_gib, "loss": float(metrics["loss"])}
+
+
+def bench_loop(config, workdir: str, steps: int) -> list[tuple[str, float]]:
+    """What the pretraining loop costs on top of the bare step, at the config's intervals: the
+    input pipeline and logging (inside the loop's step time), evaluation and the blocking part
+    of saves (paused out of it, so amortised here over train.eval_every / checkpoint_every)."""
+    from gptjax.train import pretrain
+
+    t = config.train
+    config.train.steps = steps
+    summary = pretrain(config, workdir, progress=False)
+    if summary.get("finished_before") or summary["start_step"]:
+        raise UserError(f"{workdir} already holds a run; pass a new --workdir")
+    timed = summary["history"][1:]  # the first record includes compilation
+    if not timed:
+        raise UserError(f"--steps {steps} leaves no logged interval after the first step; raise it above "
+                        f"train.log_every={t.log_every}")
+    counts = [timed[0]["step"] - 1] + [b["step"] - a["step"] for a, b in zip(timed, timed[1:])]
+    loop_ms = sum(r["step_ms"] * n for r, n in zip(timed, counts)) / sum(counts)
+    bare_ms = bench_train(config, steps=max(sum(counts) // 2, 5), warmup=3)["step_ms"]
+    eval_s = summary["eval"][-1]["eval_seconds"] if summary["eval"] else 0.0
+    save_s = summary["checkpoint_blocked_s"][-1] if summary["checkpoint_blocked_s"] else 0.0
+    eval_ms = 1000 * eval_s / t.eval_every if t.eval_every else 0.0
+    save_ms = 1000 * save_s / t.checkpoint_every if t.checkpoint_every else 0.0
+    total = loop_ms - bare_ms + eval_ms + save_ms
+    return [("bare step ms (random batch, no loop)", bare_ms),
+            (f"loop step ms (loader, logging every {t.log_every})", loop_ms),
+            (f"evaluation s, every {t.eval_every or '-'} steps", eval_s),
+            (f"save s the loop waits, every {t.checkpoint_every or '-'} steps", save_s),
+            ("loop overhead ms per step, amortised", total),
+            ("loop overhead % of the bare step", 100 * total / bare_ms)]
 
 
 def bench_data(config, workdir: str, steps: int) -> list[tuple[str, float]]:
@@ -93,8 +141,6 @@ def bench_data(config, workdir: str, steps: int) -> list[tuple[str, float]]:
 def bench_checkpoint(config, workdir: str, steps: int) -> list[tuple[str, float]]:
     """How long a save holds up the training loop, asynchronous vs synchronous, and whether the
     steps while an asynchronous save is written in the background are slower."""
-    import os
-
     from gptjax import checkpoint
     from gptjax.train import Trainer
 
@@ -132,63 +178,112 @@ def bench_checkpoint(config, workdir: str, steps: int) -> list[tuple[str, float]
 
 def format_row(r: dict) -> str:
     mfu_text = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-    peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+    peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
     return (f"| {r['config']} | {r['batch']} | {r['seq']} | {r['tokens_per_sec']:,.0f} | {mfu_text} | "
-            f"{r['step_ms']:.1f} | {r['compile_s']:.1f} | {peak} |")
+            f"{r['step_ms']:.1f} | {r['compile_s']:.1f} | {r['first_step_s']:.2f} | {peak} | {r['plan_gib']:.2f} |")
 
 
-HEADER = ("| config | batch | seq | tokens/s | MFU | step ms | compile+first step s | peak GiB |\n"
-          "|---|---|---|---|---|---|---|---|")
+HEADER = ("| config | batch | seq | tokens/s | MFU | step ms | compile s | first step s | peak GiB | plan GiB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _with_batch(config_path: str, overrides: list[str], batch: int | None):
+    return load_config(config_path, overrides + ([] if batch is None else [f"train.batch_size={batch}"]))
+
+
+def _describe(config) -> str:
+    dtype = compute_dtype(config.model.dtype)
+    head_dim = config.model.d_model // config.model.n_head
+    impl = attention.resolve(config.model.attention, dtype, head_dim, needs_mask=config.data.document_mask,
+                             needs_dropout=config.model.attn_dropout > 0)
+    return (f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+            f"compute {jnp.dtype(dtype).name}, attention {impl}, remat {config.model.remat}, "
+            f"loss_chunk_len {config.model.loss_chunk_len}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+
+def _run(args, overrides: list[str]) -> None:
+    batches = [None] if not getattr(args, "batches", None) else [int(b) for b in args.batches.split(",")]
+    config = _with_batch(args.config, overrides, batches[0])
+    if args.what == "data":
+        rows = bench_data(config, args.workdir, args.steps)
+        print(f"{config.name}: batch {config.train.batch_size} x {config.train.seq_len}, "
+              f"document_mask={config.data.document_mask}, num_workers={config.data.num_workers}")
+        for name, rate in rows:
+            print(f"{name:>28}: {rate:,.0f} tokens/s")
+        return
+    print(_describe(config))
+    if args.what in ("checkpoint", "loop"):
+        rows = (bench_checkpoint if args.what == "checkpoint" else bench_loop)(config, args.workdir, args.steps)
+        print(f"{config.name}: batch {config.train.batch_size} x {config.train.seq_len}")
+        for name, value in rows:
+            print(f"{name:>56}: {value:,.3f}")
+        return
+    if args.what == "parts":
+        from gptjax.step_parts import format_parts, time_parts
+        from gptjax.train import Trainer
+        print(f"{config.name}: batch {config.train.batch_size} x {config.train.seq_len}")
+        print(format_parts(time_parts(Trainer(config), _random_batch(config, 0), args.steps)))
+        return
+    if args.what == "memory":
+        from gptjax import step_analysis
+        from gptjax.model import padded_vocab_size
+        print("| config | batch | seq | remat | loss_chunk_len | params+opt GiB | temporaries GiB | peak GiB | "
+              "compile s | [tokens, V] buffers |\n|---|---|---|---|---|---|---|---|---|---|")
+        for batch in batches:
+            config = _with_batch(args.config, overrides, batch)
+            compiled, seconds = step_analysis.compile_train_step(config)
+            plan = step_analysis.memory_plan(compiled)
+            m = config.model
+            rows_min = config.train.batch_size * (m.loss_chunk_len or config.train.seq_len)
+            found = step_analysis.vocabulary_buffers(compiled.as_text(), padded_vocab_size(m.vocab_size,
+                                                     m.vocab_pad_multiple), min(rows_min, m.d_model + 1))
+            kinds = ", ".join(sorted({f"{dtype}{list(shape)}" for _, dtype, shape in found})) or "none"
+            print(f"| {config.name} | {config.train.batch_size} | {config.train.seq_len} | {m.remat} | "
+                  f"{m.loss_chunk_len} | {plan['arguments']:.2f} | {plan['temporaries']:.2f} | {plan['peak']:.2f} | "
+                  f"{seconds:.1f} | {kinds} |")
+        return
+    print(HEADER)
+    for batch in batches:
+        result = bench_train(_with_batch(args.config, overrides, batch), args.steps, args.warmup,
+                             args.profile and os.path.join(args.profile, f"batch{batch}"))
+        print(format_row(result), flush=True)
+        gc.collect()  # the previous batch size's state goes before the next one is built
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("train", help="time the train step")
-    p.add_argument("--config", required=True)
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
+
+    def command(name, help, steps, workdir=False, batches=False):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", required=True)
+        p.add_argument("--steps", type=int, default=steps, help=f"timed steps or repeats (default {steps})")
+        p.add_argument("--xla-flags", default="", help="presets from gptjax/xla_flags.py, comma-separated")
+        if workdir:
+            p.add_argument("--workdir", required=True, help="a new directory for what the benchmark writes")
+        if batches:
+            p.add_argument("--batches", default="", help="comma-separated batch sizes, one row each "
+                                                         "(default: train.batch_size)")
+        return p
+
+    p = command("train", "time the train step", 20, batches=True)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
-    p = sub.add_parser("data", help="time the input pipeline")
-    p.add_argument("--config", required=True)
-    p.add_argument("--workdir", required=True, help="where the tokenizer and prepared files go")
-    p.add_argument("--steps", type=int, default=200, help="batches timed")
-    p = sub.add_parser("checkpoint", help="time saving the train state")
-    p.add_argument("--config", required=True)
-    p.add_argument("--workdir", required=True, help="a new directory for the checkpoints")
-    p.add_argument("--steps", type=int, default=5, help="steps timed before and after a save")
+    p.add_argument("--profile", default="", help="write a jax.profiler trace of the timed steps here")
+    command("parts", "time each part of the train step", 10)
+    command("memory", "compile the train step without running it: memory plan and logits buffers", 0,
+            batches=True)
+    command("loop", "what the pretraining loop adds to the bare step", 200, workdir=True)
+    command("data", "time the input pipeline", 200, workdir=True)
+    command("checkpoint", "time saving the train state", 5, workdir=True)
     args, extra = parser.parse_known_args(argv)
+    from gptjax import xla_flags
     from gptjax.cli import split_overrides
     try:
-        config = load_config(args.config, split_overrides(extra))
-        if args.what == "data":
-            rows = bench_data(config, args.workdir, args.steps)
-        elif args.what == "checkpoint":
-            rows = bench_checkpoint(config, args.workdir, args.steps)
-        else:
-            result = bench_train(config, args.steps, args.warmup)
+        xla_flags.apply(args.xla_flags)  # before anything starts a backend
+        _run(args, split_overrides(extra))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.what == "checkpoint":
-        print(f"{config.name} on {jax.devices()[0].device_kind}: batch {config.train.batch_size} x "
-              f"{config.train.seq_len}")
-        for name, value in rows:
-            print(f"{name:>40}: {value:,.3f}")
-        return 0
-    if args.what == "data":
-        print(f"{config.name}: batch {config.train.batch_size} x {config.train.seq_len}, "
-              f"document_mask={config.data.document_mask}, num_workers={config.data.num_workers}")
-        for name, rate in rows:
-            print(f"{name:>28}: {rate:,.0f} tokens/s")
-        return 0
-    dtype = compute_dtype(config.model.dtype)
-    head_dim = config.model.d_model // config.model.n_head
-    impl = attention.resolve(config.model.attention, dtype, head_dim, needs_mask=False,
-                             needs_dropout=config.model.attn_dropout > 0)
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
-          f"compute {jnp.dtype(dtype).name}, attention {impl}, remat {config.model.remat}")
-    print(HEADER)
-    print(format_row(result))
     return 0
 
 

@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    from gptjax import distributed
+    from gptjax import distributed, xla_flags
     try:
+        xla_flags.apply()  # $GPTJAX_XLA_FLAGS, before anything starts a backend
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         args.fn(args, extra)
     except UserError as e:

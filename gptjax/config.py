@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "model.dtype", "auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16, float16")
     _field(c, "model.attention", "auto", "attention implementation: auto, xla, cudnn")
     _field(c, "model.remat", "none", "per-block rematerialisation: none, full, save_dots (keep matmul outputs)")
+    _field(c, "model.loss_chunk_len", 0, "positions whose logits the loss builds at once (0 = the whole sequence); "
+           "smaller saves activation memory and recomputes the vocabulary matmul in the backward pass")
 
     c.train = ml_collections.ConfigDict()
     _field(c, "train.steps", 1000, "optimizer updates")
@@ -294,6 +296,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.schedule in SCHEDULE_CHOICES, f"train.schedule must be one of {SCHEDULE_CHOICES}, got '{t.schedule}'")
     for key in ("vocab_size", "vocab_pad_multiple", "n_layer", "n_head", "d_model", "d_ff", "max_len"):
         _check(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
+    _check(m.loss_chunk_len >= 0, f"model.loss_chunk_len must be >= 0 (0 = no chunks), got {m.loss_chunk_len}")
     for key in ("steps", "batch_size", "seq_len", "log_every", "eval_batches", "grad_accum"):
         _check(t[key] > 0, f"train.{key} must be positive, got {t[key]}")
     profile = tuple(t.profile_steps)

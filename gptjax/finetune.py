@@ -30,7 +30,6 @@ from gptjax import checkpoint, config as config_lib, distributed, sharding
 from gptjax.data.tokenizer import PAD_ID, Tokenizer, check_vocab
 from gptjax.distributed import log_main
 from gptjax.errors import Preempted, UserError
-from gptjax.loss import lm_loss
 from gptjax.model import init_task_model
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tasks import get_task, transforms
@@ -59,7 +58,7 @@ def task_loss_sum(task_type: str, logits, labels, weights):
     return jnp.sum(per_row * weights)
 
 
-def batch_loss(graphdef, task_type, vocab_size, lm_weight, clf_dropout, params, batch, dropout_key):
+def batch_loss(graphdef, task_type, lm_weight, clf_dropout, params, batch, dropout_key):
     model = nnx.merge(graphdef, params)
     logits, hidden = model(batch["tokens"], batch["extract"], dropout_key=dropout_key, clf_dropout=clf_dropout)
     weights = batch["weights"]
@@ -71,7 +70,7 @@ def batch_loss(graphdef, task_type, vocab_size, lm_weight, clf_dropout, params, 
         b, s, t = batch["tokens"].shape
         tokens = batch["tokens"].reshape(b * s, t)
         mask = (tokens[:, 1:] != PAD_ID) & (jnp.repeat(weights, s)[:, None] > 0)
-        lm_sum, lm_count = lm_loss(model.decoder.lm_logits(hidden[:, :-1]), tokens[:, 1:], mask, vocab_size)
+        lm_sum, lm_count = model.decoder.lm_loss(hidden[:, :-1], tokens[:, 1:], mask)
         aux["lm_loss"] = lm_sum / jnp.maximum(lm_count, 1.0)
         total = total + lm_weight * aux["lm_loss"]
     return total, aux
@@ -129,12 +128,10 @@ class TaskRunner:
             return
         train_cfg = schedule_config(config, total_steps)
         self.schedule, self.tx = lr_schedule(train_cfg), make_optimizer(train_cfg)
-        opt_state = jax.tree.map(
-            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
-            jax.jit(self.tx.init)(params))
+        opt_state = sharding.init_opt_state(self.tx, params, self.mesh)
         self.state = TrainState(step, params, opt_state)
         f = config.finetune
-        loss_fn = partial(batch_loss, self.graphdef, task.type, config.model.vocab_size, f.lm_weight, f.clf_dropout)
+        loss_fn = partial(batch_loss, self.graphdef, task.type, f.lm_weight, f.clf_dropout)
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self._step = jax.jit(partial(finetune_step, loss_fn, self.tx, self.schedule, seed),
                              in_shardings=(state_shardings, self.rows_sharding),

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax import attention
+from gptjax.loss import projected_lm_loss
 from gptjax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -165,6 +166,7 @@ class Decoder(nnx.Module):
         self.dtype = compute_dtype(cfg.dtype)
         self.dropout = cfg.dropout
         self.remat = cfg.remat
+        self.loss_chunk_len = cfg.loss_chunk_len
         self.n_layer, self.n_head, self.d_model, self.max_len = cfg.n_layer, cfg.n_head, cfg.d_model, cfg.max_len
 
     def _embed(self, tokens, positions, dropout_key):
@@ -195,6 +197,10 @@ class Decoder(nnx.Module):
         """Logits over the padded vocabulary, in the compute dtype (the loss upcasts per row)."""
         logits = jnp.einsum("btd,vd->btv", hidden, self.wte[...].astype(hidden.dtype))
         return constrain(logits, ("batch", "length", "vocab"))
+
+    def lm_loss(self, hidden, targets, loss_mask):
+        """(summed next-token loss, counted tokens) of hidden states [B, T, d] (loss.py)."""
+        return projected_lm_loss(hidden, self.lm_logits, targets, loss_mask, self.vocab_size, self.loss_chunk_len)
 
     def init_cache(self, batch: int, length: int | None = None) -> dict:
         length = length or self.max_len

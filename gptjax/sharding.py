@@ -147,6 +147,18 @@ def param_shardings(mesh, params: nnx.State) -> nnx.State:
     return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def init_opt_state(tx, params, mesh):
+    """The optimizer state of `params` on the mesh: moments inherit the parameters' shardings,
+    the scalar counters go replicated on the mesh. A counter left on a bare device would reach
+    the train step with another input type than the step returns, and the second step would
+    compile the whole program again."""
+    def place(x):
+        if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated(mesh))
+    return jax.tree.map(place, jax.jit(tx.init)(params))
+
+
 def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, spec(("batch", "length")))
 

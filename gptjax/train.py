@@ -19,7 +19,6 @@ from flax import nnx
 from gptjax import checkpoint, config as config_lib, distributed, sharding
 from gptjax.distributed import log_main
 from gptjax.errors import Preempted, UserError
-from gptjax.loss import lm_loss
 from gptjax.data.loader import Loader
 from gptjax.metrics import MetricsWriter
 from gptjax.mfu import mfu
@@ -35,11 +34,11 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def batch_loss(graphdef, params, batch, dropout_key, vocab_size):
+def batch_loss(graphdef, params, batch, dropout_key):
     """(summed token loss, token count) of one batch under `params`."""
     model = nnx.merge(graphdef, params)
     hidden = model(batch["tokens"], batch["positions"], batch.get("segment_ids"), dropout_key=dropout_key)
-    return lm_loss(model.lm_logits(hidden), batch["targets"], batch["loss_mask"], vocab_size)
+    return model.lm_loss(hidden, batch["targets"], batch["loss_mask"])
 
 
 def _microbatches(batch: dict, count: int) -> dict:
@@ -48,18 +47,17 @@ def _microbatches(batch: dict, count: int) -> dict:
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def train_step(graphdef, tx, schedule, vocab_size, grad_accum, seed, state: TrainState, batch):
+def train_step(graphdef, tx, schedule, grad_accum, seed, state: TrainState, batch):
     # The dropout key is a function of the seed and step alone, so any step can be replayed exactly.
     # Made inside the step: a key array closed over would be pinned to one device.
     key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
     grad_fn = jax.value_and_grad(partial(batch_loss, graphdef), has_aux=True)
     if grad_accum == 1:
-        (total, count), grads = grad_fn(state.params, batch, key, vocab_size)
+        (total, count), grads = grad_fn(state.params, batch, key)
     else:
         def accumulate(carry, inputs):
             index, micro = inputs
-            (micro_total, micro_count), micro_grads = grad_fn(state.params, micro, jax.random.fold_in(key, index),
-                                                              vocab_size)
+            (micro_total, micro_count), micro_grads = grad_fn(state.params, micro, jax.random.fold_in(key, index))
             total, count, grads = carry
             return (total + micro_total, count + micro_count, jax.tree.map(jnp.add, grads, micro_grads)), None
 
@@ -76,10 +74,10 @@ def train_step(graphdef, tx, schedule, vocab_size, grad_accum, seed, state: Trai
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_step(graphdef, vocab_size, params, batch):
+def eval_step(graphdef, params, batch):
     model = nnx.merge(graphdef, params)
     hidden = model(batch["tokens"], batch["positions"], batch.get("segment_ids"))
-    return lm_loss(model.lm_logits(hidden), batch["targets"], batch["loss_mask"], vocab_size)
+    return model.lm_loss(hidden, batch["targets"], batch["loss_mask"])
 
 
 class Trainer:
@@ -100,18 +98,22 @@ class Trainer:
         self.schedule = lr_schedule(config.train)
         self.tx = make_optimizer(config.train)
         replicated = sharding.replicated(self.mesh)
-        # Moments inherit the parameters' shardings; the scalar counters go on every device.
-        opt_state = jax.tree.map(
-            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
-            jax.jit(self.tx.init)(params))
+        opt_state = sharding.init_opt_state(self.tx, params, self.mesh)
         self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        vocab = config.model.vocab_size
-        step = partial(train_step, self.graphdef, self.tx, self.schedule, vocab, config.train.grad_accum, seed)
+        step = partial(train_step, self.graphdef, self.tx, self.schedule, config.train.grad_accum, seed)
         self._step = jax.jit(step, in_shardings=(state_shardings, self.batch_sharding),
                              out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-        self._eval = jax.jit(partial(eval_step, self.graphdef, vocab))
+        self._eval = jax.jit(partial(eval_step, self.graphdef))
+
+    def compile(self, batch: dict) -> float:
+        """Compiles the step for `batch`'s shapes ahead of its first call (so compilation is timed
+        apart from running); returns the seconds it took."""
+        start = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            self._step = self._step.lower(self.state, batch).compile()
+        return time.perf_counter() - start
 
     def step(self, batch: dict) -> dict:
         with jax.set_mesh(self.mesh):  # the model's activation constraints read this mesh
@@ -357,7 +359,8 @@ def _train(config, workdir, trainer, checkpointer, start, progress, tqdm, corpus
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 eval_loss = trainer.eval_loss(eval_batches)
                 if eval_loss is not None:
-                    eval_history.append({"step": done, "eval_loss": eval_loss})
+                    eval_history.append({"step": done, "eval_loss": eval_loss,
+                                         "eval_seconds": round(time.perf_counter() - pause_start, 3)})
                     if writer:
                         writer.write(eval_history[-1])
                         bar.write(distributed.prefix() + f"step {done}: eval loss {eval_loss:.4f}")

@@ -105,6 +105,8 @@ def test_steps_are_deterministic_and_dropout_uses_the_step_key(tmp_path):
         losses.append([float(trainer.step(batch)["loss"]) for _ in range(3)])
     # Same seed, same batches: bit-identical losses, dropout included.
     assert losses[0] == losses[1]
+    # The state a step returns has the input types of the state it took: the step compiled once.
+    assert trainer._step._cache_size() == 1
     # Dropout is really applied: the same initial parameters without it give another loss.
     config_nodrop = load_config("configs/tiny.py", ["train.batch_size=4", "train.seq_len=32", "model.n_layer=2"])
     assert float(Trainer(config_nodrop).step(batch)["loss"]) != losses[0][0]

@@ -1,0 +1,111 @@
+"""Where a train step's milliseconds go: each part of the step timed on its own.
+
+    python -m gptjax.bench parts --config configs/gpt2_small.py --config.train.batch_size=12
+
+Each part is jitted and timed alone, forward and backward, on the step's own shapes and params:
+the embedding lookup, one block (times n_layer), the attention op inside it, the vocabulary
+projection with the loss, and the optimizer update. "other" is what the whole step takes beyond
+their sum: host gaps, and fusions or overlap the whole-program compile finds and the parts
+cannot. For the kernel-level picture, `train.profile_steps` or `bench train --profile DIR`
+writes a jax.profiler trace (TensorBoard's profile plugin or Perfetto opens it).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gptjax import attention
+from gptjax.loss import projected_lm_loss
+from gptjax.model import REMAT_POLICIES
+
+
+def _time_ms(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+def _sum_grad(f):
+    """Forward and backward of f through a float32 sum of its output: what the step runs for it."""
+    return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=tuple(range(2))))
+
+
+def time_parts(trainer, batch: dict, repeats: int) -> list[tuple[str, int, float]]:
+    """[(part, times per step, ms each)] for `trainer`'s config, ending with the whole step."""
+    with jax.set_mesh(trainer.mesh):  # the model's activation constraints read it
+        return _time_parts(trainer, batch, repeats)
+
+
+def _time_parts(trainer, batch: dict, repeats: int) -> list[tuple[str, int, float]]:
+    config = trainer.config
+    model = nnx.merge(trainer.graphdef, trainer.state.params)
+    b, t, d = config.train.batch_size, config.train.seq_len, config.model.d_model
+    heads = config.model.n_head
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, t, d)), model.dtype)
+    rows = []
+
+    wte, wpe = model.wte[...], model.wpe[...]
+    embed = _sum_grad(lambda wte, wpe: (wte[batch["tokens"]] + wpe[batch["positions"]]).astype(model.dtype))
+    rows.append(("embedding", 1, _time_ms(embed, (wte, wpe), repeats)))
+
+    block_def, block_params = nnx.split(model.blocks[0], nnx.Param)
+
+    def block(params, x):
+        return nnx.merge(block_def, params)(x, {}, None)[0]
+
+    if config.model.remat != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[config.model.remat])
+    rows.append(("block (forward + backward)", config.model.n_layer,
+                 _time_ms(_sum_grad(block), (block_params, x), repeats)))
+
+    q = jnp.asarray(rng.normal(size=(b, t, heads, d // heads)), model.dtype)
+    impl = config.model.attention
+
+    def attend(q, k):
+        return attention.attend(impl, q, k, k)
+
+    rows.append(("  of which attention", config.model.n_layer, _time_ms(_sum_grad(attend), (q, q), repeats)))
+
+    def head(x, wte):
+        def project(h):
+            return jnp.einsum("btd,vd->btv", h, wte.astype(h.dtype))
+        return projected_lm_loss(x, project, batch["targets"], batch["loss_mask"], config.model.vocab_size,
+                                 config.model.loss_chunk_len)[0]
+
+    head_grad = jax.jit(jax.grad(head, argnums=(0, 1)))
+    rows.append(("vocabulary projection + loss", 1, _time_ms(head_grad, (x, wte), repeats)))
+
+    params = trainer.state.params
+    def update(grads, opt_state, params):
+        updates, opt_state = trainer.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    update = jax.jit(update)
+    rows.append(("optimizer update", 1, _time_ms(update, (params, trainer.state.opt_state, params), repeats)))
+
+    rows.append(("whole train step", 1, _time_ms(trainer.step, (batch,), repeats)))
+    return rows
+
+
+def format_parts(rows: list[tuple[str, int, float]]) -> str:
+    step_ms = rows[-1][2]
+    lines = ["| part | x per step | ms each | ms per step | share of step |", "|---|---|---|---|---|"]
+    counted = 0.0
+    for name, count, ms in rows[:-1]:
+        if not name.startswith(" "):
+            counted += count * ms
+        lines.append(f"| {name} | {count} | {ms:.2f} | {count * ms:.1f} | {100 * count * ms / step_ms:.0f}% |")
+    other = step_ms - counted
+    lines.append(f"| other (step - parts) | | | {other:.1f} | {100 * other / step_ms:.0f}% |")
+    lines.append(f"| whole train step | 1 | {step_ms:.2f} | {step_ms:.1f} | 100% |")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""The benchmark commands print real figures, and the XLA flag presets are flags XLA knows."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from gptjax import bench, xla_flags
+from gptjax.errors import UserError
+
+TINY = ["--config", "configs/tiny.py", "--config.model.n_layer=2", "--config.train.seq_len=32"]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| config") and not line.startswith("| part")]
+
+
+def test_train_prints_one_row_per_batch_size(capsys):
+    assert bench.main(["train", *TINY, "--batches", "2,4", "--steps", "2", "--warmup", "1"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[1] for r in rows] == ["2", "4"]
+    for r in rows:
+        tokens_per_sec, step_ms = float(r[3].replace(",", "")), float(r[5])
+        # tokens/s is batch x seq per step time, the step time measured apart from compilation.
+        assert tokens_per_sec == pytest.approx(int(r[1]) * 32 / step_ms * 1000, rel=0.01)
+        assert float(r[6]) > 0 and float(r[7]) > 0 and float(r[9]) > 0
+
+
+def test_parts_add_up_to_the_step(capsys):
+    assert bench.main(["parts", *TINY, "--config.train.batch_size=2", "--steps", "2"]) == 0
+    rows = {r[0]: r for r in table_rows(capsys.readouterr().out)}
+    assert set(rows) >= {"embedding", "block (forward + backward)", "vocabulary projection + loss",
+                         "optimizer update", "other (step - parts)", "whole train step"}
+    step = float(rows["whole train step"][3])
+    counted = sum(float(r[3]) for name, r in rows.items() if name not in ("whole train step",)
+                  and not name.startswith("of which"))
+    assert counted == pytest.approx(step, abs=0.2)  # the rounding of each row's ms
+
+
+def test_memory_compiles_without_running(capsys):
+    assert bench.main(["memory", *TINY, "--batches", "2", "--config.model.dtype=bfloat16",
+                       "--config.model.vocab_size=1000", "--config.model.loss_chunk_len=8"]) == 0
+    (row,) = table_rows(capsys.readouterr().out)
+    assert row[4] == "8" and float(row[7]) >= float(row[5]) > 0
+    # With chunks of 8 positions, the logits buffers hold 2 x 8 rows, never the batch's 2 x 32.
+    shapes = [[int(d) for d in dims.split(", ")] for dims in re.findall(r"\[([0-9, ]+)\]", row[9])]
+    assert [2, 8, 1024] in shapes
+    # Every one is a chunk's 16 rows, or the transposed embedding's d_model = 128.
+    assert {math.prod(s[:-1]) for s in shapes} == {16, 128}
+
+
+def test_unknown_flag_preset_is_one_clear_error(capsys):
+    assert bench.main(["train", *TINY, "--xla-flags", "fastest"]) == 2
+    assert "unknown XLA flag preset 'fastest'" in capsys.readouterr().err
+
+
+def test_flags_cannot_be_set_once_a_backend_runs():
+    import jax
+    jax.devices()
+    with pytest.raises(UserError, match="before JAX starts a backend"):
+        xla_flags.apply("gpu")
+    assert xla_flags.apply("none") == []
+
+
+def test_every_preset_flag_is_known_to_the_installed_xla():
+    flags = sorted({f for preset in xla_flags.PRESETS.values() for f in preset})
+    check = "import jax; jax.devices()"
+    env = dict(os.environ, XLA_FLAGS=" ".join(flags))
+    run = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    # And the check can fail: XLA stops the process on a flag it does not know.
+    env["XLA_FLAGS"] = "--xla_gpu_no_such_flag=true"
+    run = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Unknown flag" in run.stderr
+
+
+def test_cli_reads_flag_presets_from_the_environment(tmp_path):
+    env = dict(os.environ, GPTJAX_XLA_FLAGS="fastest")
+    run = subprocess.run([sys.executable, "-m", "gptjax.cli", "generate", "--workdir", str(tmp_path), "--prompt", "a"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "unknown XLA flag preset 'fastest'" in run.stderr

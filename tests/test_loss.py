@@ -1,0 +1,100 @@
+"""The memory-lean loss: its hand-written gradient, the chunked vocabulary projection, and what
+the compiled step holds in memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import step_analysis
+from gptjax.config import load_config
+from gptjax.loss import lm_loss, projected_lm_loss
+
+VOCAB, PADDED = 100, 128
+
+
+def reference_loss(logits, targets, mask, vocab):
+    """The textbook cross-entropy, differentiated by autodiff: float32 throughout."""
+    z = logits.astype(jnp.float32)[..., :vocab]
+    nll = jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, targets[..., None], -1)[..., 0]
+    return jnp.sum(nll * mask)
+
+
+def inputs(seed, b=3, t=20, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(rng.normal(size=(b, t, PADDED)) * 3, dtype)
+    targets = jnp.asarray(rng.integers(0, VOCAB, size=(b, t)))
+    mask = jnp.asarray(rng.random((b, t)) * (rng.random((b, t)) > 0.3), jnp.float32)  # weights, some 0
+    return logits, targets, mask
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_gradient_matches_autodiff_of_the_textbook_loss():
+    logits, targets, mask = inputs(0)
+    value, (g_logits, g_mask) = jax.value_and_grad(lambda x, m: lm_loss(x, targets, m, VOCAB)[0],
+                                                   argnums=(0, 1))(logits, mask)
+    want, (w_logits, w_mask) = jax.value_and_grad(reference_loss, argnums=(0, 2))(logits, targets, mask, VOCAB)
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-6)
+    assert rel_err(g_logits, w_logits) < 1e-6
+    assert rel_err(g_mask, w_mask) < 1e-6
+    assert np.all(np.asarray(g_logits)[..., VOCAB:] == 0)
+
+
+def test_bfloat16_logits_get_bfloat16_gradients_close_to_float32():
+    logits, targets, mask = inputs(1, dtype=jnp.bfloat16)
+    grads = jax.grad(lambda x: lm_loss(x, targets, mask, VOCAB)[0])(logits)
+    assert grads.dtype == jnp.bfloat16
+    want = jax.grad(reference_loss)(logits.astype(jnp.float32), targets, mask, VOCAB)
+    assert rel_err(grads, want) < 1e-2
+
+
+@pytest.mark.parametrize("chunk_len", [5, 7, 20, 64])  # divides T, does not, equals T, exceeds T
+def test_chunked_projection_equals_the_whole_one(chunk_len):
+    rng = np.random.default_rng(2)
+    b, t, d = 2, 20, 16
+    hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    embedding = jnp.asarray(rng.normal(size=(PADDED, d)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, VOCAB, size=(b, t)))
+    mask = jnp.asarray(rng.random((b, t)) > 0.2)
+
+    def loss(h, e, chunk):
+        total, count = projected_lm_loss(h, lambda x: jnp.einsum("btd,vd->btv", x, e), targets, mask, VOCAB, chunk)
+        return total / count
+
+    whole, whole_grads = jax.value_and_grad(loss, argnums=(0, 1))(hidden, embedding, 0)
+    chunked, chunked_grads = jax.value_and_grad(loss, argnums=(0, 1))(hidden, embedding, chunk_len)
+    np.testing.assert_allclose(float(chunked), float(whole), rtol=1e-6)
+    for got, want in zip(chunked_grads, whole_grads):
+        assert rel_err(got, want) < 1e-6
+
+
+def tiny_step(*overrides):
+    config = load_config("configs/tiny.py", ["model.dtype=bfloat16", "model.vocab_size=1000", "model.d_model=64",
+                                             "model.n_layer=1", "model.d_ff=128", "train.batch_size=4",
+                                             "train.seq_len=64", *overrides])
+    compiled, _ = step_analysis.compile_train_step(config)
+    return compiled
+
+
+def test_backward_writes_no_float32_scatter_over_the_vocabulary():
+    # Autodiff of a take_along_axis target lookup scatters into a float32 [B, T, V] zero array;
+    # the hand-written backward is one elementwise expression instead.
+    hlo = tiny_step().as_text()
+    scatters = [line for line in hlo.splitlines() if "scatter(" in line and ",1024]" in line.split("=")[1][:40]]
+    assert scatters == []
+
+
+def test_chunks_keep_logits_of_the_whole_batch_out_of_memory():
+    whole, chunked = tiny_step(), tiny_step("model.loss_chunk_len=16")
+    tokens = 4 * 64
+    found = step_analysis.vocabulary_buffers(whole.as_text(), 1024, tokens)
+    assert found, "the check must see the unchunked logits"
+    assert step_analysis.vocabulary_buffers(chunked.as_text(), 1024, tokens) == []
+    assert step_analysis.vocabulary_buffers(chunked.as_text(), 1024, 4 * 16)  # one chunk's are there
+    saved = step_analysis.memory_plan(whole)["temporaries"] - step_analysis.memory_plan(chunked)["temporaries"]
+    # At least the bf16 logits and their bf16 gradient of the 3 chunks not alive at once.
+    assert saved * 2**30 >= 2 * 2 * (tokens - 4 * 16) * 1024
