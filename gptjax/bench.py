@@ -227,8 +227,9 @@ def _run(args, overrides: list[str]) -> None:
     if args.what == "memory":
         from gptjax import step_analysis
         from gptjax.model import padded_vocab_size
-        print("| config | batch | seq | remat | loss_chunk_len | params+opt GiB | temporaries GiB | peak GiB | "
-              "compile s | [tokens, V] buffers |\n|---|---|---|---|---|---|---|---|---|---|")
+        print("| config | batch | seq | remat | loss_chunk_len | params+opt GiB | saved activations GiB | "
+              "compiled temporaries GiB | compiled peak GiB | compile s | [tokens, V] buffers |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
         for batch in batches:
             config = _with_batch(args.config, overrides, batch)
             compiled, seconds = step_analysis.compile_train_step(config)
@@ -238,9 +239,10 @@ def _run(args, overrides: list[str]) -> None:
             found = step_analysis.vocabulary_buffers(compiled.as_text(), padded_vocab_size(m.vocab_size,
                                                      m.vocab_pad_multiple), min(rows_min, m.d_model + 1))
             kinds = ", ".join(sorted({f"{dtype}{list(shape)}" for _, dtype, shape in found})) or "none"
+            saved = step_analysis.saved_activations_gib(config)
             print(f"| {config.name} | {config.train.batch_size} | {config.train.seq_len} | {m.remat} | "
-                  f"{m.loss_chunk_len} | {plan['arguments']:.2f} | {plan['temporaries']:.2f} | {plan['peak']:.2f} | "
-                  f"{seconds:.1f} | {kinds} |")
+                  f"{m.loss_chunk_len} | {plan['arguments']:.2f} | {'-' if saved is None else f'{saved:.2f}'} | "
+                  f"{plan['temporaries']:.2f} | {plan['peak']:.2f} | {seconds:.1f} | {kinds} |", flush=True)
         return
     print(HEADER)
     for batch in batches:

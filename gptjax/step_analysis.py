@@ -4,9 +4,14 @@
 
 The step is lowered from shapes alone (`jax.eval_shape`), so a 1.5B model can be analysed on a
 machine that could not hold its optimizer state, and compiled for whatever backend JAX runs on.
-Two readings come out of the compiled executable:
+Three readings:
 
-- its memory plan (`memory_analysis`): arguments (params, optimizer state, batch), outputs, the
+- the activations the forward pass saves for the backward, read from the traced program (the
+  autodiff residuals after the remat policy): backend-independent, and the number to choose a
+  remat policy and batch size by. XLA on CPU schedules rematerialised work early and so does not
+  show remat's savings in its own plan;
+
+- the compiled executable's memory plan (`memory_analysis`): arguments (params, optimizer state, batch), outputs, the
   temporaries of the step and what donation lets outputs reuse; their sum is the peak one device
   must hold for this step, a lower bound for the allocator's real peak;
 - the buffers of the optimized HLO that span the whole vocabulary for every token
@@ -54,6 +59,28 @@ def compile_train_step(config):
     with jax.set_mesh(mesh):
         compiled = step.lower(state, abstract_batch(config)).compile()
     return compiled, time.perf_counter() - start
+
+
+def saved_activations_gib(config) -> float | None:
+    """GiB of the values the forward pass keeps for the backward (the residuals of autodiff, after
+    the remat policy): the activation memory of a step as JAX asks for it, before any backend
+    schedules it. Read from the traced program, so it holds for every backend, with the
+    attention implementation this machine resolves to. None where this JAX cannot tell."""
+    try:
+        from jax._src.ad_checkpoint import saved_residuals  # the function behind print_saved_residuals
+    except ImportError:
+        return None
+    from gptjax.train import batch_loss
+
+    abstract = nnx.eval_shape(lambda: init_decoder(config.model, config.train.seed))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+
+    def loss(params, batch):
+        return batch_loss(graphdef, params, batch, None)[0]
+
+    residuals = saved_residuals(loss, params, abstract_batch(config))
+    return sum(math.prod(aval.shape) * aval.dtype.itemsize for aval, why in residuals
+               if "from the argument" not in why) / 2.0 ** 30
 
 
 def memory_plan(compiled) -> dict:

@@ -45,9 +45,9 @@ def test_memory_compiles_without_running(capsys):
     assert bench.main(["memory", *TINY, "--batches", "2", "--config.model.dtype=bfloat16",
                        "--config.model.vocab_size=1000", "--config.model.loss_chunk_len=8"]) == 0
     (row,) = table_rows(capsys.readouterr().out)
-    assert row[4] == "8" and float(row[7]) >= float(row[5]) > 0
+    assert row[4] == "8" and float(row[8]) >= float(row[5]) > 0 and float(row[6]) >= 0
     # With chunks of 8 positions, the logits buffers hold 2 x 8 rows, never the batch's 2 x 32.
-    shapes = [[int(d) for d in dims.split(", ")] for dims in re.findall(r"\[([0-9, ]+)\]", row[9])]
+    shapes = [[int(d) for d in dims.split(", ")] for dims in re.findall(r"\[([0-9, ]+)\]", row[10])]
     assert [2, 8, 1024] in shapes
     # Every one is a chunk's 16 rows, or the transposed embedding's d_model = 128.
     assert {math.prod(s[:-1]) for s in shapes} == {16, 128}
@@ -83,3 +83,20 @@ def test_cli_reads_flag_presets_from_the_environment(tmp_path):
     run = subprocess.run([sys.executable, "-m", "gptjax.cli", "generate", "--workdir", str(tmp_path), "--prompt", "a"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "unknown XLA flag preset 'fastest'" in run.stderr
+
+
+def test_saved_activations_follow_the_remat_policy():
+    from gptjax.config import load_config
+    from gptjax.step_analysis import saved_activations_gib
+
+    def saved(remat):
+        config = load_config("configs/tiny.py", ["model.n_layer=2", "train.seq_len=32", "train.batch_size=2",
+                                                 f"model.remat={remat}"])
+        return saved_activations_gib(config) * 2**30
+
+    none, dots, full = saved("none"), saved("save_dots"), saved("full")
+    assert none > dots > full
+    # Full remat keeps each block's float32 input [2, 32, 128] and recomputes the rest; what else
+    # stays is the final LayerNorm's and the loss's.
+    block_inputs = 2 * 2 * 32 * 128 * 4
+    assert block_inputs <= full < none / 4

@@ -1,0 +1,163 @@
+"""Attention kernel benchmark: our Pallas flash attention against cuDNN, XLA and JAX's bundled
+Pallas kernel, forward, backward and both, in TFLOP/s.
+
+    python -m gptjax.attention_bench                       # GPU: T 1024..8192, head dims 64, 128
+    python -m gptjax.attention_bench --seq-lens 256 --head-dims 64 --batch 1 --heads 2 --dtype float32
+
+Shapes keep the work per call comparable: batch * T = 16384 tokens (batch = 16384 // T) and
+heads * head_dim = 1024 (16 heads of 64, 8 of 128), unless `batch` / `heads` are given.
+
+FLOPs are causal attention's: forward 2 * 2 * B * H * T^2 * D / 2, backward 2.5x that, forward +
+backward 3.5x. Backward time is (forward + backward) - forward. The "packed" case uses rows of
+documents of average length T/8 (sorted segment ids): our kernel masks per document and skips
+the tiles no document pair needs, cuDNN runs causal-only on the same rows (no document mask: more
+work, wrong answer for packing, the speed to beat), XLA takes the dense [B, 1, T, T] document
+mask, and the bundled kernel masks by segment but skips nothing. Packed rows still report the
+causal FLOPs, so their TFLOP/s is "causal-equivalent" throughput: ms are the honest comparison.
+
+An implementation that cannot run here (cuDNN or Triton on CPU, out of memory) is reported as
+unavailable with a one-word reason instead of stopping the run. On CPU our kernel runs in Pallas
+interpret mode: slow, only there to show the benchmark works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax.kernels.flash_attention import flash_attention
+
+TOKENS_PER_CALL = 16384
+MODEL_WIDTH = 1024  # heads * head_dim
+
+
+def packed_segment_ids(rng: np.random.Generator, batch: int, seq_len: int, mean_len: int) -> np.ndarray:
+    """Sorted ids 1, 1, ..., 2, 2, ... per row, document lengths uniform in [mean/2, 3*mean/2]."""
+    rows = []
+    for _ in range(batch):
+        lengths = []
+        while sum(lengths) < seq_len:
+            lengths.append(int(rng.integers(max(1, mean_len // 2), max(2, 3 * mean_len // 2) + 1)))
+        rows.append(np.repeat(np.arange(1, len(lengths) + 1), lengths)[:seq_len])
+    return np.stack(rows).astype(np.int32)
+
+
+def _implementations(case: str, seg, seq_len: int, head_dim: int):
+    """name -> attention(q, k, v) for one case; every one causal (plus documents where it can)."""
+    from jax.experimental.pallas.ops.gpu import attention as bundled
+    scale = 1.0 / math.sqrt(head_dim)
+    dpa = jax.nn.dot_product_attention
+    impls = {}
+    if case == "causal":
+        impls["pallas (gptjax)"] = lambda q, k, v: flash_attention(q, k, v, causal=True)
+        impls["cudnn"] = lambda q, k, v: dpa(q, k, v, is_causal=True, implementation="cudnn")
+        impls["xla"] = lambda q, k, v: dpa(q, k, v, is_causal=True, implementation="xla")
+        impls["pallas mha (jax bundled)"] = lambda q, k, v: bundled.mha(q, k, v, None, sm_scale=scale, causal=True)
+    else:
+        doc_mask = (seg[:, None, :, None] == seg[:, None, None, :])  # [B, 1, T, T]
+        impls["pallas (gptjax)"] = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, causal=True)
+        impls["cudnn (causal only)"] = lambda q, k, v: dpa(q, k, v, is_causal=True, implementation="cudnn")
+        impls["xla (dense mask)"] = lambda q, k, v: dpa(q, k, v, mask=doc_mask, is_causal=True,
+                                                        implementation="xla")
+        impls["pallas mha (jax bundled)"] = lambda q, k, v: bundled.mha(q, k, v, seg, sm_scale=scale, causal=True)
+    return impls
+
+
+def _median_seconds(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile
+    jax.block_until_ready(fn(*args))  # warm up
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _reason(error: Exception, name: str) -> str:
+    text = f"{type(error).__name__} {error}".lower()
+    if "resource_exhausted" in text or "out of memory" in text:
+        return "oom"
+    if jax.default_backend() != "gpu" and ("cudnn" in name or "bundled" in name):
+        return "no-gpu"
+    if "cudnn" in text:
+        return "cudnn-unsupported"
+    return type(error).__name__
+
+
+def bench_attention(seq_lens=(1024, 2048, 4096, 8192), head_dims=(64, 128), batch=None, heads=None,
+                    dtype=jnp.bfloat16, repeats: int = 10, cases=("causal", "packed")) -> list[dict]:
+    """One dict per (case, T, head_dim, implementation): ms and TFLOP/s for fwd, bwd, fwd+bwd,
+    or `status` = "unavailable: <reason>" (with the full `error`) when it could not run."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for seq_len in seq_lens:
+        for head_dim in head_dims:
+            b = batch or max(1, TOKENS_PER_CALL // seq_len)
+            h = heads or max(1, MODEL_WIDTH // head_dim)
+            q, k, v, ct = (jnp.asarray(rng.standard_normal((b, seq_len, h, head_dim)), dtype) for _ in range(4))
+            seg = jnp.asarray(packed_segment_ids(rng, b, seq_len, max(1, seq_len // 8)))
+            fwd_flops = 2 * 2 * b * h * seq_len * seq_len * head_dim / 2
+            for case in cases:
+                for name, attn in _implementations(case, seg, seq_len, head_dim).items():
+                    row = dict(case=case, impl=name, seq_len=seq_len, head_dim=head_dim, batch=b, heads=h,
+                               dtype=jnp.dtype(dtype).name, status="ok")
+                    fwd = jax.jit(attn)
+                    fwd_bwd = jax.jit(lambda q, k, v, ct, attn=attn: jax.vjp(attn, q, k, v)[1](ct))
+                    try:
+                        t_fwd = _median_seconds(fwd, (q, k, v), repeats)
+                        t_both = _median_seconds(fwd_bwd, (q, k, v, ct), repeats)
+                    except Exception as e:  # noqa: BLE001 - report and go on to the next one
+                        row.update(status=f"unavailable: {_reason(e, name)}", error=f"{type(e).__name__}: {e}"[:500])
+                        rows.append(row)
+                        continue
+                    t_bwd = max(t_both - t_fwd, 1e-9)
+                    for part, secs, mult in (("fwd", t_fwd, 1.0), ("bwd", t_bwd, 2.5), ("fwd_bwd", t_both, 3.5)):
+                        row[f"{part}_ms"] = secs * 1e3
+                        row[f"{part}_tflops"] = mult * fwd_flops / secs / 1e12
+                    rows.append(row)
+                    del fwd, fwd_bwd
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A markdown table; unavailable rows show their reason in place of the numbers."""
+    head = ("| case | implementation | T | D | B x H | fwd ms | bwd ms | fwd+bwd ms "
+            "| fwd TFLOP/s | bwd TFLOP/s | fwd+bwd TFLOP/s |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        shape = f"| {r['case']} | {r['impl']} | {r['seq_len']} | {r['head_dim']} | {r['batch']} x {r['heads']} |"
+        if r["status"] != "ok":
+            lines.append(f"{shape} {r['status']} | | | | | |")
+            continue
+        nums = [f"{r[p + '_ms']:.3f}" for p in ("fwd", "bwd", "fwd_bwd")]
+        nums += [f"{r[p + '_tflops']:.1f}" if r[p + "_tflops"] >= 1 else f"{r[p + '_tflops']:.2g}"
+                 for p in ("fwd", "bwd", "fwd_bwd")]
+        lines.append(f"{shape} " + " | ".join(nums) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ints = lambda s: tuple(int(x) for x in s.split(","))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq-lens", type=ints, default=(1024, 2048, 4096, 8192))
+    p.add_argument("--head-dims", type=ints, default=(64, 128))
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--repeats", type=int, default=10)
+    a = p.parse_args(argv)
+    rows = bench_attention(a.seq_lens, a.head_dims, a.batch, a.heads, jnp.dtype(a.dtype), a.repeats)
+    print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
+    print(format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

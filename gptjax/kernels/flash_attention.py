@@ -1,0 +1,442 @@
+"""Document-masked flash attention with block skipping, in Pallas (Triton on GPU).
+
+Why this exists: packed pretraining rows hold several documents, and a token must only attend
+within its own document. cuDNN's fused attention does plain causal attention fast, but it cannot
+take a per-token document mask, so gptjax had to fall back to XLA attention, which builds the full
+[T, T] score matrix. This kernel takes `segment_ids` and, beyond masking, *skips* every
+(query block, key block) tile that cannot contribute: tiles above the causal diagonal and tiles
+whose query and key segment-id ranges do not overlap. With documents of average length T/8 that
+is most of the causal triangle, so it does less work than causal-only cuDNN on the same rows.
+
+Layout is gptjax's [batch, time, heads, head_dim]; k/v may have fewer (grouped) heads. Forward is
+online softmax in float32 that also writes the per-row log-sum-exp; backward is FlashAttention-2
+(delta = rowsum(dO * O) in XLA, one Pallas kernel over key blocks for dK/dV, one over query blocks
+for dQ), wired with `jax.custom_vjp`. The [T, T] matrix is never materialised.
+
+Masking convention: a query whose every key is masked (only possible when `segment_ids` is a
+(query ids, key ids) pair, or with padding) gets output 0 and zero gradients, never NaN. Note that
+`gptjax.attention.xla_attention` gives such a row the uniform average of all values instead; no
+real token is ever in that situation with shared segment ids, since a token always sees itself.
+
+On CPU (`interpret=None` there) the kernels run in Pallas interpret mode, which is how the tests
+check them without a GPU. No TPU path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+# Finite, so that masked scores never make inf - inf = NaN in the online softmax.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_LOG2E = math.log2(math.e)  # the kernels use exp2; scores are pre-multiplied by log2(e)
+_SQ = getattr(pl, "squeezed", None)  # a squeezed BlockSpec dim; None on versions without it
+_TritonParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (powers of two, >= 16: Triton's requirement) and Triton launch parameters.
+
+    Forward: a program holds `block_q` queries and loops over keys `block_k` at a time.
+    Backward: dQ holds `block_q_bwd` queries and loops over `block_k_bwd` keys; dK/dV holds
+    `block_k_bwd` keys and loops over `block_q_bwd` queries (so both share one skip plan).
+    """
+    block_q: int = 128
+    block_k: int = 64
+    block_q_bwd: int = 64
+    block_k_bwd: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
+
+
+# Plausible starting points only: no GPU was available when this was written, so none of these
+# were tuned. Larger head dims hold more registers per row, hence more warps / fewer stages.
+_DEFAULT_BLOCKS = {
+    64: BlockSizes(128, 64, 64, 64, num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2),
+    128: BlockSizes(128, 64, 64, 64, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=2),
+    256: BlockSizes(64, 32, 32, 32, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1),
+}
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def padded_head_dim(head_dim: int) -> int:
+    # Triton loads need power-of-two tiles; zero columns in q/k leave q.k unchanged.
+    return max(16, _pow2(head_dim))
+
+
+def default_block_sizes(head_dim: int) -> BlockSizes:
+    d = padded_head_dim(head_dim)
+    return _DEFAULT_BLOCKS[64] if d <= 64 else _DEFAULT_BLOCKS.get(d, _DEFAULT_BLOCKS[256])
+
+
+def _fit_blocks(bs: BlockSizes, seq_len: int) -> BlockSizes:
+    """Shrinks tiles for short sequences so a tiny T is not padded up to a whole 128 block."""
+    cap = max(16, _pow2(seq_len))
+    sizes = {f: min(getattr(bs, f), cap) for f in ("block_q", "block_k", "block_q_bwd", "block_k_bwd")}
+    for f, b in sizes.items():
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"BlockSizes.{f}={b} must be a power of two >= 16")
+    return dataclasses.replace(bs, **sizes)
+
+
+# ----------------------------------------------------------------------------- skip plan
+
+def _pad_segments(segment_ids, batch, seq_len, padded_len, xp):
+    """(query ids, key ids) as int32 [B, padded_len]. Padding repeats the row's last id, which
+    keeps per-block ranges tight (and sorted rows sorted); padded keys are masked by position."""
+    if segment_ids is None:
+        q_seg = kv_seg = xp.zeros((batch, seq_len), xp.int32)
+    elif isinstance(segment_ids, (tuple, list)):
+        q_seg, kv_seg = (xp.asarray(s).astype(xp.int32) for s in segment_ids)
+    else:
+        q_seg = kv_seg = xp.asarray(segment_ids).astype(xp.int32)
+    for s in (q_seg, kv_seg):
+        if tuple(s.shape) != (batch, seq_len):
+            raise ValueError(f"segment_ids must be [batch, time] = {(batch, seq_len)}, got {s.shape}")
+    pad = ((0, 0), (0, padded_len - seq_len))
+    return xp.pad(q_seg, pad, mode="edge"), xp.pad(kv_seg, pad, mode="edge")
+
+
+def _block_plan(q_seg, kv_seg, block_q, block_k, causal, seq_len, xp):
+    """Per-block segment-id ranges and, per query block, the key-block range [lo, hi) worth
+    visiting (and per key block the query-block range [klo, khi)). Works with numpy (for
+    `visited_blocks`) and jax.numpy (inside the wrapper): one definition of what is skipped.
+
+    The range is tight for sorted ids; unsorted ids still work because inside the range the
+    kernels re-check the per-block id overlap (`_blocks_meet`)."""
+    batch, padded_len = q_seg.shape
+    nq, nk = padded_len // block_q, padded_len // block_k
+    qb, kb = q_seg.reshape(batch, nq, block_q), kv_seg.reshape(batch, nk, block_k)
+    qmin, qmax, kmin, kmax = qb.min(-1), qb.max(-1), kb.min(-1), kb.max(-1)
+    iq, jk = xp.arange(nq)[:, None], xp.arange(nk)[None, :]
+    need = _blocks_meet(qmin[:, :, None], qmax[:, :, None], kmin[:, None, :], kmax[:, None, :])
+    # Tiles of padding only (sliced off by the wrapper; their cotangent is zero) are not needed.
+    need = need & ((jk * block_k < seq_len) & (iq * block_q < seq_len))[None]
+    if causal:
+        need = need & (jk * block_k <= iq * block_q + block_q - 1)[None]
+
+    def first_last(mask, axis):
+        n = mask.shape[axis]
+        hit = mask.any(axis)
+        lo = xp.argmax(mask, axis=axis)
+        hi = n - xp.argmax(xp.flip(mask, axis=axis), axis=axis)
+        return xp.where(hit, lo, 0).astype(xp.int32), xp.where(hit, hi, 0).astype(xp.int32)
+
+    lo, hi = first_last(need, 2)
+    klo, khi = first_last(need, 1)
+    cast = lambda a: a.astype(xp.int32)
+    return dict(qmin=cast(qmin), qmax=cast(qmax), kmin=cast(kmin), kmax=cast(kmax),
+                lo=lo, hi=hi, klo=klo, khi=khi)
+
+
+def _blocks_meet(qmin, qmax, kmin, kmax):
+    return (qmin <= kmax) & (kmin <= qmax)
+
+
+def visited_blocks(segment_ids, block_q: int, block_k: int, causal: bool = True,
+                   skip_blocks: bool = True) -> np.ndarray:
+    """Bool [batch, n_q_blocks, n_k_blocks]: the tiles the forward kernel computes (numpy).
+
+    `segment_ids` is [batch, time] (or a (query ids, key ids) pair); pass zeros for "no
+    documents". Same plan and same in-loop check as the kernel, so tests can count the work."""
+    first = segment_ids[0] if isinstance(segment_ids, (tuple, list)) else segment_ids
+    batch, seq_len = np.shape(first)
+    padded = -(-seq_len // max(block_q, block_k)) * max(block_q, block_k)
+    q_seg, kv_seg = _pad_segments(segment_ids, batch, seq_len, padded, np)
+    nq, nk = padded // block_q, padded // block_k
+    if not skip_blocks:
+        return np.ones((batch, nq, nk), bool)
+    p = _block_plan(q_seg, kv_seg, block_q, block_k, causal, seq_len, np)
+    j = np.arange(nk)[None, None, :]
+    in_range = (p["lo"][:, :, None] <= j) & (j < p["hi"][:, :, None])
+    return in_range & _blocks_meet(p["qmin"][:, :, None], p["qmax"][:, :, None],
+                                   p["kmin"][:, None, :], p["kmax"][:, None, :])
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    causal: bool
+    use_segments: bool
+    sm_scale: float
+    seq_len: int      # real length; the arrays are padded beyond it
+    padded_len: int
+    group: int        # query heads per kv head
+    blocks: BlockSizes
+    interpret: bool
+    skip: bool
+
+
+def _mask(c: _Cfg, q_pos, k_pos, q_seg, k_seg):
+    """[bq, bk] bool of allowed (query, key) pairs, or None when nothing is masked."""
+    mask = None
+    both = lambda m, x: x if m is None else m & x
+    if c.causal:
+        mask = both(mask, q_pos[:, None] >= k_pos[None, :])
+    elif c.padded_len != c.seq_len:
+        # Causal already hides padded keys from real queries; without it, mask them explicitly.
+        mask = both(mask, (k_pos < c.seq_len)[None, :])
+    if c.use_segments:
+        mask = both(mask, q_seg[:, None] == k_seg[None, :])
+    return mask
+
+
+def _scores(c: _Cfg, q, k, mask):
+    """Scores in log2 units: exp2(s) == exp(sm_scale * q.k)."""
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = s * (c.sm_scale * _LOG2E)
+    return s if mask is None else jnp.where(mask, s, MASK_VALUE)
+
+
+def _tdot(a, b):
+    """a.T @ b in float32 (contracting the row dim), without materialising a transpose."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _key_loop(c, i, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, n_k, body, init):
+    """Runs `body(j, carry)` over the key blocks query block i needs (all of them if not skipping)."""
+    if not c.skip:
+        return lax.fori_loop(0, n_k, body, init)
+    qmin, qmax = qmin_ref[i], qmax_ref[i]
+
+    def maybe(j, carry):
+        meet = _blocks_meet(qmin, qmax, kmin_ref[j], kmax_ref[j])
+        return lax.cond(meet, body, lambda _, cr: cr, j, carry)
+    return lax.fori_loop(lo_ref[i], hi_ref[i], maybe, init)
+
+
+def _fwd_kernel(lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
+                q_ref, k_ref, v_ref, o_ref, lse_ref, *, c: _Cfg):
+    bq, bk = c.blocks.block_q, c.blocks.block_k
+    i = pl.program_id(0)
+    q, q_seg = q_ref[...], qseg_ref[...]
+    q_pos = i * bq + jnp.arange(bq)
+
+    def body(j, carry):
+        o, m, l = carry
+        ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
+        k, v = k_ref[ks, :], v_ref[ks, :]
+        s = _scores(c, q, k, _mask(c, q_pos, j * bk + jnp.arange(bk), q_seg, kseg_ref[ks]))
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        alpha = jnp.exp2(m - m_new)
+        # While a row has seen only masked keys, m_new == MASK_VALUE and p == 1 on them; that
+        # junk is multiplied by alpha == 0 as soon as a real key arrives, or dropped below.
+        p = jnp.exp2(s - m_new[:, None])
+        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return o, m_new, alpha * l + p.sum(axis=-1)
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
+            jnp.zeros((bq,), jnp.float32))
+    o, m, l = _key_loop(c, i, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref,
+                        c.padded_len // bk, body, init)
+    seen = m > MASK_VALUE  # false only if every key of the row was masked (or skipped)
+    o_ref[...] = jnp.where(seen[:, None], o / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
+    # +inf makes exp2(s - lse) == 0 in the backward for such rows: zero gradients, no NaN.
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
+
+
+def _dq_kernel(lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
+               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, c: _Cfg):
+    bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd
+    i = pl.program_id(0)
+    q, do, q_seg = q_ref[...], do_ref[...], qseg_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    q_pos = i * bq + jnp.arange(bq)
+
+    def body(j, dq):
+        ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
+        k, v = k_ref[ks, :], v_ref[ks, :]
+        s = _scores(c, q, k, _mask(c, q_pos, j * bk + jnp.arange(bk), q_seg, kseg_ref[ks]))
+        p = jnp.exp2(s - lse[:, None])
+        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[:, None])
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    dq = _key_loop(c, i, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref,
+                   c.padded_len // bk, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * c.sm_scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(klo_ref, khi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
+                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, c: _Cfg):
+    # q/do refs hold all `group` query heads that share this program's kv head, so dK/dV sum
+    # over them here instead of writing per-query-head copies to be reduced afterwards.
+    bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd
+    j = pl.program_id(0)
+    k, v, k_seg = k_ref[...], v_ref[...], kseg_ref[...]
+    k_pos = j * bk + jnp.arange(bk)
+
+    def body(i, carry):
+        qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
+        mask = _mask(c, i * bq + jnp.arange(bq), k_pos, qseg_ref[qs], k_seg)
+
+        def head(r, carry):
+            dk, dv = carry
+            q, do = q_ref[qs, r, :], do_ref[qs, r, :]
+            p = jnp.exp2(_scores(c, q, k, mask) - lse_ref[r, qs][:, None])
+            dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_ref[r, qs][:, None])
+            return dk + _tdot(ds.astype(q.dtype), q), dv + _tdot(p.astype(do.dtype), do)
+        return head(0, carry) if c.group == 1 else lax.fori_loop(0, c.group, head, carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    n_q = c.padded_len // bq
+    if c.skip:
+        kmin, kmax = kmin_ref[j], kmax_ref[j]
+
+        def maybe(i, carry):
+            meet = _blocks_meet(qmin_ref[i], qmax_ref[i], kmin, kmax)
+            return lax.cond(meet, body, lambda _, cr: cr, i, carry)
+        dk, dv = lax.fori_loop(klo_ref[j], khi_ref[j], maybe, (zeros, zeros))
+    else:
+        dk, dv = lax.fori_loop(0, n_q, body, (zeros, zeros))
+    dk_ref[...] = (dk * c.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- pallas_call wiring
+
+def _call(c: _Cfg, kernel, name, grid, in_specs, out_specs, out_shape, warps, stages, *args):
+    return pl.pallas_call(
+        functools.partial(kernel, c=c), grid=grid, in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=c.interpret, name=name,
+        # Explicit Triton params: they are what selects the Triton lowering (not Mosaic GPU).
+        compiler_params=_TritonParams(num_warps=warps, num_stages=stages),
+    )(*args)
+
+
+def _row(n):
+    """A per-batch-row vector [B, n] handed whole to each program (for scalar reads)."""
+    return pl.BlockSpec((_SQ, n), lambda x, b, h: (b, 0))
+
+
+def _plan_args(plan, ranges):
+    return [plan[ranges[0]], plan[ranges[1]], plan["qmin"], plan["qmax"], plan["kmin"], plan["kmax"]]
+
+
+def _forward(c: _Cfg, q, k, v, q_seg, kv_seg):
+    batch, tp, heads, d = q.shape
+    bq, bk, g = c.blocks.block_q, c.blocks.block_k, c.group
+    nq, nk = tp // bq, tp // bk
+    plan = _block_plan(q_seg, kv_seg, bq, bk, c.causal, c.seq_len, jnp)
+    in_specs = [_row(nq), _row(nq), _row(nq), _row(nq), _row(nk), _row(nk),
+                pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
+                pl.BlockSpec((_SQ, tp), lambda i, b, h: (b, 0)),
+                pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, b, h: (b, i, h, 0)),
+                pl.BlockSpec((_SQ, tp, _SQ, d), lambda i, b, h: (b, 0, h // g, 0)),
+                pl.BlockSpec((_SQ, tp, _SQ, d), lambda i, b, h: (b, 0, h // g, 0))]
+    out_specs = [pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, b, h: (b, i, h, 0)),
+                 pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, tp), jnp.float32)]
+    return _call(c, _fwd_kernel, "flash_attention_fwd", (nq, batch, heads), in_specs, out_specs,
+                 out_shape, c.blocks.num_warps, c.blocks.num_stages,
+                 *_plan_args(plan, ("lo", "hi")), q_seg, kv_seg, q, k, v)
+
+
+def _backward(c: _Cfg, q, k, v, q_seg, kv_seg, o, lse, do):
+    batch, tp, heads, d = q.shape
+    kv_heads, g = k.shape[2], c.group
+    bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd
+    nq, nk = tp // bq, tp // bk
+    plan = _block_plan(q_seg, kv_seg, bq, bk, c.causal, c.seq_len, jnp)
+    # delta = rowsum(dO * O): one cheap fused XLA reduction, [B, H, T] like lse.
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    warps, stages = c.blocks.num_warps_bwd, c.blocks.num_stages_bwd
+
+    q_block = lambda i, b, h: (b, i, h, 0)
+    dq = _call(c, _dq_kernel, "flash_attention_dq", (nq, batch, heads),
+               [_row(nq), _row(nq), _row(nq), _row(nq), _row(nk), _row(nk),
+                pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
+                pl.BlockSpec((_SQ, tp), lambda i, b, h: (b, 0)),
+                pl.BlockSpec((_SQ, bq, _SQ, d), q_block),
+                pl.BlockSpec((_SQ, tp, _SQ, d), lambda i, b, h: (b, 0, h // g, 0)),
+                pl.BlockSpec((_SQ, tp, _SQ, d), lambda i, b, h: (b, 0, h // g, 0)),
+                pl.BlockSpec((_SQ, bq, _SQ, d), q_block),
+                pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i)),
+                pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))],
+               pl.BlockSpec((_SQ, bq, _SQ, d), q_block), jax.ShapeDtypeStruct(q.shape, q.dtype),
+               warps, stages, *_plan_args(plan, ("lo", "hi")), q_seg, kv_seg, q, k, v, do, lse, delta)
+
+    kv_block = lambda j, b, h: (b, j, h, 0)
+    group_rows = pl.BlockSpec((_SQ, tp, g, d), lambda j, b, h: (b, 0, h, 0))  # heads h*g .. h*g+g-1
+    group_stats = pl.BlockSpec((_SQ, g, tp), lambda j, b, h: (b, h, 0))
+    dk, dv = _call(c, _dkv_kernel, "flash_attention_dkv", (nk, batch, kv_heads),
+                   [_row(nk), _row(nk), _row(nq), _row(nq), _row(nk), _row(nk),
+                    pl.BlockSpec((_SQ, tp), lambda j, b, h: (b, 0)),
+                    pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, j)),
+                    group_rows, pl.BlockSpec((_SQ, bk, _SQ, d), kv_block),
+                    pl.BlockSpec((_SQ, bk, _SQ, d), kv_block), group_rows, group_stats, group_stats],
+                   [pl.BlockSpec((_SQ, bk, _SQ, d), kv_block)] * 2,
+                   [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+                   warps, stages, *_plan_args(plan, ("klo", "khi")), q_seg, kv_seg, q, k, v, do, lse, delta)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(c, q, k, v, q_seg, kv_seg):
+    return _forward(c, q, k, v, q_seg, kv_seg)[0]
+
+
+def _attention_fwd(c, q, k, v, q_seg, kv_seg):
+    o, lse = _forward(c, q, k, v, q_seg, kv_seg)
+    return o, (q, k, v, q_seg, kv_seg, o, lse)
+
+
+def _attention_bwd(c, res, do):
+    dq, dk, dv = _backward(c, *res, do)
+    return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_sizes", "interpret", "skip_blocks"))
+def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
+                    block_sizes: BlockSizes | None = None, interpret: bool | None = None,
+                    skip_blocks: bool = True):
+    """Attention over [batch, time, heads, head_dim] with optional packed-document masking.
+
+    k, v: [batch, time, kv_heads, head_dim], kv_heads dividing heads (query head h reads kv head
+    h // (heads // kv_heads)). segment_ids: int [batch, time] shared by queries and keys, or a
+    (query ids, key ids) pair; a query sees only keys with its id (and, if causal, not later).
+    Returns q's shape and dtype. Differentiable in q, k, v. `skip_blocks=False` computes every
+    tile (masking only), for testing. `interpret=None` means interpret mode on the CPU backend.
+    """
+    batch, seq_len, heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[:2] != (batch, seq_len) or k.shape[3] != head_dim:
+        raise ValueError(f"k/v must be [batch, time, kv_heads, {head_dim}] like q {q.shape}: "
+                         f"got {k.shape}, {v.shape}")
+    if heads % k.shape[2]:
+        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({heads})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim), seq_len)
+    step = max(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
+    padded_len = -(-seq_len // step) * step
+    d_pad = padded_head_dim(head_dim)
+    q_seg, kv_seg = _pad_segments(segment_ids, batch, seq_len, padded_len, jnp)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded_len - seq_len), (0, 0), (0, d_pad - head_dim)))
+    c = _Cfg(causal=bool(causal), use_segments=segment_ids is not None,
+             sm_scale=float(sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)),
+             seq_len=seq_len, padded_len=padded_len, group=heads // k.shape[2], blocks=blocks,
+             interpret=bool(interpret), skip=bool(skip_blocks))
+    out = _attention(c, pad(q), pad(k), pad(v), q_seg, kv_seg)
+    return out[:, :seq_len, :, :head_dim]
