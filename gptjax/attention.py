@@ -1,14 +1,23 @@
-"""Attention dispatch: `model.attention = auto | xla | cudnn`.
+"""Attention dispatch: `model.attention = auto | xla | cudnn | pallas | splash`.
 
-Inputs are [batch, time, heads, head_dim] (the layout cuDNN wants, so no transposes). `xla` is
-the reference: it takes every mask gptjax needs (causal with a query offset for the KV cache,
-packed-document segment ids, key padding) and dropout on the probabilities. `cudnn` is fused
-flash attention; it supports the plain causal case, which is what pretraining without document
-masks and without attention dropout needs. `auto` takes cuDNN where it applies and XLA
-elsewhere, so every call is correct on every machine.
+Inputs are [batch, time, heads, head_dim] (the layout cuDNN and the Pallas kernel want, so no
+transposes). `xla` is the reference: it takes every mask gptjax needs (causal with a query
+offset for the KV cache, packed-document segment ids, key padding) and dropout on the
+probabilities. The fused kernels each take a subset:
+
+  cudnn   plain causal (cuDNN flash attention through jax.nn.dot_product_attention)
+  pallas  causal + segment ids, skipping the tiles documents rule out (kernels/flash_attention.py);
+          Triton on NVIDIA GPUs, interpret mode on CPU (slow, for tests)
+  splash  causal + segment ids on TPU (JAX's splash attention); interpret mode elsewhere
+
+`auto` takes, on an NVIDIA GPU, cuDNN for plain causal attention and the Pallas kernel when
+document masks are on; on a TPU, splash; XLA for everything else (dropout, the KV cache, CPUs),
+so every call is correct on every machine.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +26,8 @@ from gptjax.errors import UserError
 
 # Finite, so that a row with every key masked (padding) gives a uniform softmax instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "splash")
+HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def on_nvidia_gpu() -> bool:
@@ -25,18 +36,39 @@ def on_nvidia_gpu() -> bool:
 
 def cudnn_applies(dtype, head_dim: int) -> bool:
     """Whether cuDNN flash attention can run these inputs on this machine."""
-    return (on_nvidia_gpu() and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and head_dim % 8 == 0 and head_dim <= 128)
+    return on_nvidia_gpu() and jnp.dtype(dtype) in HALF and head_dim % 8 == 0 and head_dim <= 128
 
 
-def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, needs_dropout: bool) -> str:
-    """Turns `auto` into a concrete implementation and rejects one that cannot run these inputs."""
+def pallas_applies(dtype, head_dim: int) -> bool:
+    """Whether the Pallas kernel runs these inputs at full speed on this machine (Triton tiles
+    of a power-of-two head dim up to 256; other head dims are padded up)."""
+    return on_nvidia_gpu() and jnp.dtype(dtype) in HALF and head_dim <= 256
+
+
+def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, needs_dropout: bool,
+            segments: bool = False) -> str:
+    """Turns `auto` into a concrete implementation and rejects one that cannot run these inputs.
+
+    needs_mask: a mask only XLA takes (the KV cache's query offset or key padding).
+    segments: packed-document segment ids (XLA, pallas and splash take them)."""
     if implementation == "xla":
         return "xla"
     if implementation == "auto":
-        if cudnn_applies(dtype, head_dim) and not needs_mask and not needs_dropout:
-            return "cudnn"
-        return "xla"
+        if needs_mask or needs_dropout:
+            return "xla"
+        if jax.default_backend() == "tpu":
+            return "splash"
+        if segments:
+            return "pallas" if pallas_applies(dtype, head_dim) else "xla"
+        return "cudnn" if cudnn_applies(dtype, head_dim) else "xla"
+    if implementation not in IMPLEMENTATIONS:
+        raise UserError(f"unknown model.attention '{implementation}'; use one of {', '.join(IMPLEMENTATIONS)}")
+    if needs_dropout:
+        raise UserError(f"model.attention={implementation} has no attention dropout; set model.attn_dropout=0 "
+                        f"or model.attention=xla")
+    if needs_mask:
+        raise UserError(f"model.attention={implementation} takes causal and packed-document masks only; "
+                        f"use model.attention=auto or xla")
     if implementation == "cudnn":
         if not on_nvidia_gpu():
             raise UserError(f"model.attention=cudnn needs an NVIDIA GPU, but JAX runs on "
@@ -45,14 +77,12 @@ def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, need
             raise UserError(f"model.attention=cudnn needs bfloat16/float16 compute and a head dim that is a "
                             f"multiple of 8 up to 128 (got {jnp.dtype(dtype).name}, {head_dim}); "
                             f"set model.dtype=bfloat16 or model.attention=auto")
-        if needs_mask:
+        if segments:
             raise UserError("model.attention=cudnn supports plain causal attention only; packed-document "
-                            "masks need model.attention=auto or xla")
-        if needs_dropout:
-            raise UserError("model.attention=cudnn has no attention dropout; set model.attn_dropout=0 "
-                            "or model.attention=xla")
-        return "cudnn"
-    raise UserError(f"unknown model.attention '{implementation}'; use auto, xla or cudnn")
+                            "masks need model.attention=auto, pallas or xla")
+    if implementation == "pallas" and head_dim > 256:
+        raise UserError(f"model.attention=pallas takes head dims up to 256, got {head_dim}; use auto or xla")
+    return implementation
 
 
 def xla_attention(q, k, v, *, q_offset=0, segment_ids=None, kv_valid=None,
@@ -85,13 +115,50 @@ def cudnn_attention(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
+def pallas_attention(q, k, v, segment_ids=None):
+    from gptjax.kernels.flash_attention import flash_attention  # Pallas loads only when used
+    return flash_attention(q, k, v, segment_ids=segment_ids, causal=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(heads: int, length: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    block = min(512, length)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * heads)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q, k, v, segment_ids=None):
+    """JAX's splash attention (TPU) with the causal mask and segment ids; [B, T, H, D] in and out."""
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    _, t, h, d = q.shape
+    kernel = _splash_kernel(h, t, jax.default_backend() != "tpu")
+    q = q * jnp.asarray(1.0 / d ** 0.5, q.dtype)  # splash leaves the scaling to its caller
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # it wants [heads, time, head_dim] per row
+    if segment_ids is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(s, s)))(q, k, v, segment_ids)
+    return jnp.swapaxes(out, 1, 2)
+
+
 def attend(implementation: str, q, k, v, *, q_offset=0, segment_ids=None, kv_valid=None,
            dropout_rate: float = 0.0, dropout_key=None):
     """Causal self-attention through the chosen implementation (see `resolve`)."""
-    needs_mask = segment_ids is not None or kv_valid is not None or not isinstance(q_offset, int) or q_offset != 0
+    needs_mask = kv_valid is not None or not isinstance(q_offset, int) or q_offset != 0
     needs_dropout = dropout_rate > 0.0 and dropout_key is not None
-    impl = resolve(implementation, q.dtype, q.shape[-1], needs_mask=needs_mask, needs_dropout=needs_dropout)
+    impl = resolve(implementation, q.dtype, q.shape[-1], needs_mask=needs_mask, needs_dropout=needs_dropout,
+                   segments=segment_ids is not None)
     if impl == "cudnn":
         return cudnn_attention(q, k, v)
+    if impl == "pallas":
+        return pallas_attention(q, k, v, segment_ids)
+    if impl == "splash":
+        return splash_attention(q, k, v, segment_ids)
     return xla_attention(q, k, v, q_offset=q_offset, segment_ids=segment_ids, kv_valid=kv_valid,
                          dropout_rate=dropout_rate, dropout_key=dropout_key)

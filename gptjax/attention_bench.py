@@ -1,8 +1,8 @@
 """Attention kernel benchmark: our Pallas flash attention against cuDNN, XLA and JAX's bundled
 Pallas kernel, forward, backward and both, in TFLOP/s.
 
-    python -m gptjax.attention_bench                       # GPU: T 1024..8192, head dims 64, 128
-    python -m gptjax.attention_bench --seq-lens 256 --head-dims 64 --batch 1 --heads 2 --dtype float32
+    python -m gptjax.bench attention                       # GPU: T 1024..8192, head dims 64, 128
+    python -m gptjax.bench attention --seq-lens 256 --head-dims 64 --batch 1 --heads 2 --dtype float32
 
 Shapes keep the work per call comparable: batch * T = 16384 tokens (batch = 16384 // T) and
 heads * head_dim = 1024 (16 heads of 64, 8 of 128), unless `batch` / `heads` are given.
@@ -145,7 +145,7 @@ def format_rows(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ints = lambda s: tuple(int(x) for x in s.split(","))
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gptjax.bench attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-lens", type=ints, default=(1024, 2048, 4096, 8192))
     p.add_argument("--head-dims", type=ints, default=(64, 128))
     p.add_argument("--batch", type=int, default=None)

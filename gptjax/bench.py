@@ -4,6 +4,7 @@
     python -m gptjax.bench parts --config configs/gpt2_small.py --config.train.batch_size=12
     python -m gptjax.bench memory --config configs/gpt2_xl.py --batches 4,8,16
     python -m gptjax.bench loop --config configs/gpt2_small.py --workdir runs/bench-loop --steps 300
+    python -m gptjax.bench attention --seq-lens 1024,2048,4096,8192 --head-dims 64,128
     python -m gptjax.bench data --config configs/gpt2_small.py --workdir runs/bench-data
     python -m gptjax.bench checkpoint --config configs/gpt2_small.py --workdir runs/bench-ckpt \
         --config.train.batch_size=1 --config.train.seq_len=128
@@ -12,7 +13,7 @@
 figure is the step alone) and prints one table row per batch size: tokens/s, MFU, steady step
 ms, compile s and first step s apart, the allocator's peak GiB and the compiler's memory plan.
 `parts` splits a step into its parts (step_parts.py), `memory` compiles without allocating
-(step_analysis.py), `loop` measures what the pretraining loop adds to the bare step (data,
+(step_analysis.py), `attention` times the attention kernels alone (attention_bench.py), `loop` measures what the pretraining loop adds to the bare step (data,
 logging, evaluation, saves). `--xla-flags` takes presets from xla_flags.py. `train`, `parts` and
 `memory` need only jax, flax, optax and ml_collections, so they run on a bare GPU machine.
 Results and the commands behind them: bench/NOTES.md.
@@ -194,8 +195,8 @@ def _with_batch(config_path: str, overrides: list[str], batch: int | None):
 def _describe(config) -> str:
     dtype = compute_dtype(config.model.dtype)
     head_dim = config.model.d_model // config.model.n_head
-    impl = attention.resolve(config.model.attention, dtype, head_dim, needs_mask=config.data.document_mask,
-                             needs_dropout=config.model.attn_dropout > 0)
+    impl = attention.resolve(config.model.attention, dtype, head_dim, needs_mask=False,
+                             needs_dropout=config.model.attn_dropout > 0, segments=config.data.document_mask)
     return (f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
             f"compute {jnp.dtype(dtype).name}, attention {impl}, remat {config.model.remat}, "
             f"loss_chunk_len {config.model.loss_chunk_len}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
@@ -277,6 +278,12 @@ def main(argv=None) -> int:
     command("loop", "what the pretraining loop adds to the bare step", 200, workdir=True)
     command("data", "time the input pipeline", 200, workdir=True)
     command("checkpoint", "time saving the train state", 5, workdir=True)
+    sub.add_parser("attention", add_help=False, help="attention kernels alone: TFLOP/s of the Pallas kernel, cuDNN, "
+                                                     "XLA and JAX's bundled kernel (--help for its options)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["attention"]:
+        from gptjax import attention_bench
+        return attention_bench.main(argv[1:])
     args, extra = parser.parse_known_args(argv)
     from gptjax import xla_flags
     from gptjax.cli import split_overrides

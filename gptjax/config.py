@@ -18,7 +18,7 @@ import ml_collections
 
 from gptjax.errors import UserError
 
-ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "pallas", "splash")
 BLOCK_CHOICES = ("post_ln", "pre_ln")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 REMAT_CHOICES = ("none", "full", "save_dots")
@@ -55,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "model.scale_residual_init", True, "residual output projections use init_std / sqrt(2 * n_layer) (GPT-2)")
     _field(c, "model.ln_eps", 1e-5, "LayerNorm epsilon")
     _field(c, "model.dtype", "auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16, float16")
-    _field(c, "model.attention", "auto", "attention implementation: auto, xla, cudnn")
+    _field(c, "model.attention", "auto", "attention implementation: auto (cuDNN, or the Pallas kernel with document "
+           "masks, on NVIDIA GPUs; splash on TPU; XLA elsewhere), xla, cudnn, pallas, splash")
     _field(c, "model.remat", "none", "per-block rematerialisation: none, full, save_dots (keep matmul outputs)")
     _field(c, "model.loss_chunk_len", 0, "positions whose logits the loss builds at once (0 = the whole sequence); "
            "smaller saves activation memory and recomputes the vocabulary matmul in the backward pass")
@@ -315,8 +316,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.seq_len <= m.max_len,
            f"train.seq_len ({t.seq_len}) exceeds the context model.max_len ({m.max_len}); lower train.seq_len or raise model.max_len")
     _check(0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model.dropout and model.attn_dropout must be in [0, 1)")
-    _check(not (m.attention == "cudnn" and m.attn_dropout > 0),
-           "model.attention=cudnn has no attention-probability dropout; set model.attn_dropout=0 or model.attention=xla")
+    _check(not (m.attention in ("cudnn", "pallas", "splash") and m.attn_dropout > 0),
+           f"model.attention={m.attention} has no attention-probability dropout; set model.attn_dropout=0 or "
+           f"model.attention=xla")
+    _check(not (m.attention == "cudnn" and config.data.document_mask),
+           "model.attention=cudnn supports plain causal attention only; data.document_mask=true needs "
+           "model.attention=auto, pallas or xla")
     _check(str(t.resume) in ("latest", "none") or str(t.resume).isdigit(),
            f"train.resume must be latest, none or a step number, got '{t.resume}'")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")

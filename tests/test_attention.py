@@ -230,3 +230,75 @@ def test_cudnn_matches_xla_in_bfloat16(head_dim):
     # Causal, not full, attention.
     full = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation="xla").astype(jnp.float32)
     assert np.abs(np.asarray(full) - got).max() > 0.1
+
+
+# ---------------------------------------------------------------- fused kernels: wiring
+
+def sorted_segments(batch, length, seed):
+    """Packed rows: documents of random lengths, ids 1, 1, ..., 2, 2, ... per row."""
+    rng = np.random.default_rng(seed)
+    return np.cumsum(rng.random((batch, length)) < 6 / length, axis=1).astype(np.int32) + 1
+
+
+def test_kernels_refuse_what_they_cannot_do():
+    for impl in ("pallas", "splash", "cudnn"):
+        with pytest.raises(UserError, match="dropout"):
+            resolve(impl, jnp.bfloat16, 64, needs_mask=False, needs_dropout=True)
+        with pytest.raises(UserError, match="auto or xla"):
+            resolve(impl, jnp.bfloat16, 64, needs_mask=True, needs_dropout=False)
+    with pytest.raises(UserError, match="head dims up to 256"):
+        resolve("pallas", jnp.bfloat16, 512, needs_mask=False, needs_dropout=False)
+    if not ON_GPU:
+        # Without an NVIDIA GPU or TPU, auto takes XLA even for document masks.
+        assert resolve("auto", jnp.bfloat16, 64, needs_mask=False, needs_dropout=False, segments=True) == "xla"
+
+
+@needs_gpu
+def test_auto_picks_the_pallas_kernel_for_document_masks_on_gpu():
+    assert resolve("auto", jnp.bfloat16, 64, needs_mask=False, needs_dropout=False, segments=True) == "pallas"
+    assert resolve("auto", jnp.bfloat16, 64, needs_mask=False, needs_dropout=False) == "cudnn"
+    assert resolve("auto", jnp.float32, 64, needs_mask=False, needs_dropout=False, segments=True) == "xla"
+    with pytest.raises(UserError, match="packed-document"):
+        resolve("cudnn", jnp.bfloat16, 64, needs_mask=False, needs_dropout=False, segments=True)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "splash"])
+def test_kernels_match_xla_with_document_masks(impl):
+    # float32 on CPU: the kernels run in Pallas interpret mode, the same code as on the device.
+    q, k, v = (jnp.asarray(x) for x in qkv(2, 128, 128, heads=2, head_dim=64, seed=20))
+    seg = jnp.asarray(sorted_segments(2, 128, 21))
+    cot = jnp.asarray(np.random.default_rng(22).normal(size=q.shape), jnp.float32)
+
+    def run(name, q, k, v):
+        return jnp.sum(attention.attend(name, q, k, v, segment_ids=seg) * cot)
+
+    for segment_ids in (None, seg):
+        got = attention.attend(impl, q, k, v, segment_ids=segment_ids)
+        want = xla_attention(q, k, v, segment_ids=segment_ids)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    grads = jax.grad(run, argnums=(1, 2, 3))(impl, q, k, v)
+    want = jax.grad(run, argnums=(1, 2, 3))("xla", q, k, v)
+    for g, w in zip(grads, want):
+        assert np.linalg.norm(np.asarray(g - w)) / np.linalg.norm(np.asarray(w)) < 1e-5
+
+
+def test_model_with_the_pallas_kernel_equals_xla_in_loss_and_gradients():
+    from flax import nnx
+
+    from gptjax.config import load_config
+    from gptjax.data.packing import as_batch
+    from gptjax.model import init_decoder
+    from gptjax.train import batch_loss
+
+    rows = np.random.default_rng(30).integers(3, 512, size=(2, 65)).astype(np.int32)
+    rows[:, [10, 30, 31, 50]] = 2  # end-of-document tokens: four documents and a one-token one
+    batch = {k: jnp.asarray(x) for k, x in as_batch(rows, eos_id=2, pad_id=0, document_mask=True).items()}
+    results = {}
+    for impl in ("xla", "pallas"):
+        config = load_config("configs/tiny.py", ["model.n_layer=2", f"model.attention={impl}", "data.document_mask=true"])
+        graphdef, params = nnx.split(init_decoder(config.model, 0), nnx.Param)
+        (total, count), grads = jax.value_and_grad(lambda p: batch_loss(graphdef, p, batch, None), has_aux=True)(params)
+        results[impl] = (float(total / count), jax.tree.leaves(grads))
+    assert results["pallas"][0] == pytest.approx(results["xla"][0], rel=1e-6)
+    for g, w in zip(results["pallas"][1], results["xla"][1]):
+        assert np.linalg.norm(np.asarray(g - w)) <= 1e-5 * np.linalg.norm(np.asarray(w)) + 1e-9

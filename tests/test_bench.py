@@ -100,3 +100,9 @@ def test_saved_activations_follow_the_remat_policy():
     # stays is the final LayerNorm's and the loss's.
     block_inputs = 2 * 2 * 32 * 128 * 4
     assert block_inputs <= full < none / 4
+
+
+def test_attention_benchmark_is_a_bench_command(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["attention", "--help"])
+    assert stop.value.code == 0 and "--seq-lens" in capsys.readouterr().out
