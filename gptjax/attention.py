@@ -11,13 +11,15 @@ probabilities. The fused kernels each take a subset:
   splash  causal + segment ids on TPU (JAX's splash attention); interpret mode elsewhere
 
 `auto` takes, on an NVIDIA GPU, cuDNN for plain causal attention and the Pallas kernel when
-document masks are on; on a TPU, splash; XLA for everything else (dropout, the KV cache, CPUs),
-so every call is correct on every machine.
+document masks are on; on a TPU, splash where the sequence length suits its blocks; XLA for
+everything else (dropout, the KV cache, CPUs). On a mesh the kernels run per device on that
+device's rows and heads (`shard_map`): XLA cannot split a kernel call across devices itself.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,24 +42,31 @@ def cudnn_applies(dtype, head_dim: int) -> bool:
 
 
 def pallas_applies(dtype, head_dim: int) -> bool:
-    """Whether the Pallas kernel runs these inputs at full speed on this machine (Triton tiles
-    of a power-of-two head dim up to 256; other head dims are padded up)."""
+    """Whether `auto` should take the Pallas kernel here: Triton on an NVIDIA GPU, half
+    precision, head dims up to 256 (those not a power of two are padded up, at a cost)."""
     return on_nvidia_gpu() and jnp.dtype(dtype) in HALF and head_dim <= 256
 
 
+def splash_applies(seq_len: int | None) -> bool:
+    """Splash attention's blocks are multiples of 128 that divide the sequence."""
+    return seq_len is None or (seq_len >= 128 and seq_len % 128 == 0)
+
+
 def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, needs_dropout: bool,
-            segments: bool = False) -> str:
+            segments: bool = False, seq_len: int | None = None) -> str:
     """Turns `auto` into a concrete implementation and rejects one that cannot run these inputs.
 
     needs_mask: a mask only XLA takes (the KV cache's query offset or key padding).
-    segments: packed-document segment ids (XLA, pallas and splash take them)."""
+    segments: packed-document segment ids (XLA, pallas and splash take them).
+    seq_len: the sequence length where known (splash needs a multiple of 128)."""
+    backend = jax.default_backend()
     if implementation == "xla":
         return "xla"
     if implementation == "auto":
         if needs_mask or needs_dropout:
             return "xla"
-        if jax.default_backend() == "tpu":
-            return "splash"
+        if backend == "tpu":
+            return "splash" if splash_applies(seq_len) else "xla"
         if segments:
             return "pallas" if pallas_applies(dtype, head_dim) else "xla"
         return "cudnn" if cudnn_applies(dtype, head_dim) else "xla"
@@ -80,8 +89,18 @@ def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, need
         if segments:
             raise UserError("model.attention=cudnn supports plain causal attention only; packed-document "
                             "masks need model.attention=auto, pallas or xla")
-    if implementation == "pallas" and head_dim > 256:
-        raise UserError(f"model.attention=pallas takes head dims up to 256, got {head_dim}; use auto or xla")
+    if implementation == "pallas":
+        if head_dim > 256:
+            raise UserError(f"model.attention=pallas takes head dims up to 256, got {head_dim}; use auto or xla")
+        if backend not in ("gpu", "cpu"):  # CPU: interpret mode, for tests
+            raise UserError(f"model.attention=pallas runs on NVIDIA GPUs (Triton), not on '{backend}'; "
+                            f"use model.attention=auto")
+    if implementation == "splash":
+        if backend not in ("tpu", "cpu"):
+            raise UserError(f"model.attention=splash runs on TPUs, not on '{backend}'; use model.attention=auto")
+        if not splash_applies(seq_len):
+            raise UserError(f"model.attention=splash needs a sequence length that is a multiple of 128, got "
+                            f"{seq_len}; use model.attention=auto")
     return implementation
 
 
@@ -115,6 +134,27 @@ def cudnn_attention(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
+def per_device(kernel, q, k, v, segment_ids):
+    """kernel(q, k, v, segment_ids) on each device's own rows and heads, under the mesh the step
+    traces with. A Pallas call is opaque to XLA's partitioner, which would otherwise gather q, k
+    and v whole onto every device. Shapes the mesh does not divide run unsplit."""
+    from gptjax.sharding import spec
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, segment_ids)
+    qkv, rows = spec(("batch", "length", "heads", "head_dim")), spec(("batch", "length"))
+    axes = [() if a is None else (a,) if isinstance(a, str) else a for a in qkv]
+    if any(n % math.prod(mesh.shape[x] for x in names) for n, names in zip(q.shape, axes)):
+        return kernel(q, k, v, segment_ids)
+    if segment_ids is None:
+        def local(q, k, v):
+            return kernel(q, k, v, None)
+        return jax.shard_map(local, mesh=mesh, in_specs=(qkv,) * 3, out_specs=qkv, check_vma=False)(q, k, v)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv,) * 3 + (rows,), out_specs=qkv,
+                         check_vma=False)(q, k, v, segment_ids)
+
+
 def pallas_attention(q, k, v, segment_ids=None):
     from gptjax.kernels.flash_attention import flash_attention  # Pallas loads only when used
     return flash_attention(q, k, v, segment_ids=segment_ids, causal=True)
@@ -125,7 +165,7 @@ def _splash_kernel(heads: int, length: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-    block = min(512, length)
+    block = next(b for b in (512, 256, 128) if length % b == 0)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * heads)
@@ -153,12 +193,12 @@ def attend(implementation: str, q, k, v, *, q_offset=0, segment_ids=None, kv_val
     needs_mask = kv_valid is not None or not isinstance(q_offset, int) or q_offset != 0
     needs_dropout = dropout_rate > 0.0 and dropout_key is not None
     impl = resolve(implementation, q.dtype, q.shape[-1], needs_mask=needs_mask, needs_dropout=needs_dropout,
-                   segments=segment_ids is not None)
+                   segments=segment_ids is not None, seq_len=q.shape[1])
     if impl == "cudnn":
         return cudnn_attention(q, k, v)
     if impl == "pallas":
-        return pallas_attention(q, k, v, segment_ids)
+        return per_device(pallas_attention, q, k, v, segment_ids)
     if impl == "splash":
-        return splash_attention(q, k, v, segment_ids)
+        return per_device(splash_attention, q, k, v, segment_ids)
     return xla_attention(q, k, v, q_offset=q_offset, segment_ids=segment_ids, kv_valid=kv_valid,
                          dropout_rate=dropout_rate, dropout_key=dropout_key)

@@ -38,7 +38,7 @@ from gptjax.mfu import mfu
 from gptjax.model import compute_dtype
 
 
-def _random_batch(config, seed: int) -> dict:
+def _random_batch(config, seed: int, sharding=None) -> dict:
     """Random tokens in the shape of a pretraining batch; with data.document_mask, rows hold
     documents of average length seq_len / 8 (segment ids and restarting positions)."""
     from gptjax.data.packing import as_batch
@@ -46,7 +46,7 @@ def _random_batch(config, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     rows = rng.integers(2, v, size=(b, t + 1), dtype=np.int32)
     rows[rng.random(rows.shape) < 8 / t] = 1  # end-of-document tokens
-    return jax.device_put(as_batch(rows, eos_id=1, pad_id=0, document_mask=config.data.document_mask))
+    return jax.device_put(as_batch(rows, eos_id=1, pad_id=0, document_mask=config.data.document_mask), sharding)
 
 
 def _peak_gib() -> float | None:
@@ -59,7 +59,7 @@ def bench_train(config, steps: int, warmup: int, profile_dir: str | None = None)
     from gptjax import step_analysis
     from gptjax.train import Trainer
     trainer = Trainer(config)
-    batches = [_random_batch(config, i) for i in range(2)]
+    batches = [_random_batch(config, i, trainer.batch_sharding) for i in range(2)]
     compile_s = trainer.compile(batches[0])
     plan_gib = step_analysis.memory_plan(trainer._step)["peak"]
     start = time.perf_counter()
@@ -87,30 +87,50 @@ def bench_train(config, steps: int, warmup: int, profile_dir: str | None = None)
 def bench_loop(config, workdir: str, steps: int) -> list[tuple[str, float]]:
     """What the pretraining loop costs on top of the bare step, at the config's intervals: the
     input pipeline and logging (inside the loop's step time), evaluation and the blocking part
-    of saves (paused out of it, so amortised here over train.eval_every / checkpoint_every)."""
-    from gptjax.train import pretrain
+    of saves (paused out of it, so timed apart and amortised over train.eval_every and
+    train.checkpoint_every)."""
+    from gptjax import checkpoint
+    from gptjax.data import corpus
+    from gptjax.train import Trainer, pretrain
 
+    if os.path.exists(os.path.join(workdir, "checkpoints")):
+        raise UserError(f"{workdir} already holds a run; pass a new --workdir")
     t = config.train
     config.train.steps = steps
     summary = pretrain(config, workdir, progress=False)
-    if summary.get("finished_before") or summary["start_step"]:
-        raise UserError(f"{workdir} already holds a run; pass a new --workdir")
     timed = summary["history"][1:]  # the first record includes compilation
     if not timed:
         raise UserError(f"--steps {steps} leaves no logged interval after the first step; raise it above "
                         f"train.log_every={t.log_every}")
     counts = [timed[0]["step"] - 1] + [b["step"] - a["step"] for a, b in zip(timed, timed[1:])]
     loop_ms = sum(r["step_ms"] * n for r, n in zip(timed, counts)) / sum(counts)
+
+    # Evaluation and a save, each timed on its second call: the loop's first one compiles the
+    # evaluation or sets the checkpointer up, which a long run pays once.
+    trainer = Trainer(config)
+    _, eval_batches = corpus.pretraining_batches(config, corpus.workdir_tokenizer(config, workdir), workdir)
+    eval_s = []
+    for _ in range(2):
+        start = time.perf_counter()
+        trainer.eval_loss(eval_batches)
+        eval_s.append(time.perf_counter() - start)
+    saver = checkpoint.Checkpointer(os.path.join(workdir, "bench-saves"))
+    save_s = []
+    for step in (1, 2):
+        start = time.perf_counter()
+        saver.save(step, trainer.state.params, trainer.state.opt_state, {"step": step}, None)
+        save_s.append(time.perf_counter() - start)
+        saver.wait()
+    saver.close()
+    del trainer
     bare_ms = bench_train(config, steps=max(sum(counts) // 2, 5), warmup=3)["step_ms"]
-    eval_s = summary["eval"][-1]["eval_seconds"] if summary["eval"] else 0.0
-    save_s = summary["checkpoint_blocked_s"][-1] if summary["checkpoint_blocked_s"] else 0.0
-    eval_ms = 1000 * eval_s / t.eval_every if t.eval_every else 0.0
-    save_ms = 1000 * save_s / t.checkpoint_every if t.checkpoint_every else 0.0
+    eval_ms = 1000 * eval_s[1] / t.eval_every if t.eval_every else 0.0
+    save_ms = 1000 * save_s[1] / t.checkpoint_every if t.checkpoint_every else 0.0
     total = loop_ms - bare_ms + eval_ms + save_ms
     return [("bare step ms (random batch, no loop)", bare_ms),
             (f"loop step ms (loader, logging every {t.log_every})", loop_ms),
-            (f"evaluation s, every {t.eval_every or '-'} steps", eval_s),
-            (f"save s the loop waits, every {t.checkpoint_every or '-'} steps", save_s),
+            (f"evaluation s, every {t.eval_every or '-'} steps (first call {eval_s[0]:.2f} s)", eval_s[1]),
+            (f"save s the loop waits, every {t.checkpoint_every or '-'} steps", save_s[1]),
             ("loop overhead ms per step, amortised", total),
             ("loop overhead % of the bare step", 100 * total / bare_ms)]
 
@@ -223,7 +243,8 @@ def _run(args, overrides: list[str]) -> None:
         from gptjax.step_parts import format_parts, time_parts
         from gptjax.train import Trainer
         print(f"{config.name}: batch {config.train.batch_size} x {config.train.seq_len}")
-        print(format_parts(time_parts(Trainer(config), _random_batch(config, 0), args.steps)))
+        trainer = Trainer(config)
+        print(format_parts(time_parts(trainer, _random_batch(config, 0, trainer.batch_sharding), args.steps)))
         return
     if args.what == "memory":
         from gptjax import step_analysis
@@ -238,15 +259,17 @@ def _run(args, overrides: list[str]) -> None:
             m = config.model
             rows_min = config.train.batch_size * (m.loss_chunk_len or config.train.seq_len)
             found = step_analysis.vocabulary_buffers(compiled.as_text(), padded_vocab_size(m.vocab_size,
-                                                     m.vocab_pad_multiple), min(rows_min, m.d_model + 1))
-            kinds = ", ".join(sorted({f"{dtype}{list(shape)}" for _, dtype, shape in found})) or "none"
+                                                     m.vocab_pad_multiple), rows_min)
+            logits = {f"{dtype}{list(shape)}" for _, dtype, shape in found if shape[:-1] != (m.d_model,)}
+            kinds = ", ".join(sorted(logits)) or "none"  # ([d_model, V]: the embedding, not logits)
             saved = step_analysis.saved_activations_gib(config)
             print(f"| {config.name} | {config.train.batch_size} | {config.train.seq_len} | {m.remat} | "
                   f"{m.loss_chunk_len} | {plan['arguments']:.2f} | {'-' if saved is None else f'{saved:.2f}'} | "
                   f"{plan['temporaries']:.2f} | {plan['peak']:.2f} | {seconds:.1f} | {kinds} |", flush=True)
         return
     print(HEADER)
-    for batch in batches:
+    # Ascending: the allocator's peak is the process's so far, so each row's is its own.
+    for batch in sorted(batches, key=lambda b: -1 if b is None else b):
         result = bench_train(_with_batch(args.config, overrides, batch), args.steps, args.warmup,
                              args.profile and os.path.join(args.profile, f"batch{batch}"))
         print(format_row(result), flush=True)

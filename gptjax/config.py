@@ -18,7 +18,7 @@ import ml_collections
 
 from gptjax.errors import UserError
 
-ATTENTION_CHOICES = ("auto", "xla", "cudnn", "pallas", "splash")
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "pallas", "splash")  # = attention.IMPLEMENTATIONS (tested)
 BLOCK_CHOICES = ("post_ln", "pre_ln")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 REMAT_CHOICES = ("none", "full", "save_dots")

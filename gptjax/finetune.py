@@ -41,7 +41,7 @@ COMBINE = {"classification": "single", "pair": "single", "similarity": "sum", "r
            "multiple_choice": "choice"}
 # Model fields a fine-tuning config sets itself; every other model.* field (the shape) comes from
 # the pretrained model.
-OWN_MODEL_FIELDS = ("dropout", "attn_dropout", "dtype", "attention", "remat")
+OWN_MODEL_FIELDS = ("dropout", "attn_dropout", "dtype", "attention", "remat", "loss_chunk_len")
 
 
 def num_outputs(task) -> int:

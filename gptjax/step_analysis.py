@@ -39,9 +39,9 @@ from gptjax.optim import lr_schedule, make_optimizer
 
 def abstract_batch(config) -> dict:
     b, t = config.train.batch_size, config.train.seq_len
-    return {"tokens": jax.ShapeDtypeStruct((b, t), jnp.int32), "targets": jax.ShapeDtypeStruct((b, t), jnp.int32),
-            "positions": jax.ShapeDtypeStruct((b, t), jnp.int32),
-            "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32)}
+    names = ["tokens", "targets", "positions"] + (["segment_ids"] if config.data.document_mask else [])
+    batch = {name: jax.ShapeDtypeStruct((b, t), jnp.int32) for name in names}
+    return dict(batch, loss_mask=jax.ShapeDtypeStruct((b, t), jnp.float32))
 
 
 def compile_train_step(config):
@@ -102,9 +102,10 @@ def vocabulary_buffers(hlo_text: str, vocab: int, min_rows: int) -> list[tuple[s
     inside a fusion, not an input) whose last dimension is the vocabulary and whose other
     dimensions hold at least `min_rows` rows: logits, or a chunk of them."""
     found = []
+    fusion_bodies = set(re.findall(r"fusion\(.*?calls=%([\w.\-]+)", hlo_text))
     for block in re.split(r"\n(?=\S)", hlo_text):
         name = _COMPUTATION.match(block)
-        if name is None or "fused" in name.group(1) or name.group(1).startswith("wrapped_"):
+        if name is None or name.group(1) in fusion_bodies or "fused" in name.group(1):
             continue  # the insides of a fusion live in registers, not memory
         for line in block.split("\n")[1:]:
             m = _BUFFER.match(line)

@@ -68,8 +68,11 @@ def _time_parts(trainer, batch: dict, repeats: int) -> list[tuple[str, int, floa
 
     block_def, block_params = nnx.split(model.blocks[0], nnx.Param)
 
+    segment_ids = batch.get("segment_ids")  # with data.document_mask: the step's masks, and its kernel
+    ctx = {} if segment_ids is None else {"segment_ids": segment_ids}
+
     def block(params, x):
-        return nnx.merge(block_def, params)(x, {}, None)[0]
+        return nnx.merge(block_def, params)(x, ctx, None)[0]
 
     if config.model.remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[config.model.remat])
@@ -80,7 +83,7 @@ def _time_parts(trainer, batch: dict, repeats: int) -> list[tuple[str, int, floa
     impl = config.model.attention
 
     def attend(q, k):
-        return attention.attend(impl, q, k, k)
+        return attention.attend(impl, q, k, k, segment_ids=segment_ids)
 
     rows.append(("  of which attention", config.model.n_layer, _time_ms(_sum_grad(attend), (q, q), repeats)))
 

@@ -241,6 +241,8 @@ def sorted_segments(batch, length, seed):
 
 
 def test_kernels_refuse_what_they_cannot_do():
+    from gptjax.config import ATTENTION_CHOICES
+    assert attention.IMPLEMENTATIONS == ATTENTION_CHOICES  # the config accepts exactly what dispatch runs
     for impl in ("pallas", "splash", "cudnn"):
         with pytest.raises(UserError, match="dropout"):
             resolve(impl, jnp.bfloat16, 64, needs_mask=False, needs_dropout=True)
@@ -248,6 +250,8 @@ def test_kernels_refuse_what_they_cannot_do():
             resolve(impl, jnp.bfloat16, 64, needs_mask=True, needs_dropout=False)
     with pytest.raises(UserError, match="head dims up to 256"):
         resolve("pallas", jnp.bfloat16, 512, needs_mask=False, needs_dropout=False)
+    with pytest.raises(UserError, match="multiple of 128"):
+        resolve("splash", jnp.bfloat16, 64, needs_mask=False, needs_dropout=False, seq_len=100)
     if not ON_GPU:
         # Without an NVIDIA GPU or TPU, auto takes XLA even for document masks.
         assert resolve("auto", jnp.bfloat16, 64, needs_mask=False, needs_dropout=False, segments=True) == "xla"
@@ -302,3 +306,40 @@ def test_model_with_the_pallas_kernel_equals_xla_in_loss_and_gradients():
     assert results["pallas"][0] == pytest.approx(results["xla"][0], rel=1e-6)
     for g, w in zip(results["pallas"][1], results["xla"][1]):
         assert np.linalg.norm(np.asarray(g - w)) <= 1e-5 * np.linalg.norm(np.asarray(w)) + 1e-9
+
+
+SHARDED_KERNELS = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding
+from gptjax import attention, sharding
+from gptjax.config import load_config
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.normal(size=(4, 128, 4, 64)), jnp.float32) for _ in range(3))
+seg = jnp.asarray(np.cumsum(rng.random((4, 128)) < 0.05, axis=1).astype(np.int32))
+want = attention.xla_attention(q, k, v, segment_ids=seg)
+mesh = sharding.make_mesh(load_config("configs/tiny.py", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]).mesh)
+put = lambda x, axes: jax.device_put(x, NamedSharding(mesh, sharding.spec(axes)))
+args = [put(x, ("batch", "length", "heads", "head_dim")) for x in (q, k, v)] + [put(seg, ("batch", "length"))]
+for impl in ("pallas", "splash"):
+    f = jax.jit(lambda q, k, v, s: attention.attend(impl, q, k, v, segment_ids=s))
+    with jax.set_mesh(mesh):
+        got, hlo = f(*args), f.lower(*args).compile().as_text()
+    print(impl, float(jnp.max(jnp.abs(got - want))), hlo.count("all-gather"), got.sharding.spec == args[0].sharding.spec)
+"""
+
+
+def test_kernels_run_per_device_on_a_mesh():
+    """On 8 devices (2 data x 2 fsdp x 2 tensor) each device attends over its own rows and heads:
+    the result equals one device's, stays sharded, and nothing is gathered."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    run = subprocess.run([sys.executable, "-c", SHARDED_KERNELS], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith(("pallas ", "splash "))]
+    assert len(lines) == 2, run.stdout
+    for line in lines:
+        impl, error, gathers, sharded = line.split()
+        assert float(error) < 1e-5 and gathers == "0" and sharded == "True", line

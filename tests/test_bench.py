@@ -25,20 +25,23 @@ def test_train_prints_one_row_per_batch_size(capsys):
     assert [r[1] for r in rows] == ["2", "4"]
     for r in rows:
         tokens_per_sec, step_ms = float(r[3].replace(",", "")), float(r[5])
-        # tokens/s is batch x seq per step time, the step time measured apart from compilation.
         assert tokens_per_sec == pytest.approx(int(r[1]) * 32 / step_ms * 1000, rel=0.01)
-        assert float(r[6]) > 0 and float(r[7]) > 0 and float(r[9]) > 0
+        # Compilation is timed on its own: it takes far longer than a steady step of this model.
+        compile_s, first_step_s, plan_gib = float(r[6]), float(r[7]), float(r[9])
+        assert compile_s > 10 * step_ms / 1000 and first_step_s > 0 and plan_gib > 0
 
 
 def test_parts_add_up_to_the_step(capsys):
     assert bench.main(["parts", *TINY, "--config.train.batch_size=2", "--steps", "2"]) == 0
     rows = {r[0]: r for r in table_rows(capsys.readouterr().out)}
-    assert set(rows) >= {"embedding", "block (forward + backward)", "vocabulary projection + loss",
-                         "optimizer update", "other (step - parts)", "whole train step"}
-    step = float(rows["whole train step"][3])
-    counted = sum(float(r[3]) for name, r in rows.items() if name not in ("whole train step",)
-                  and not name.startswith("of which"))
-    assert counted == pytest.approx(step, abs=0.2)  # the rounding of each row's ms
+    parts = ("embedding", "block (forward + backward)", "of which attention", "vocabulary projection + loss",
+             "optimizer update")
+    assert set(rows) == set(parts) | {"other (step - parts)", "whole train step"}
+    each = {name: float(rows[name][2]) for name in parts}
+    assert all(ms > 0 for ms in each.values())
+    # Attention is part of a block, and one block's forward and backward part of the step.
+    assert each["of which attention"] < each["block (forward + backward)"] < float(rows["whole train step"][3])
+    assert rows["block (forward + backward)"][1] == "2"  # counted once per layer
 
 
 def test_memory_compiles_without_running(capsys):
@@ -49,8 +52,8 @@ def test_memory_compiles_without_running(capsys):
     # With chunks of 8 positions, the logits buffers hold 2 x 8 rows, never the batch's 2 x 32.
     shapes = [[int(d) for d in dims.split(", ")] for dims in re.findall(r"\[([0-9, ]+)\]", row[10])]
     assert [2, 8, 1024] in shapes
-    # Every one is a chunk's 16 rows, or the transposed embedding's d_model = 128.
-    assert {math.prod(s[:-1]) for s in shapes} == {16, 128}
+    # Every one is a chunk's 16 rows (the embedding's [d_model, V] is not listed).
+    assert {math.prod(s[:-1]) for s in shapes} == {16}
 
 
 def test_unknown_flag_preset_is_one_clear_error(capsys):

@@ -4,6 +4,8 @@ Small shapes with small blocks so every case has several query and key blocks; t
 lowering tests check that the Triton path lowers (to Triton IR) without a GPU.
 """
 
+import re
+
 import numpy as np
 import pytest
 
@@ -171,6 +173,11 @@ def test_lowers_for_cuda_without_a_gpu(d):
         try:
             lowered = jax.jit(fn).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",))
         except Exception as e:  # noqa: BLE001 - which error depends on the jax version
+            # Only a missing CUDA platform or Triton toolchain is a reason to skip; a lowering
+            # error of the kernel itself (a bad tile shape, an unsupported op) must fail here.
+            if not re.search(r"(unknown|unsupported|unavailable|no) .{0,40}platform|platform .{0,40}(not|un)"
+                             r"(found|known|available|supported)|no module named", str(e), re.I):
+                raise
             pytest.skip(f"this jax cannot lower Pallas-Triton for CUDA on a CPU host: {e!r:.300}")
         text = lowered.as_text()
         # jaxlib <= 0.10.2 embeds Triton IR in a custom call; newer ones compile it to a kernel call.
