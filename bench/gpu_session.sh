@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU measurement bench/NOTES.md asks for, in three parts of under 10 minutes each:
+# Every GPU measurement bench/NOTES.md asks for, in three parts (each meant to run in one go):
 #   bash bench/gpu_session.sh 1   # gpt2_small: throughput, loss ablation, parts, memory, flags
 #   bash bench/gpu_session.sh 2   # gpt1, gpt2_xl, the loop's own cost
 #   bash bench/gpu_session.sh 3   # the Pallas attention kernel: tests on the GPU, kernel and end-to-end benchmarks
-# Output goes to stdout and, where $OUT is set, to $OUT/part<N>.log. Parts 2 and 3 need
-# ml_collections, and part 2's loop grain and its dependencies too, where the machine lacks them:
-# install wheels first (pip install --no-index --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site).
+# Output goes to stdout and to $OUT/part<N>.log ($OUT defaults to /tmp). Every part loads configs,
+# so it needs ml_collections; part 2's loop also needs grain and sentencepiece. Install them
+# first on a machine that lacks them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-log="${OUT:-/tmp}/part${1:?part 1, 2 or 3}.log"
+log="${OUT:-/tmp}/part${1:?give the part: 1, 2 or 3}.log"
 exec > >(tee "$log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python -c "import jax; print(jax.__version__, jax.devices())"

@@ -2,7 +2,7 @@
 
     gptjax pretrain --config configs/gpt2_xl.py --workdir runs/gpt2_xl
     python -m gptjax.bench train --config configs/gpt2_xl.py --batches 8,16
-    python -m gptjax.bench memory --config configs/gpt2_xl.py --batches 8,16
+    python -m gptjax.bench memory --config configs/gpt2_xl.py --batches 8,16 --config.model.dtype=bfloat16
 
 48 layers, d_model 1600, 25 heads, FFN 6400; vocabulary 50,257 (GPT-2's byte-level BPE) padded to
 50,304 rows so the vocabulary matmul tiles evenly; residual output projections initialised with

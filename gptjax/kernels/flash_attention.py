@@ -60,8 +60,8 @@ class BlockSizes:
     num_stages_bwd: int = 2
 
 
-# Plausible starting points only: no GPU was available when this was written, so none of these
-# were tuned. Larger head dims hold more registers per row, hence more warps / fewer stages.
+# Starting points, not yet tuned on a GPU (`python -m gptjax.bench attention` is how to tune
+# them). Larger head dims hold more registers per row, hence more warps / fewer stages.
 _DEFAULT_BLOCKS = {
     64: BlockSizes(128, 64, 64, 64, num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2),
     128: BlockSizes(128, 64, 64, 64, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=2),
