@@ -320,17 +320,24 @@ want = attention.xla_attention(q, k, v, segment_ids=seg)
 mesh = sharding.make_mesh(load_config("configs/tiny.py", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]).mesh)
 put = lambda x, axes: jax.device_put(x, NamedSharding(mesh, sharding.spec(axes)))
 args = [put(x, ("batch", "length", "heads", "head_dim")) for x in (q, k, v)] + [put(seg, ("batch", "length"))]
+cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+def grads(fn):
+    return jax.grad(lambda q, k, v, s: jnp.sum(fn(q, k, v, s) * cot), argnums=(0, 1, 2))
+want_grads = grads(lambda q, k, v, s: attention.xla_attention(q, k, v, segment_ids=s))(q, k, v, seg)
 for impl in ("pallas", "splash"):
     f = jax.jit(lambda q, k, v, s: attention.attend(impl, q, k, v, segment_ids=s))
+    g = jax.jit(grads(lambda q, k, v, s: attention.attend(impl, q, k, v, segment_ids=s)))
     with jax.set_mesh(mesh):
-        got, hlo = f(*args), f.lower(*args).compile().as_text()
-    print(impl, float(jnp.max(jnp.abs(got - want))), hlo.count("all-gather"), got.sharding.spec == args[0].sharding.spec)
+        got, got_grads = f(*args), g(*args)
+        hlo = f.lower(*args).compile().as_text() + g.lower(*args).compile().as_text()
+    error = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip((got, *got_grads), (want, *want_grads)))
+    print(impl, error, hlo.count("all-gather"), got.sharding.spec == args[0].sharding.spec)
 """
 
 
 def test_kernels_run_per_device_on_a_mesh():
     """On 8 devices (2 data x 2 fsdp x 2 tensor) each device attends over its own rows and heads:
-    the result equals one device's, stays sharded, and nothing is gathered."""
+    outputs and gradients equal one device's, stay sharded, and nothing is gathered."""
     import os
     import subprocess
     import sys
