@@ -270,8 +270,16 @@ def _run(args, overrides: list[str]) -> None:
     print(HEADER)
     # Ascending: the allocator's peak is the process's so far, so each row's is its own.
     for batch in sorted(batches, key=lambda b: -1 if b is None else b):
-        result = bench_train(_with_batch(args.config, overrides, batch), args.steps, args.warmup,
-                             args.profile and os.path.join(args.profile, f"batch{batch}"))
+        config = _with_batch(args.config, overrides, batch)
+        try:
+            result = bench_train(config, args.steps, args.warmup,
+                                 args.profile and os.path.join(args.profile, f"batch{batch}"))
+        except Exception as e:  # noqa: BLE001 - one batch size too large must not lose the other rows
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            print(f"| {config.name} | {config.train.batch_size} | {config.train.seq_len} | out of memory: "
+                  f"{str(e).splitlines()[0][:120]} |", flush=True)
+            break  # larger batches would not fit either
         print(format_row(result), flush=True)
         gc.collect()  # the previous batch size's state goes before the next one is built
 

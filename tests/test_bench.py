@@ -109,3 +109,31 @@ def test_attention_benchmark_is_a_bench_command(capsys):
     with pytest.raises(SystemExit) as stop:
         bench.main(["attention", "--help"])
     assert stop.value.code == 0 and "--seq-lens" in capsys.readouterr().out
+
+
+def test_the_step_benchmarks_need_no_data_packages():
+    """A bare GPU machine has jax, flax and optax but not grain, TFDS or sentencepiece."""
+    code = ("import sys\n"
+            "for m in ('grain', 'tensorflow_datasets', 'array_record', 'sentencepiece', 'tensorflow'):\n"
+            "    sys.modules[m] = None\n"
+            "from gptjax import bench\n"
+            "sys.exit(bench.main(['memory', '--config', 'configs/tiny.py', '--batches', '2',\n"
+            "                     '--config.train.seq_len=32', '--config.model.n_layer=1']))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| tiny | 2 | 32 |" in run.stdout
+
+
+def test_a_batch_that_does_not_fit_is_one_row_not_a_crash(monkeypatch, capsys):
+    real = bench.bench_train
+
+    def bench_train(config, *args):
+        if config.train.batch_size > 2:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 80.00GiB.")
+        return real(config, *args)
+
+    monkeypatch.setattr(bench, "bench_train", bench_train)
+    assert bench.main(["train", *TINY, "--batches", "8,2,4", "--steps", "1", "--warmup", "0"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[1] for r in rows] == ["2", "4"]  # ascending; 8 is not tried once 4 did not fit
+    assert rows[1][3].startswith("out of memory: RESOURCE_EXHAUSTED")
