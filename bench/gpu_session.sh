@@ -3,13 +3,14 @@
 #   bash bench/gpu_session.sh 1   # gpt2_small: throughput, loss ablation, parts, memory, flags
 #   bash bench/gpu_session.sh 2   # gpt1, gpt2_xl, the loop's own cost
 #   bash bench/gpu_session.sh 3   # the Pallas attention kernel: tests on the GPU, kernel and end-to-end benchmarks
+#   bash bench/gpu_session.sh 4   # the kernel's tile sizes: a search at T=2048, head dims 64 and 128
 # Output goes to stdout and to $OUT/part<N>.log ($OUT defaults to /tmp). Every part loads configs,
 # so it needs ml_collections; part 2's loop also needs grain and sentencepiece. Install them
 # first on a machine that lacks them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-log="${OUT:-/tmp}/part${1:?give the part: 1, 2 or 3}.log"
+log="${OUT:-/tmp}/part${1:?give the part: 1, 2, 3 or 4}.log"
 exec > >(tee "$log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python -c "import jax; print(jax.__version__, jax.devices())"
@@ -38,5 +39,8 @@ case "$1" in
   python -m gptjax.bench train $small --batches 12 --config.data.document_mask=false
   python -m gptjax.bench train $small --batches 12 --config.data.document_mask=true
   python -m gptjax.bench train $small --batches 12 --config.data.document_mask=true --config.model.attention=xla
+  ;;
+4)
+  python -m gptjax.bench attention --tune --seq-lens 2048 --head-dims 64,128
   ;;
 esac

@@ -23,6 +23,7 @@ interpret mode: slow, only there to show the benchmark works.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.kernels.flash_attention import flash_attention
+from gptjax.kernels.flash_attention import BlockSizes, default_block_sizes, flash_attention
 
 TOKENS_PER_CALL = 16384
 MODEL_WIDTH = 1024  # heads * head_dim
@@ -139,6 +140,49 @@ def bench_attention(seq_lens=(1024, 2048, 4096, 8192), head_dims=(64, 128), batc
     return rows
 
 
+# The grid `tune` searches: forward tiles and launch parameters first (backward at its default),
+# then the backward's with the best forward.
+FORWARD_GRID = [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
+                for bq in (64, 128) for bk in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+BACKWARD_GRID = [dict(block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w, num_stages_bwd=s)
+                 for bq in (32, 64, 128) for bk in (32, 64, 128) for w in (4, 8) for s in (2,)]
+
+
+def tune(seq_len: int, head_dim: int, batch=None, heads=None, dtype=jnp.bfloat16, repeats: int = 10,
+         forward_grid=None, backward_grid=None) -> tuple[BlockSizes, list[dict]]:
+    """The fastest BlockSizes for the kernel on packed rows (documents of average length T/8)
+    at one shape: the forward's settings by forward time, then the backward's by forward +
+    backward time. Returns (best, every trial: settings, ms or the error that ruled it out)."""
+    b = batch or max(1, TOKENS_PER_CALL // seq_len)
+    h = heads or max(1, MODEL_WIDTH // head_dim)
+    rng = np.random.default_rng(0)
+    q, k, v, ct = (jnp.asarray(rng.standard_normal((b, seq_len, h, head_dim)), dtype) for _ in range(4))
+    seg = jnp.asarray(packed_segment_ids(rng, b, seq_len, max(1, seq_len // 8)))
+    best, trials = default_block_sizes(head_dim), []
+
+    def timed(sizes: BlockSizes, backward: bool) -> float:
+        def attn(q, k, v):
+            return flash_attention(q, k, v, segment_ids=seg, block_sizes=sizes)
+        if not backward:
+            return _median_seconds(jax.jit(attn), (q, k, v), repeats)
+        return _median_seconds(jax.jit(lambda q, k, v, ct: jax.vjp(attn, q, k, v)[1](ct)), (q, k, v, ct), repeats)
+
+    for backward, grid in ((False, forward_grid or FORWARD_GRID), (True, backward_grid or BACKWARD_GRID)):
+        results = []
+        for settings in grid:
+            sizes = dataclasses.replace(best, **settings)
+            trial = dict(settings, part="fwd+bwd" if backward else "fwd")
+            try:
+                trial["ms"] = 1e3 * timed(sizes, backward)
+                results.append((trial["ms"], sizes))
+            except Exception as e:  # noqa: BLE001 - a tile that does not fit rules itself out
+                trial["error"] = f"{type(e).__name__}: {e}"[:200]
+            trials.append(trial)
+        if results:
+            best = min(results, key=lambda r: r[0])[1]
+    return best, trials
+
+
 def format_rows(rows: list[dict]) -> str:
     """A markdown table; unavailable rows show their reason in place of the numbers."""
     head = ("| case | implementation | T | D | B x H | fwd ms | bwd ms | fwd+bwd ms "
@@ -165,7 +209,17 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--tune", action="store_true", help="search the kernel's tile sizes and launch parameters at "
+                                                       "each (T, head dim) instead, and print the best")
     a = p.parse_args(argv)
+    if a.tune:
+        for seq_len in a.seq_lens:
+            for head_dim in a.head_dims:
+                best, trials = tune(seq_len, head_dim, a.batch, a.heads, jnp.dtype(a.dtype), a.repeats)
+                failed = sum("error" in t for t in trials)
+                print(f"T={seq_len} head_dim={head_dim}: {best} ({len(trials)} trials, {failed} ruled out)",
+                      flush=True)
+        return 0
     rows = bench_attention(a.seq_lens, a.head_dims, a.batch, a.heads, jnp.dtype(a.dtype), a.repeats)
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
     print(format_rows(rows))

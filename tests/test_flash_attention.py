@@ -194,3 +194,16 @@ def test_attention_bench_runs_on_cpu():
     if jax.default_backend() == "cpu":
         assert by_impl[("causal", "cudnn")]["status"].startswith("unavailable")
     assert format_rows(rows).count("\n") == len(rows) + 1
+
+
+def test_tuning_keeps_the_fastest_tiles_and_rules_out_invalid_ones():
+    from gptjax.attention_bench import tune
+    best, trials = tune(128, 64, batch=1, heads=2, dtype=jnp.float32, repeats=1,
+                        forward_grid=[dict(block_q=32, block_k=32), dict(block_q=64, block_k=32)],
+                        backward_grid=[dict(block_q_bwd=32, block_k_bwd=32), dict(block_q_bwd=48, block_k_bwd=32)])
+    forward = [t for t in trials if t["part"] == "fwd"]
+    fastest = min(forward, key=lambda t: t["ms"])
+    assert (best.block_q, best.block_k) == (fastest["block_q"], fastest["block_k"])
+    backward = [t for t in trials if t["part"] == "fwd+bwd"]
+    assert "ms" in backward[0] and "power of two" in backward[1]["error"]
+    assert (best.block_q_bwd, best.block_k_bwd) == (32, 32)
