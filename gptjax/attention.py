@@ -6,12 +6,13 @@ offset for the KV cache, packed-document segment ids, key padding) and dropout o
 probabilities. The fused kernels each take a subset:
 
   cudnn   plain causal (cuDNN flash attention through jax.nn.dot_product_attention)
-  pallas  causal + segment ids, skipping the tiles documents rule out (kernels/flash_attention.py);
-          Triton on NVIDIA GPUs, interpret mode on CPU (slow, for tests)
+  pallas  causal + segment ids, skipping the tiles documents rule out, and dropout on the
+          probabilities (kernels/flash_attention.py); Triton on NVIDIA GPUs, interpret mode on
+          CPU (slow, for tests)
   splash  causal + segment ids on TPU (JAX's splash attention); interpret mode elsewhere
 
 `auto` takes, on an NVIDIA GPU, cuDNN for plain causal attention and the Pallas kernel when
-document masks are on; on a TPU, splash where the sequence length suits its blocks; XLA for
+document masks or attention dropout are on; on a TPU, splash where the sequence length suits its blocks; XLA for
 everything else (dropout, the KV cache, CPUs). On a mesh the kernels run per device on that
 device's rows and heads (`shard_map`): XLA cannot split a kernel call across devices itself.
 """
@@ -23,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from gptjax.errors import UserError
 
@@ -63,18 +65,18 @@ def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, need
     if implementation == "xla":
         return "xla"
     if implementation == "auto":
-        if needs_mask or needs_dropout:
+        if needs_mask:
             return "xla"
         if backend == "tpu":
-            return "splash" if splash_applies(seq_len) else "xla"
-        if segments:
+            return "splash" if splash_applies(seq_len) and not needs_dropout else "xla"
+        if segments or needs_dropout:
             return "pallas" if pallas_applies(dtype, head_dim) else "xla"
         return "cudnn" if cudnn_applies(dtype, head_dim) else "xla"
     if implementation not in IMPLEMENTATIONS:
         raise UserError(f"unknown model.attention '{implementation}'; use one of {', '.join(IMPLEMENTATIONS)}")
-    if needs_dropout:
+    if needs_dropout and implementation != "pallas":
         raise UserError(f"model.attention={implementation} has no attention dropout; set model.attn_dropout=0 "
-                        f"or model.attention=xla")
+                        f"or use model.attention=auto, pallas or xla")
     if needs_mask:
         raise UserError(f"model.attention={implementation} takes causal and packed-document masks only; "
                         f"use model.attention=auto or xla")
@@ -134,30 +136,39 @@ def cudnn_attention(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
-def per_device(kernel, q, k, v, segment_ids):
-    """kernel(q, k, v, segment_ids) on each device's own rows and heads, under the mesh the step
-    traces with. A Pallas call is opaque to XLA's partitioner, which would otherwise gather q, k
-    and v whole onto every device. Shapes the mesh does not divide run unsplit."""
+def per_device(kernel, q, k, v, segment_ids, seed=None):
+    """kernel(q, k, v, segment_ids, seed) on each device's own rows and heads, under the mesh the
+    step traces with. A Pallas call is opaque to XLA's partitioner, which would otherwise gather
+    q, k and v whole onto every device. Shapes the mesh does not divide run unsplit. A dropout
+    seed is made distinct per device, since every device numbers its own rows from 0."""
     from gptjax.sharding import spec
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return kernel(q, k, v, segment_ids)
+        return kernel(q, k, v, segment_ids, seed)
     qkv, rows = spec(("batch", "length", "heads", "head_dim")), spec(("batch", "length"))
     axes = [() if a is None else (a,) if isinstance(a, str) else a for a in qkv]
     if any(n % math.prod(mesh.shape[x] for x in names) for n, names in zip(q.shape, axes)):
-        return kernel(q, k, v, segment_ids)
-    if segment_ids is None:
-        def local(q, k, v):
-            return kernel(q, k, v, None)
-        return jax.shard_map(local, mesh=mesh, in_specs=(qkv,) * 3, out_specs=qkv, check_vma=False)(q, k, v)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv,) * 3 + (rows,), out_specs=qkv,
-                         check_vma=False)(q, k, v, segment_ids)
+        return kernel(q, k, v, segment_ids, seed)
+
+    def local(q, k, v, segment_ids, seed):
+        if seed is not None:
+            device = 0
+            for name in mesh.axis_names:
+                device = device * mesh.shape[name] + jax.lax.axis_index(name)
+            seed = jax.lax.bitcast_convert_type(seed, jnp.uint32) * jnp.uint32(0x9E3779B1) + device.astype(jnp.uint32)
+            seed = jax.lax.bitcast_convert_type(seed, jnp.int32)
+        return kernel(q, k, v, segment_ids, seed)
+
+    in_specs = (qkv,) * 3 + (None if segment_ids is None else rows, None if seed is None else PartitionSpec())
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv, check_vma=False)(
+        q, k, v, segment_ids, seed)
 
 
-def pallas_attention(q, k, v, segment_ids=None):
+def pallas_attention(q, k, v, segment_ids=None, seed=None, dropout_rate: float = 0.0):
     from gptjax.kernels.flash_attention import flash_attention  # Pallas loads only when used
-    return flash_attention(q, k, v, segment_ids=segment_ids, causal=True)
+    return flash_attention(q, k, v, segment_ids=segment_ids, causal=True, dropout_rate=dropout_rate,
+                           dropout_seed=seed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,7 +186,7 @@ def _splash_kernel(heads: int, length: int, interpret: bool):
         return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def splash_attention(q, k, v, segment_ids=None):
+def splash_attention(q, k, v, segment_ids=None, seed=None):
     """JAX's splash attention (TPU) with the causal mask and segment ids; [B, T, H, D] in and out."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
@@ -200,7 +211,11 @@ def attend(implementation: str, q, k, v, *, q_offset=0, segment_ids=None, kv_val
     if impl == "cudnn":
         return cudnn_attention(q, k, v)
     if impl == "pallas":
-        return per_device(pallas_attention, q, k, v, segment_ids)
+        seed = None
+        if needs_dropout:
+            seed = jax.lax.bitcast_convert_type(jax.random.bits(dropout_key, (), jnp.uint32), jnp.int32)
+        kernel = functools.partial(pallas_attention, dropout_rate=dropout_rate if needs_dropout else 0.0)
+        return per_device(kernel, q, k, v, segment_ids, seed)
     if impl == "splash":
         return per_device(splash_attention, q, k, v, segment_ids)
     return xla_attention(q, k, v, q_offset=q_offset, segment_ids=segment_ids, kv_valid=kv_valid,

@@ -50,13 +50,13 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "model.d_ff", 3072, "inner width of the MLP")
     _field(c, "model.max_len", 1024, "context length = rows of the position embedding")
     _field(c, "model.dropout", 0.0, "dropout on the embeddings and on each residual branch")
-    _field(c, "model.attn_dropout", 0.0, "dropout on the attention probabilities (needs model.attention=xla when > 0)")
+    _field(c, "model.attn_dropout", 0.0, "dropout on the attention probabilities (model.attention auto, pallas or xla)")
     _field(c, "model.init_std", 0.02, "std of the normal initialisation of weights")
     _field(c, "model.scale_residual_init", True, "residual output projections use init_std / sqrt(2 * n_layer) (GPT-2)")
     _field(c, "model.ln_eps", 1e-5, "LayerNorm epsilon")
     _field(c, "model.dtype", "auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16, float16")
     _field(c, "model.attention", "auto", "attention implementation: auto (cuDNN, or the Pallas kernel with document "
-           "masks, on NVIDIA GPUs; splash on TPU; XLA elsewhere), xla, cudnn, pallas, splash")
+           "masks or attention dropout, on NVIDIA GPUs; splash on TPU; XLA elsewhere), xla, cudnn, pallas, splash")
     _field(c, "model.remat", "none", "per-block rematerialisation: none, full, save_dots (keep matmul outputs)")
     _field(c, "model.loss_chunk_len", 0, "positions whose logits the loss builds at once (0 = the whole sequence); "
            "smaller saves activation memory and recomputes the vocabulary matmul in the backward pass")
@@ -316,9 +316,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.seq_len <= m.max_len,
            f"train.seq_len ({t.seq_len}) exceeds the context model.max_len ({m.max_len}); lower train.seq_len or raise model.max_len")
     _check(0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model.dropout and model.attn_dropout must be in [0, 1)")
-    _check(not (m.attention in ("cudnn", "pallas", "splash") and m.attn_dropout > 0),
+    _check(not (m.attention in ("cudnn", "splash") and m.attn_dropout > 0),
            f"model.attention={m.attention} has no attention-probability dropout; set model.attn_dropout=0 or "
-           f"model.attention=xla")
+           f"use model.attention=auto, pallas or xla")
     _check(not (m.attention == "cudnn" and config.data.document_mask),
            "model.attention=cudnn supports plain causal attention only; data.document_mask=true needs "
            "model.attention=auto, pallas or xla")

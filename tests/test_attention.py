@@ -243,11 +243,13 @@ def sorted_segments(batch, length, seed):
 def test_kernels_refuse_what_they_cannot_do():
     from gptjax.config import ATTENTION_CHOICES
     assert attention.IMPLEMENTATIONS == ATTENTION_CHOICES  # the config accepts exactly what dispatch runs
-    for impl in ("pallas", "splash", "cudnn"):
+    for impl in ("splash", "cudnn"):
         with pytest.raises(UserError, match="dropout"):
             resolve(impl, jnp.bfloat16, 64, needs_mask=False, needs_dropout=True)
+    for impl in ("pallas", "splash", "cudnn"):
         with pytest.raises(UserError, match="auto or xla"):
             resolve(impl, jnp.bfloat16, 64, needs_mask=True, needs_dropout=False)
+    assert resolve("pallas", jnp.bfloat16, 64, needs_mask=False, needs_dropout=True) == "pallas"
     with pytest.raises(UserError, match="head dims up to 256"):
         resolve("pallas", jnp.bfloat16, 512, needs_mask=False, needs_dropout=False)
     with pytest.raises(UserError, match="multiple of 128"):
@@ -260,6 +262,7 @@ def test_kernels_refuse_what_they_cannot_do():
 @needs_gpu
 def test_auto_picks_the_pallas_kernel_for_document_masks_on_gpu():
     assert resolve("auto", jnp.bfloat16, 64, needs_mask=False, needs_dropout=False, segments=True) == "pallas"
+    assert resolve("auto", jnp.bfloat16, 64, needs_mask=False, needs_dropout=True) == "pallas"
     assert resolve("auto", jnp.bfloat16, 64, needs_mask=False, needs_dropout=False) == "cudnn"
     assert resolve("auto", jnp.float32, 64, needs_mask=False, needs_dropout=False, segments=True) == "xla"
     with pytest.raises(UserError, match="packed-document"):
@@ -350,3 +353,35 @@ def test_kernels_run_per_device_on_a_mesh():
     for line in lines:
         impl, error, gathers, sharded = line.split()
         assert float(error) < 1e-5 and gathers == "0" and sharded == "True", line
+
+
+DROPOUT_ON_A_MESH = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding
+from gptjax import attention, sharding
+from gptjax.config import load_config
+one = np.random.default_rng(0).normal(size=(1, 128, 1, 64)).astype(np.float32)
+x = jnp.asarray(np.tile(one, (4, 1, 4, 1)))  # 4 equal rows (one per data x fsdp shard), 4 equal heads
+mesh = sharding.make_mesh(load_config("configs/tiny.py", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]).mesh)
+x = jax.device_put(x, NamedSharding(mesh, sharding.spec(("batch", "length", "heads", "head_dim"))))
+f = jax.jit(lambda x: attention.attend("pallas", x, x, x, dropout_rate=0.1, dropout_key=jax.random.key(0)))
+with jax.set_mesh(mesh):
+    out, again = np.asarray(f(x)), np.asarray(f(x))
+# Row 0 and head 0 against the same local row / head on other devices; and the same call again.
+print(min(np.abs(out[0] - out[i]).max() for i in (1, 2, 3)), np.abs(out[0, :, 0] - out[0, :, 2]).max(),
+      np.abs(out - again).max())
+"""
+
+
+def test_dropout_masks_differ_between_devices():
+    """Every device numbers its rows and heads from 0; its dropout seed must still differ, or
+    equal rows on different devices would drop the same probabilities."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    run = subprocess.run([sys.executable, "-c", DROPOUT_ON_A_MESH], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows, heads, again = map(float, run.stdout.split()[-3:])
+    assert rows > 0.1 and heads > 0.1 and again == 0.0

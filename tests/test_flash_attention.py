@@ -12,13 +12,14 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from gptjax.kernels.flash_attention import BlockSizes, flash_attention, visited_blocks
+from gptjax.kernels.flash_attention import BlockSizes, dropout_keep, flash_attention, visited_blocks
 
 SMALL = BlockSizes(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
 
 
-def reference(q, k, v, segment_ids=None, causal=True):
-    """Float32 attention written out; a query with every key masked outputs 0 (kernel's rule)."""
+def reference(q, k, v, segment_ids=None, causal=True, dropout_rate=0.0, dropout_seed=0):
+    """Float32 attention written out; a query with every key masked outputs 0 (kernel's rule).
+    Dropout draws its whole [B, H, T, T] mask from the kernel's `dropout_keep` at once."""
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     _, t, heads, d = q.shape
     group = heads // k.shape[2]
@@ -31,6 +32,11 @@ def reference(q, k, v, segment_ids=None, causal=True):
         q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
         mask = mask & (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
     p = jax.nn.softmax(jnp.where(mask, s, -1e30), axis=-1) * mask.any(-1, keepdims=True)
+    if dropout_rate:
+        b = q.shape[0]
+        rows = (jnp.arange(b)[:, None, None] * heads + jnp.arange(heads)[None, :, None]) * t + jnp.arange(t)
+        keep = dropout_keep(jnp.asarray(dropout_seed, jnp.int32), rows[..., None], jnp.arange(t), dropout_rate)
+        p = jnp.where(keep, p / (1 - dropout_rate), 0.0)
     return jnp.einsum("bhqk,bkhd->bqhd", p, v, precision="highest")
 
 
@@ -58,14 +64,16 @@ def inputs(seed, batch, t, heads, kv_heads, d, dtype):
     return rng, q, k, v, ct
 
 
-def run_both(q, k, v, ct, segment_ids, causal, **kw):
+def run_both(q, k, v, ct, segment_ids, causal, dropout=(0.0, 0), **kw):
     """(output, dq, dk, dv) of the kernel and of the reference (on the same, possibly rounded, inputs)."""
+    rate, seed = dropout
     kernel = jax.jit(lambda q, k, v: jax.vjp(lambda *a: flash_attention(
-        *a, segment_ids=segment_ids, causal=causal, **kw), q, k, v))
+        *a, segment_ids=segment_ids, causal=causal, dropout_rate=rate, dropout_seed=seed, **kw), q, k, v))
     out, vjp = kernel(q, k, v)
     got = (out, *vjp(ct))
     q32, k32, v32, ct32 = (x.astype(jnp.float32) for x in (q, k, v, ct))
-    out, vjp = jax.vjp(lambda *a: reference(*a, segment_ids=segment_ids, causal=causal), q32, k32, v32)
+    out, vjp = jax.vjp(lambda *a: reference(*a, segment_ids=segment_ids, causal=causal, dropout_rate=rate,
+                                            dropout_seed=seed), q32, k32, v32)
     return got, (out, *vjp(ct32))
 
 
@@ -162,12 +170,13 @@ def test_block_skipping_skips():
     assert visited_blocks(halves, 64, 64, causal=False).sum() == 2 * 4 * 4
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_lowers_for_cuda_without_a_gpu(d):
+@pytest.mark.parametrize("d, rate", [(64, 0.0), (128, 0.0), (64, 0.1)])
+def test_lowers_for_cuda_without_a_gpu(d, rate):
     q = jax.ShapeDtypeStruct((2, 512, 8, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 512, 2, d), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((2, 512), jnp.int32)
-    fwd = lambda q, k, v, s: flash_attention(q, k, v, segment_ids=s, interpret=False)
+    fwd = lambda q, k, v, s: flash_attention(q, k, v, segment_ids=s, interpret=False, dropout_rate=rate,
+                                             dropout_seed=jnp.int32(3))
     grad = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
     for fn, n_kernels in ((fwd, 1), (grad, 3)):
         try:
@@ -207,3 +216,29 @@ def test_tuning_keeps_the_fastest_tiles_and_rules_out_invalid_ones():
     backward = [t for t in trials if t["part"] == "fwd+bwd"]
     assert "ms" in backward[0] and "power of two" in backward[1]["error"]
     assert (best.block_q_bwd, best.block_k_bwd) == (32, 32)
+
+
+
+@pytest.mark.parametrize("t, heads, kv_heads, segments", [(100, 4, 2, True), (64, 2, 2, False)])
+def test_dropout_matches_the_reference_with_the_same_mask(t, heads, kv_heads, segments):
+    rng, q, k, v, ct = inputs(40, 2, t, heads, kv_heads, 64, jnp.float32)
+    seg = jnp.asarray(sorted_segments(rng, 2, t, t // 4)) if segments else None
+    got, want = run_both(q, k, v, ct, seg, True, dropout=(0.1, 1234), block_sizes=SMALL)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel(a, b) < 1e-5, name
+    # Dropout is applied: without it the output differs.
+    no_drop, _ = run_both(q, k, v, ct, seg, True, block_sizes=SMALL)
+    assert rel(got[0], no_drop[0]) > 1e-2
+
+
+def test_dropout_masks_keep_the_right_share_and_change_with_the_seed():
+    rows = jnp.arange(4 * 2 * 256)[:, None]
+    cols = jnp.arange(256)[None, :]
+    for rate in (0.1, 0.5):
+        keep = np.asarray(dropout_keep(jnp.int32(7), rows, cols, rate))
+        assert abs(keep.mean() - (1 - rate)) < 0.005
+        # Neighbouring rows and columns are not copies of each other.
+        assert (keep[1:] != keep[:-1]).mean() > 0.9 * 2 * rate * (1 - rate)
+        assert (keep[:, 1:] != keep[:, :-1]).mean() > 0.9 * 2 * rate * (1 - rate)
+    other = np.asarray(dropout_keep(jnp.int32(8), rows, cols, 0.1))
+    assert (other != np.asarray(dropout_keep(jnp.int32(7), rows, cols, 0.1))).mean() > 0.15

@@ -180,6 +180,8 @@ class _Cfg:
     blocks: BlockSizes
     interpret: bool
     skip: bool
+    dropout: float = 0.0  # rate of attention-probability dropout
+    heads: int = 1        # query heads, for the dropout counter
 
 
 def _mask(c: _Cfg, q_pos, k_pos, q_seg, k_seg):
@@ -208,6 +210,37 @@ def _tdot(a, b):
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _mix32(x):
+    """A bijective avalanche on uint32 (the "lowbias32" integer hash): every output bit depends
+    on every input bit, so consecutive counters give independent-looking bits."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep(seed, row, col, rate: float):
+    """Whether the attention probability at (row, col) survives dropout at `rate`.
+
+    A counter-based draw: a hash of the seed, the row (batch, query head and query position,
+    numbered (b * heads + h) * seq_len + q) and the key position. The forward and backward
+    kernels recompute the same mask tile by tile instead of storing a [T, T] one, and any tiling
+    gives the same mask. Exposed so tests can build the mask a reference needs."""
+    row_hash = _mix32(seed.astype(jnp.uint32) ^ _mix32(row.astype(jnp.uint32)))
+    bits = _mix32(row_hash ^ (col.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
+    return bits >= jnp.uint32(min(int(rate * 2.0 ** 32), 2 ** 32 - 1))
+
+
+def _dropped(c: _Cfg, seed, batch_index, head, q_pos, k_pos, x):
+    """x [bq, bk] with the dropped entries zeroed and the kept ones scaled by 1 / (1 - rate)."""
+    if not c.dropout:
+        return x
+    row = (batch_index * c.heads + head) * c.seq_len + q_pos
+    keep = dropout_keep(seed, row[:, None], k_pos[None, :], c.dropout)
+    return jnp.where(keep, x * (1.0 / (1.0 - c.dropout)), 0.0)
+
+
 def _key_loop(c, i, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, n_k, body, init):
     """Runs `body(j, carry)` over the key blocks query block i needs (all of them if not skipping)."""
     if not c.skip:
@@ -220,10 +253,10 @@ def _key_loop(c, i, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, n_k,
     return lax.fori_loop(lo_ref[i], hi_ref[i], maybe, init)
 
 
-def _fwd_kernel(lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
+def _fwd_kernel(seed_ref, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
                 q_ref, k_ref, v_ref, o_ref, lse_ref, *, c: _Cfg):
     bq, bk = c.blocks.block_q, c.blocks.block_k
-    i = pl.program_id(0)
+    i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q, q_seg = q_ref[...], qseg_ref[...]
     q_pos = i * bq + jnp.arange(bq)
 
@@ -231,13 +264,16 @@ def _fwd_kernel(lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref
         o, m, l = carry
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
         k, v = k_ref[ks, :], v_ref[ks, :]
-        s = _scores(c, q, k, _mask(c, q_pos, j * bk + jnp.arange(bk), q_seg, kseg_ref[ks]))
+        k_pos = j * bk + jnp.arange(bk)
+        s = _scores(c, q, k, _mask(c, q_pos, k_pos, q_seg, kseg_ref[ks]))
         m_new = jnp.maximum(m, s.max(axis=-1))
         alpha = jnp.exp2(m - m_new)
         # While a row has seen only masked keys, m_new == MASK_VALUE and p == 1 on them; that
         # junk is multiplied by alpha == 0 as soon as a real key arrives, or dropped below.
         p = jnp.exp2(s - m_new[:, None])
-        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        # Dropout acts on the normalised probabilities: the normaliser l sums them all.
+        kept = _dropped(c, seed_ref[0], b, h, q_pos, k_pos, p)
+        o = alpha[:, None] * o + jnp.dot(kept.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return o, m_new, alpha * l + p.sum(axis=-1)
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
@@ -250,10 +286,10 @@ def _fwd_kernel(lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref
     lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
-def _dq_kernel(lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
+def _dq_kernel(seed_ref, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, c: _Cfg):
     bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd
-    i = pl.program_id(0)
+    i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q, do, q_seg = q_ref[...], do_ref[...], qseg_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     q_pos = i * bq + jnp.arange(bq)
@@ -261,10 +297,12 @@ def _dq_kernel(lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref,
     def body(j, dq):
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
         k, v = k_ref[ks, :], v_ref[ks, :]
-        s = _scores(c, q, k, _mask(c, q_pos, j * bk + jnp.arange(bk), q_seg, kseg_ref[ks]))
+        k_pos = j * bk + jnp.arange(bk)
+        s = _scores(c, q, k, _mask(c, q_pos, k_pos, q_seg, kseg_ref[ks]))
         p = jnp.exp2(s - lse[:, None])
         dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - delta[:, None])
+        # delta = rowsum(dO * O) already holds the dropout, so dS = P * (Z * dP - delta).
+        ds = p * (_dropped(c, seed_ref[0], b, h, q_pos, k_pos, dp) - delta[:, None])
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     dq = _key_loop(c, i, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref,
@@ -272,26 +310,28 @@ def _dq_kernel(lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref,
     dq_ref[...] = (dq * c.sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(klo_ref, khi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
+def _dkv_kernel(seed_ref, klo_ref, khi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
                 q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, c: _Cfg):
     # q/do refs hold all `group` query heads that share this program's kv head, so dK/dV sum
     # over them here instead of writing per-query-head copies to be reduced afterwards.
     bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd
-    j = pl.program_id(0)
+    j, b, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k, v, k_seg = k_ref[...], v_ref[...], kseg_ref[...]
     k_pos = j * bk + jnp.arange(bk)
 
     def body(i, carry):
         qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
-        mask = _mask(c, i * bq + jnp.arange(bq), k_pos, qseg_ref[qs], k_seg)
+        q_pos = i * bq + jnp.arange(bq)
+        mask = _mask(c, q_pos, k_pos, qseg_ref[qs], k_seg)
 
         def head(r, carry):
             dk, dv = carry
             q, do = q_ref[qs, r, :], do_ref[qs, r, :]
             p = jnp.exp2(_scores(c, q, k, mask) - lse_ref[r, qs][:, None])
             dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_ref[r, qs][:, None])
-            return dk + _tdot(ds.astype(q.dtype), q), dv + _tdot(p.astype(do.dtype), do)
+            drop = functools.partial(_dropped, c, seed_ref[0], b, kv_head * c.group + r, q_pos, k_pos)
+            ds = p * (drop(dp) - delta_ref[r, qs][:, None])
+            return dk + _tdot(ds.astype(q.dtype), q), dv + _tdot(drop(p).astype(do.dtype), do)
         return head(0, carry) if c.group == 1 else lax.fori_loop(0, c.group, head, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -325,16 +365,19 @@ def _row(n):
     return pl.BlockSpec((_SQ, n), lambda x, b, h: (b, 0))
 
 
+_SEED = pl.BlockSpec((1,), lambda *_: (0,))  # the dropout seed, the same for every program
+
+
 def _plan_args(plan, ranges):
     return [plan[ranges[0]], plan[ranges[1]], plan["qmin"], plan["qmax"], plan["kmin"], plan["kmax"]]
 
 
-def _forward(c: _Cfg, q, k, v, q_seg, kv_seg):
+def _forward(c: _Cfg, q, k, v, q_seg, kv_seg, seed):
     batch, tp, heads, d = q.shape
     bq, bk, g = c.blocks.block_q, c.blocks.block_k, c.group
     nq, nk = tp // bq, tp // bk
     plan = _block_plan(q_seg, kv_seg, bq, bk, c.causal, c.seq_len, jnp)
-    in_specs = [_row(nq), _row(nq), _row(nq), _row(nq), _row(nk), _row(nk),
+    in_specs = [_SEED, _row(nq), _row(nq), _row(nq), _row(nq), _row(nk), _row(nk),
                 pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
                 pl.BlockSpec((_SQ, tp), lambda i, b, h: (b, 0)),
                 pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, b, h: (b, i, h, 0)),
@@ -346,10 +389,10 @@ def _forward(c: _Cfg, q, k, v, q_seg, kv_seg):
                  jax.ShapeDtypeStruct((batch, heads, tp), jnp.float32)]
     return _call(c, _fwd_kernel, "flash_attention_fwd", (nq, batch, heads), in_specs, out_specs,
                  out_shape, c.blocks.num_warps, c.blocks.num_stages,
-                 *_plan_args(plan, ("lo", "hi")), q_seg, kv_seg, q, k, v)
+                 seed, *_plan_args(plan, ("lo", "hi")), q_seg, kv_seg, q, k, v)
 
 
-def _backward(c: _Cfg, q, k, v, q_seg, kv_seg, o, lse, do):
+def _backward(c: _Cfg, q, k, v, q_seg, kv_seg, seed, o, lse, do):
     batch, tp, heads, d = q.shape
     kv_heads, g = k.shape[2], c.group
     bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd
@@ -361,7 +404,7 @@ def _backward(c: _Cfg, q, k, v, q_seg, kv_seg, o, lse, do):
 
     q_block = lambda i, b, h: (b, i, h, 0)
     dq = _call(c, _dq_kernel, "flash_attention_dq", (nq, batch, heads),
-               [_row(nq), _row(nq), _row(nq), _row(nq), _row(nk), _row(nk),
+               [_SEED, _row(nq), _row(nq), _row(nq), _row(nq), _row(nk), _row(nk),
                 pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
                 pl.BlockSpec((_SQ, tp), lambda i, b, h: (b, 0)),
                 pl.BlockSpec((_SQ, bq, _SQ, d), q_block),
@@ -371,45 +414,47 @@ def _backward(c: _Cfg, q, k, v, q_seg, kv_seg, o, lse, do):
                 pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i)),
                 pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))],
                pl.BlockSpec((_SQ, bq, _SQ, d), q_block), jax.ShapeDtypeStruct(q.shape, q.dtype),
-               warps, stages, *_plan_args(plan, ("lo", "hi")), q_seg, kv_seg, q, k, v, do, lse, delta)
+               warps, stages, seed, *_plan_args(plan, ("lo", "hi")), q_seg, kv_seg, q, k, v, do, lse, delta)
 
     kv_block = lambda j, b, h: (b, j, h, 0)
     group_rows = pl.BlockSpec((_SQ, tp, g, d), lambda j, b, h: (b, 0, h, 0))  # heads h*g .. h*g+g-1
     group_stats = pl.BlockSpec((_SQ, g, tp), lambda j, b, h: (b, h, 0))
     dk, dv = _call(c, _dkv_kernel, "flash_attention_dkv", (nk, batch, kv_heads),
-                   [_row(nk), _row(nk), _row(nq), _row(nq), _row(nk), _row(nk),
+                   [_SEED, _row(nk), _row(nk), _row(nq), _row(nq), _row(nk), _row(nk),
                     pl.BlockSpec((_SQ, tp), lambda j, b, h: (b, 0)),
                     pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, j)),
                     group_rows, pl.BlockSpec((_SQ, bk, _SQ, d), kv_block),
                     pl.BlockSpec((_SQ, bk, _SQ, d), kv_block), group_rows, group_stats, group_stats],
                    [pl.BlockSpec((_SQ, bk, _SQ, d), kv_block)] * 2,
                    [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
-                   warps, stages, *_plan_args(plan, ("klo", "khi")), q_seg, kv_seg, q, k, v, do, lse, delta)
+                   warps, stages, seed, *_plan_args(plan, ("klo", "khi")), q_seg, kv_seg, q, k, v, do, lse,
+                   delta)
     return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(c, q, k, v, q_seg, kv_seg):
-    return _forward(c, q, k, v, q_seg, kv_seg)[0]
+def _attention(c, q, k, v, q_seg, kv_seg, seed):
+    return _forward(c, q, k, v, q_seg, kv_seg, seed)[0]
 
 
-def _attention_fwd(c, q, k, v, q_seg, kv_seg):
-    o, lse = _forward(c, q, k, v, q_seg, kv_seg)
-    return o, (q, k, v, q_seg, kv_seg, o, lse)
+def _attention_fwd(c, q, k, v, q_seg, kv_seg, seed):
+    o, lse = _forward(c, q, k, v, q_seg, kv_seg, seed)
+    return o, (q, k, v, q_seg, kv_seg, seed, o, lse)
 
 
 def _attention_bwd(c, res, do):
     dq, dk, dv = _backward(c, *res, do)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_sizes", "interpret", "skip_blocks"))
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_sizes", "interpret", "skip_blocks",
+                                             "dropout_rate"))
 def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
                     block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-                    skip_blocks: bool = True):
+                    skip_blocks: bool = True, dropout_rate: float = 0.0, dropout_seed=None):
     """Attention over [batch, time, heads, head_dim] with optional packed-document masking.
 
     k, v: [batch, time, kv_heads, head_dim], kv_heads dividing heads (query head h reads kv head
@@ -417,6 +462,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
     (query ids, key ids) pair; a query sees only keys with its id (and, if causal, not later).
     Returns q's shape and dtype. Differentiable in q, k, v. `skip_blocks=False` computes every
     tile (masking only), for testing. `interpret=None` means interpret mode on the CPU backend.
+    dropout_rate > 0 drops attention probabilities (scaling the kept ones by 1 / (1 - rate)),
+    drawn from `dropout_seed` (an int32 scalar) by `dropout_keep`.
     """
     batch, seq_len, heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[:2] != (batch, seq_len) or k.shape[3] != head_dim:
@@ -426,6 +473,11 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
         raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({heads})")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    if dropout_rate and dropout_seed is None:
+        raise ValueError("dropout_rate > 0 needs a dropout_seed")
+    seed = jnp.reshape(jnp.asarray(0 if dropout_seed is None else dropout_seed, jnp.int32), (1,))
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim), seq_len)
@@ -437,6 +489,6 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
     c = _Cfg(causal=bool(causal), use_segments=segment_ids is not None,
              sm_scale=float(sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)),
              seq_len=seq_len, padded_len=padded_len, group=heads // k.shape[2], blocks=blocks,
-             interpret=bool(interpret), skip=bool(skip_blocks))
-    out = _attention(c, pad(q), pad(k), pad(v), q_seg, kv_seg)
+             interpret=bool(interpret), skip=bool(skip_blocks), dropout=float(dropout_rate), heads=heads)
+    out = _attention(c, pad(q), pad(k), pad(v), q_seg, kv_seg, seed)
     return out[:, :seq_len, :, :head_dim]
