@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from gptjax.dropout import attention_keep, seed_of
 from gptjax.errors import UserError
 
 # Finite, so that a row with every key masked (padding) gives a uniform softmax instead of NaN.
@@ -127,7 +128,10 @@ def xla_attention(q, k, v, *, q_offset=0, segment_ids=None, kv_valid=None,
     scores = jnp.where(mask, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rate > 0.0 and dropout_key is not None:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, probs.shape)
+        # The Pallas kernel's draw for the same key: row (b * heads + h) * Tq + query, column key.
+        b, h, tq, tk = probs.shape
+        rows = (jnp.arange(b)[:, None, None] * h + jnp.arange(h)[None, :, None]) * tq + jnp.arange(tq)
+        keep = attention_keep(seed_of(dropout_key), rows[..., None], jnp.arange(tk), dropout_rate)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
@@ -213,7 +217,7 @@ def attend(implementation: str, q, k, v, *, q_offset=0, segment_ids=None, kv_val
     if impl == "pallas":
         seed = None
         if needs_dropout:
-            seed = jax.lax.bitcast_convert_type(jax.random.bits(dropout_key, (), jnp.uint32), jnp.int32)
+            seed = jax.lax.bitcast_convert_type(seed_of(dropout_key), jnp.int32)
         kernel = functools.partial(pallas_attention, dropout_rate=dropout_rate if needs_dropout else 0.0)
         return per_device(kernel, q, k, v, segment_ids, seed)
     if impl == "splash":

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax import attention
+from gptjax.dropout import dropout
 from gptjax.loss import projected_lm_loss
 from gptjax.sharding import constrain
 
@@ -50,10 +51,7 @@ def _param(rngs: nnx.Rngs, shape, axes, std: float | None):
 
 
 def _dropout(x, rate: float, key):
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return dropout(x, rate, key)  # a hash of the key's seed and the element's index (dropout.py)
 
 
 class LayerNorm(nnx.Module):

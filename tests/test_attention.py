@@ -289,7 +289,8 @@ def test_kernels_match_xla_with_document_masks(impl):
         assert np.linalg.norm(np.asarray(g - w)) / np.linalg.norm(np.asarray(w)) < 1e-5
 
 
-def test_model_with_the_pallas_kernel_equals_xla_in_loss_and_gradients():
+@pytest.mark.parametrize("attn_dropout", [0.0, 0.1])
+def test_model_with_the_pallas_kernel_equals_xla_in_loss_and_gradients(attn_dropout):
     from flax import nnx
 
     from gptjax.config import load_config
@@ -302,9 +303,12 @@ def test_model_with_the_pallas_kernel_equals_xla_in_loss_and_gradients():
     batch = {k: jnp.asarray(x) for k, x in as_batch(rows, eos_id=2, pad_id=0, document_mask=True).items()}
     results = {}
     for impl in ("xla", "pallas"):
-        config = load_config("configs/tiny.py", ["model.n_layer=2", f"model.attention={impl}", "data.document_mask=true"])
+        config = load_config("configs/tiny.py", ["model.n_layer=2", f"model.attention={impl}", "data.document_mask=true",
+                                                 f"model.attn_dropout={attn_dropout}"])
         graphdef, params = nnx.split(init_decoder(config.model, 0), nnx.Param)
-        (total, count), grads = jax.value_and_grad(lambda p: batch_loss(graphdef, p, batch, None), has_aux=True)(params)
+        # With attention dropout both draw the same mask from the same key (gptjax/dropout.py).
+        key = jax.random.key(3) if attn_dropout else None
+        (total, count), grads = jax.value_and_grad(lambda p: batch_loss(graphdef, p, batch, key), has_aux=True)(params)
         results[impl] = (float(total / count), jax.tree.leaves(grads))
     assert results["pallas"][0] == pytest.approx(results["xla"][0], rel=1e-6)
     for g, w in zip(results["pallas"][1], results["xla"][1]):

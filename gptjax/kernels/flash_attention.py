@@ -35,6 +35,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+# The kernel's dropout draw: a hash of (seed, row, key position) that XLA attention draws too.
+from gptjax.dropout import attention_keep as dropout_keep
+
 # Finite, so that masked scores never make inf - inf = NaN in the online softmax.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _LOG2E = math.log2(math.e)  # the kernels use exp2; scores are pre-multiplied by log2(e)
@@ -208,28 +211,6 @@ def _scores(c: _Cfg, q, k, mask):
 def _tdot(a, b):
     """a.T @ b in float32 (contracting the row dim), without materialising a transpose."""
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _mix32(x):
-    """A bijective avalanche on uint32 (the "lowbias32" integer hash): every output bit depends
-    on every input bit, so consecutive counters give independent-looking bits."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def dropout_keep(seed, row, col, rate: float):
-    """Whether the attention probability at (row, col) survives dropout at `rate`.
-
-    A counter-based draw: a hash of the seed, the row (batch, query head and query position,
-    numbered (b * heads + h) * seq_len + q) and the key position. The forward and backward
-    kernels recompute the same mask tile by tile instead of storing a [T, T] one, and any tiling
-    gives the same mask. Exposed so tests can build the mask a reference needs."""
-    row_hash = _mix32(seed.astype(jnp.uint32) ^ _mix32(row.astype(jnp.uint32)))
-    bits = _mix32(row_hash ^ (col.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
-    return bits >= jnp.uint32(min(int(rate * 2.0 ** 32), 2 ** 32 - 1))
 
 
 def _dropped(c: _Cfg, seed, batch_index, head, q_pos, k_pos, x):
