@@ -30,7 +30,7 @@ PROMPTS = ["the cat", "anna", "i watched the film ."]
 # the three coreference tasks (is "she"/"he" the story's protagonist?) from 640 examples at 3e-4.
 # To fit twelve runs into a few CPU minutes, inputs are cut to 64 tokens (a story keeps its
 # opening, which names the protagonist) and the decoder runs without dropout, as it was
-# pretrained (on 2 cores dropout costs a quarter more time).
+# pretrained.
 TASKS = {
     "synthetic_sentiment": ["finetune.max_examples=256", "train.lr=1e-3"],
     "synthetic_coreference": ["finetune.max_examples=640", "train.lr=3e-4"],
