@@ -374,6 +374,12 @@ with jax.set_mesh(mesh):
 # Row 0 and head 0 against the same local row / head on other devices; and the same call again.
 print(min(np.abs(out[0] - out[i]).max() for i in (1, 2, 3)), np.abs(out[0, :, 0] - out[0, :, 2]).max(),
       np.abs(out - again).max())
+# Elementwise dropout numbers elements globally: sharded, it drops what one device drops.
+from gptjax.dropout import dropout
+drop = jax.jit(lambda x: dropout(x, 0.3, jax.random.key(1)))
+with jax.set_mesh(mesh):
+    sharded = np.asarray(drop(x))
+print(np.abs(sharded - np.asarray(drop(np.asarray(x)))).max())
 """
 
 
@@ -387,5 +393,5 @@ def test_dropout_masks_differ_between_devices():
     run = subprocess.run([sys.executable, "-c", DROPOUT_ON_A_MESH], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows, heads, again = map(float, run.stdout.split()[-3:])
-    assert rows > 0.1 and heads > 0.1 and again == 0.0
+    rows, heads, again, elementwise = map(float, run.stdout.split()[-4:])
+    assert rows > 0.1 and heads > 0.1 and again == 0.0 and elementwise == 0.0
