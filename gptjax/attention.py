@@ -12,9 +12,10 @@ probabilities. The fused kernels each take a subset:
   splash  causal + segment ids on TPU (JAX's splash attention); interpret mode elsewhere
 
 `auto` takes, on an NVIDIA GPU, cuDNN for plain causal attention and the Pallas kernel when
-document masks or attention dropout are on; on a TPU, splash where the sequence length suits its blocks; XLA for
-everything else (dropout, the KV cache, CPUs). On a mesh the kernels run per device on that
-device's rows and heads (`shard_map`): XLA cannot split a kernel call across devices itself.
+document masks or attention dropout are on; on a TPU, splash where the sequence length suits its
+blocks; XLA for everything else (the KV cache, CPUs, attention dropout on TPU). On a mesh the
+kernels run per device on that device's rows and heads (`shard_map`): XLA cannot split a kernel
+call across devices itself.
 """
 
 from __future__ import annotations
