@@ -50,8 +50,7 @@ def _param(rngs: nnx.Rngs, shape, axes, std: float | None):
     return nnx.Param(value, axes=axes)
 
 
-def _dropout(x, rate: float, key):
-    return dropout(x, rate, key)  # a hash of the key's seed and the element's index (dropout.py)
+_dropout = dropout  # a hash of the key's seed and the element's index (dropout.py)
 
 
 class LayerNorm(nnx.Module):

@@ -10,7 +10,6 @@ Three readings:
   autodiff residuals after the remat policy): backend-independent, and the number to choose a
   remat policy and batch size by. XLA on CPU schedules rematerialised work early and so does not
   show remat's savings in its own plan;
-
 - the compiled executable's memory plan (`memory_analysis`): arguments (params, optimizer state, batch), outputs, the
   temporaries of the step and what donation lets outputs reuse; their sum is the peak one device
   must hold for this step, a lower bound for the allocator's real peak;
@@ -44,13 +43,17 @@ def abstract_batch(config) -> dict:
     return dict(batch, loss_mask=jax.ShapeDtypeStruct((b, t), jnp.float32))
 
 
+def _abstract_decoder(config):
+    """(graphdef, params as shapes) of the config's decoder; nothing is allocated."""
+    return nnx.split(nnx.eval_shape(lambda: init_decoder(config.model, config.train.seed)), nnx.Param)
+
+
 def compile_train_step(config):
     """(compiled train step on one device, seconds to lower and compile); nothing is allocated."""
     from gptjax.train import TrainState, train_step
 
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    abstract = nnx.eval_shape(lambda: init_decoder(config.model, config.train.seed))
-    graphdef, params = nnx.split(abstract, nnx.Param)
+    graphdef, params = _abstract_decoder(config)
     tx = make_optimizer(config.train)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
     step = jax.jit(partial(train_step, graphdef, tx, lr_schedule(config.train), config.train.grad_accum,
@@ -72,8 +75,7 @@ def saved_activations_gib(config) -> float | None:
         return None
     from gptjax.train import batch_loss
 
-    abstract = nnx.eval_shape(lambda: init_decoder(config.model, config.train.seed))
-    graphdef, params = nnx.split(abstract, nnx.Param)
+    graphdef, params = _abstract_decoder(config)
 
     def loss(params, batch):
         return batch_loss(graphdef, params, batch, None)[0]

@@ -12,6 +12,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from gptjax.attention_bench import packed_segment_ids as sorted_segments
 from gptjax.kernels.flash_attention import BlockSizes, dropout_keep, flash_attention, visited_blocks
 
 SMALL = BlockSizes(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
@@ -43,17 +44,6 @@ def reference(q, k, v, segment_ids=None, causal=True, dropout_rate=0.0, dropout_
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-def sorted_segments(rng, batch, t, mean_len):
-    """Packed rows: ids 1, 1, ..., 2, 2, ... with document lengths uniform in [mean/2, 3*mean/2]."""
-    rows = []
-    for _ in range(batch):
-        lengths = []
-        while sum(lengths) < t:
-            lengths.append(int(rng.integers(max(1, mean_len // 2), max(2, 3 * mean_len // 2) + 1)))
-        rows.append(np.repeat(np.arange(1, len(lengths) + 1), lengths)[:t])
-    return np.stack(rows).astype(np.int32)
 
 
 def inputs(seed, batch, t, heads, kv_heads, d, dtype):
