@@ -4,7 +4,9 @@ A training checkpoint holds four items:
 
     params     the parameters, a flat dict keyed by dotted names ("blocks.0.attn.qkv_kernel"):
                stable, readable with plain Orbax, independent of Flax's container types
-    opt_state  the optimizer state's arrays, in the order of its pytree
+    opt_state  the optimizer state, a flat dict keyed by tree path ("1.0.mu.blocks.0.attn.qkv_kernel":
+               chain position, state field, parameter name), restored by name after a check
+               that the saved names, shapes and dtypes are exactly the optimizer's
     meta       JSON: step, seed (the dropout key is a function of seed and step), the data
                loader's state, the mesh, and the full config of the run
     tokenizer  the bytes of the SentencePiece model the run trained with
@@ -17,6 +19,7 @@ lost node) is never listed, never restored, and never deleted here.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import jax
@@ -27,7 +30,16 @@ from gptjax.errors import UserError
 
 
 def _name(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
+        parts.pop()  # the attribute step into a Flax Variable, not part of the parameter's name
+    return ".".join(parts)
+
+
+def opt_state_names(opt_state) -> dict:
+    """{path name: array} of an optimizer state: Adam's mu and nu have identical shapes, so only
+    names tell them apart."""
+    return {_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)}
 
 
 def flatten(params: nnx.State) -> dict:
@@ -95,7 +107,7 @@ class Checkpointer:
         written in the background. Training may change the state right away."""
         ocp = _ocp()
         items = {"params": ocp.args.StandardSave(flatten(params)),
-                 "opt_state": ocp.args.StandardSave(_leaves(opt_state)),
+                 "opt_state": ocp.args.StandardSave(opt_state_names(opt_state)),
                  "meta": ocp.args.JsonSave(meta)}
         if tokenizer_bytes is not None:
             items["tokenizer"] = ocp.args.StandardSave({"model": np.frombuffer(tokenizer_bytes, np.uint8)})
@@ -120,20 +132,33 @@ class Checkpointer:
     def restore(self, step: int, params: nnx.State, opt_state) -> tuple[nnx.State, object, dict]:
         """(params, opt_state, meta) of `step`, laid out like the given (sharded) templates."""
         ocp = _ocp()
-        leaves, treedef = jax.tree.flatten(opt_state)
+        saved = self._opt_state_metadata(step)
+        names = opt_state_names(opt_state)
+        by_position = all(_POSITIONAL.fullmatch(name) for name in saved)  # written before names
+        target = _leaves(opt_state) if by_position else names
+        _check_opt_state(f"{self.directory}/{step}", saved, target,
+                         list(names) if by_position else None)
         args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(flatten(params))),
-                                  opt_state=ocp.args.StandardRestore(_abstract(_leaves(opt_state))),
+                                  opt_state=ocp.args.StandardRestore(_abstract(target)),
                                   meta=ocp.args.JsonRestore())
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as e:  # noqa: BLE001
             raise DamagedCheckpoint(self.directory, step, e) from None
-        saved = restored["opt_state"]
-        if len(saved) != len(leaves):
-            raise UserError(f"checkpoint {self.directory}/{step} holds {len(saved)} optimizer arrays, this "
-                            f"optimizer has {len(leaves)}; the optimizer settings changed in a way that cannot resume")
-        opt = jax.tree.unflatten(treedef, [saved[k] for k in sorted(saved)])
+        arrays = restored["opt_state"]
+        treedef = jax.tree.structure(opt_state)
+        opt = jax.tree.unflatten(treedef, [arrays[k] for k in target])
         return unflatten(dict(restored["params"]), params), opt, dict(restored["meta"])
+
+    def _opt_state_metadata(self, step: int) -> dict:
+        """{name: (shape, dtype)} of the optimizer state saved at `step`, read without its arrays."""
+        ocp = _ocp()
+        try:
+            meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "opt_state"))
+            tree = getattr(meta, "item_metadata", meta)
+            return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in tree.items()}
+        except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged checkpoint
+            raise DamagedCheckpoint(self.directory, step, e) from None
 
     def restore_params(self, step: int, like: nnx.State) -> nnx.State:
         """The params of `step` alone (never the optimizer state), laid out like `like`."""
@@ -159,8 +184,32 @@ class Checkpointer:
 
 
 def _leaves(tree) -> dict:
-    # Zero-padded indices: Orbax sorts keys as strings, and restore puts them back in this order.
+    # The layout of checkpoints written before names: zero-padded leaf indices.
     return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+_POSITIONAL = re.compile(r"\d{5}")
+
+
+def _check_opt_state(where: str, saved: dict, target: dict, names: list[str] | None) -> None:
+    """Refuses a saved optimizer state that is not exactly this optimizer's: the first name that
+    is missing, extra, or of another shape or dtype. `names` gives the path names of a
+    positional (older) checkpoint's leaves, for the message."""
+    advice = ("the optimizer settings (train.grad_clip, the optimizer) or the model changed since it was saved; "
+              "resume with the settings in its config.json, or start a new --workdir (fine-tuning and "
+              "GPT.from_pretrained read the parameters alone)")
+    for key in [*target, *sorted(set(saved) - set(target))]:  # the optimizer's own order first
+        label = key if names is None else f"{key} ({names[int(key)] if int(key) < len(names) else 'no such leaf'})"
+        if key not in saved:
+            raise UserError(f"checkpoint {where} has no optimizer state '{label}'; {advice}")
+        if key not in target:
+            raise UserError(f"checkpoint {where} holds optimizer state '{label}', which this optimizer does not "
+                            f"have; {advice}")
+        shape, dtype = saved[key]
+        want = target[key]
+        if shape != tuple(want.shape) or dtype != np.dtype(want.dtype):
+            raise UserError(f"checkpoint {where} holds optimizer state '{label}' as {dtype}{list(shape)}, this "
+                            f"optimizer has {np.dtype(want.dtype)}{list(want.shape)}; {advice}")
 
 
 class DamagedCheckpoint(UserError):

@@ -12,6 +12,7 @@ import math
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
@@ -147,16 +148,33 @@ def param_shardings(mesh, params: nnx.State) -> nnx.State:
     return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def opt_state_shardings(tx, params, mesh):
+    """Where each leaf of `tx`'s state for `params` lives: a leaf that mirrors a parameter (Adam's
+    moments, say) takes that parameter's sharding, anything else (step counters) is replicated.
+    `params` may be arrays or ShapeDtypeStructs, as long as each carries its sharding."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(tx, lambda _, param: param.sharding, abstract, params,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
 def init_opt_state(tx, params, mesh):
-    """The optimizer state of `params` on the mesh: moments inherit the parameters' shardings,
-    the scalar counters go replicated on the mesh. A counter left on a bare device would reach
-    the train step with another input type than the step returns, and the second step would
-    compile the whole program again."""
-    def place(x):
-        if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
-            return x
-        return jax.device_put(x, replicated(mesh))
-    return jax.tree.map(place, jax.jit(tx.init)(params))
+    """The optimizer state of `params`, created in place on the mesh: each device only ever
+    allocates its shard, so a model whose optimizer state fits only when sharded can start.
+    (`tx.init` reads no parameter values, so without out_shardings its zeros would land on one
+    device.) The counters are on the mesh too: one left on a bare device would reach the train
+    step with another input type than the step returns, and the second step would compile again."""
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
+
+
+def bytes_per_device(tree) -> dict:
+    """{device: bytes of `tree`'s arrays that device holds}, counted from the shardings (works on
+    ShapeDtypeStructs too): the memory a layout costs, which equal values cannot show."""
+    held: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        for device in leaf.sharding.device_set:
+            held[device] = held.get(device, 0) + shard
+    return held
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -48,6 +48,80 @@ def losses(arg: str) -> dict:
             "constraints": constraints}
 
 
+def held(tree) -> dict:
+    """{device id: bytes} of the shards each device really holds of `tree`'s arrays."""
+    out: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
+    return out
+
+
+def account(params, opt_state) -> dict:
+    """Bytes each device holds of the parameters and of the optimizer state, their totals, and the
+    bytes of the leaves the rules do not split over every fsdp x tensor device (biases, LayerNorm,
+    the position table: vectors or tables with one split dimension), with their moments."""
+    def unsplit(name):
+        return name.endswith(("bias", "scale")) or name.endswith("wpe")
+    names = checkpoint.flatten(params)
+    opt_names = checkpoint.opt_state_names(opt_state)
+    specs = {}
+    for name, leaf in opt_names.items():
+        param = next((p for p in names if name.endswith("." + p)), None)
+        specs[name] = {"spec": [None if a is None else a for a in leaf.sharding.spec],
+                       "param_spec": None if param is None else list(names[param].sharding.spec),
+                       "same_sharding": param is not None and leaf.sharding == names[param].sharding}
+    return {"params": held(params), "opt": held(opt_state),
+            "params_total": sum(x.nbytes for x in names.values()),
+            "opt_total": sum(x.nbytes for x in opt_names.values()),
+            "params_unsplit": sum(x.nbytes for n, x in names.items() if unsplit(n)),
+            "opt_unsplit": sum(x.nbytes for n, x in opt_names.items() if unsplit(n) or x.ndim == 0),
+            "opt_specs": specs}
+
+
+def layouts(meshes: list[str]) -> dict:
+    """The per-device memory account of pretraining and fine-tuning state on each mesh, and the
+    collectives of the compiled fsdp train step."""
+    from gptjax import finetune as ft
+    from gptjax.tasks import get_task
+    out = {}
+    for arg in meshes:
+        trainer = _trainer(arg)
+        config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "model.n_layer=2",
+                                                 "task=synthetic_sentiment",
+                                                 *[f"mesh.{kv}" for kv in arg.split(",")]])
+        runner = ft.TaskRunner(config, get_task(config.task), total_steps=4)
+        out[arg] = {"mesh": dict(trainer.mesh.shape),
+                    "pretrain": account(trainer.state.params, trainer.state.opt_state),
+                    "finetune": account(runner.state.params, runner.state.opt_state)}
+        if arg == "data=1,fsdp=8":
+            out[arg]["hlo"] = collectives(trainer)
+    return out
+
+
+_OP = re.compile(r"^\s*(?:ROOT )?%\S+ = (\(.*?\)|\w+\[[0-9,]*\]\S*) (all-gather|all-reduce|reduce-scatter)"
+                 r"(?:-start)?\(", re.M)
+
+
+def collectives(trainer) -> dict:
+    """What the fsdp train step compiles to: the shapes every collective produces, and the shapes
+    of the step's optimizer-state inputs and outputs."""
+    batch = as_batch(np.random.default_rng(0).integers(6, 512, size=(16, 33)).astype(np.int32), 2, 0, False)
+    with jax.set_mesh(trainer.mesh):
+        compiled = trainer._step.lower(trainer.state, batch).compile()
+    text = compiled.as_text()
+    ops = [(op, re.findall(r"\w+\[([0-9,]*)\]", shapes)) for shapes, op in _OP.findall(text)]
+    names = checkpoint.opt_state_names(trainer.state.opt_state)
+    # (full shape, the shard the compiled step takes, the shard it returns) of each leaf.
+    shards = {name: [list(x.shape), list(a.shard_shape(x.shape)), list(b.shard_shape(x.shape))]
+              for (name, x), a, b in zip(names.items(), jax.tree.leaves(compiled.input_shardings[0][0].opt_state),
+                                         jax.tree.leaves(compiled.output_shardings[0].opt_state))}
+    params = checkpoint.flatten(trainer.state.params)
+    return {"ops": [[op, [[int(d) for d in s.split(",") if d] for s in shapes]] for op, shapes in ops],
+            "weights": {n: list(x.shape) for n, x in params.items() if x.ndim >= 2},
+            "opt_shards": shards, "backend": jax.default_backend()}
+
+
 def _trainer(arg: str) -> Trainer:
     overrides = [f"mesh.{kv}" for kv in arg.split(",") if kv and kv != "single"]
     config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "train.seq_len=32",
@@ -85,6 +159,8 @@ def restore(workdir: str, saved_on: str, targets: list[str]) -> dict:
             "layout_matches": all(flat[k].sharding.is_equivalent_to(v.sharding, v.ndim)
                                   for k, v in checkpoint.flatten(fresh.state.params).items()),
             "devices": len(flat["wte"].sharding.device_set),
+            "account": account(params, opt_state),
+            "mesh": dict(fresh.mesh.shape),
         }
     return out
 
@@ -92,5 +168,7 @@ def restore(workdir: str, saved_on: str, targets: list[str]) -> dict:
 if __name__ == "__main__":
     if sys.argv[1] == "restore":
         print(json.dumps(restore(sys.argv[2], sys.argv[3], sys.argv[4:])))
+    elif sys.argv[1] == "layouts":
+        print(json.dumps(layouts(sys.argv[2:])))
     else:
         print(json.dumps({arg: losses(arg) for arg in sys.argv[1:]}))

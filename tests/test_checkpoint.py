@@ -6,13 +6,14 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from gptjax import checkpoint, cli
 from gptjax.config import load_config
-from gptjax.errors import REQUEUE_EXIT_CODE
+from gptjax.errors import REQUEUE_EXIT_CODE, UserError
 from gptjax.model import init_decoder
 from gptjax.train import Trainer, config_changes
 
@@ -195,3 +196,66 @@ def test_from_pretrained_reads_a_checkpoint_path_params_only(baseline):
     assert not all(np.array_equal(flat[k], _params(baseline)[k]) for k in expected)  # not the newest
     assert model.config.model.n_layer == 1 and model.tokenizer is not None  # both from the checkpoint
     assert model.tokenizer.decode(model.tokenizer.encode("the cat")) == "the cat"
+
+
+def _trainer(*overrides):
+    return Trainer(load_config("configs/tiny.py", ["model.n_layer=1", "train.batch_size=4", *overrides]))
+
+
+def test_optimizer_state_is_saved_and_restored_by_name(tmp_path):
+    trainer = _trainer()
+    # Distinct values in every leaf, so that a swap (mu for nu) could not pass unnoticed.
+    leaves, treedef = jax.tree.flatten(trainer.state.opt_state)
+    opt_state = jax.tree.unflatten(treedef, [x + i for i, x in enumerate(leaves)])
+    saver = checkpoint.Checkpointer(str(tmp_path))
+    saver.save(1, trainer.state.params, opt_state, {"step": 1}, None)
+    saver.close()
+    names = checkpoint.opt_state_names(opt_state)
+    assert "1.0.mu.blocks.0.attn.qkv_kernel" in names and "1.0.nu.wte" in names
+    reader = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+    # On disk under those names, read back with Orbax's own metadata reader.
+    assert set(reader._opt_state_metadata(1)) == set(names)
+    _, restored, _ = reader.restore(1, trainer.state.params, trainer.state.opt_state)
+    reader.close()
+    for name, value in checkpoint.opt_state_names(restored).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(names[name]), err_msg=name)
+
+
+def test_another_optimizer_structure_is_refused_with_the_path(tmp_path):
+    trainer = _trainer()
+    opt = trainer.state.opt_state
+    saver = checkpoint.Checkpointer(str(tmp_path))
+    saver.save(1, trainer.state.params, opt, {"step": 1}, None)
+    # A reshaped leaf: the same number of leaves, the same names.
+    reshaped = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.reshape(-1) if checkpoint._name(path) == "1.0.nu.blocks.0.mlp.fc_kernel" else x, opt)
+    saver.save(2, trainer.state.params, reshaped, {"step": 2}, None)
+    saver.close()
+    reader = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+    with pytest.raises(UserError, match=r"optimizer state '1\.0\.nu\.blocks\.0\.mlp\.fc_kernel' as float32\[65536\], "
+                                        r"this optimizer has float32\[128, 512\]"):
+        reader.restore(2, trainer.state.params, opt)
+    # Another optimizer setting (no clipping): the chain's positions, so the names, differ.
+    other = _trainer("train.grad_clip=0")
+    with pytest.raises(UserError, match=r"has no optimizer state '0\.0\.count'.*train\.grad_clip"):
+        reader.restore(1, other.state.params, other.state.opt_state)
+    reader.close()
+
+
+def test_checkpoints_written_before_names_still_resume(tmp_path):
+    import orbax.checkpoint as ocp
+    trainer = _trainer()
+    leaves = jax.tree.leaves(trainer.state.opt_state)
+    old = {f"{i:05d}": x + i for i, x in enumerate(leaves)}  # the earlier layout: leaves by position
+    with ocp.CheckpointManager(str(tmp_path / "checkpoints"), options=ocp.CheckpointManagerOptions(create=True)) as m:
+        m.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(checkpoint.flatten(trainer.state.params)),
+                                          opt_state=ocp.args.StandardSave(old), meta=ocp.args.JsonSave({"step": 1})))
+        m.wait_until_finished()
+    reader = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+    _, restored, _ = reader.restore(1, trainer.state.params, trainer.state.opt_state)
+    for i, x in enumerate(jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(old[f"{i:05d}"]))
+    other = Trainer(load_config("configs/tiny.py", ["model.n_layer=2", "train.batch_size=4"]))  # more leaves
+    with pytest.raises(UserError, match=r"optimizer state '\d{5} \(1\.0\.mu\.blocks\.\d"):
+        reader.restore(1, other.state.params, other.state.opt_state)
+    reader.close()
