@@ -15,7 +15,9 @@ probabilities. The fused kernels each take a subset:
 document masks or attention dropout are on; on a TPU, splash where the sequence length suits its
 blocks; XLA for everything else (the KV cache, CPUs, attention dropout on TPU). On a mesh the
 kernels run per device on that device's rows and heads (`shard_map`): XLA cannot split a kernel
-call across devices itself.
+call across devices itself. Attention dropout numbers every probability by its global (batch
+row, head, query, key), so XLA and the kernel, on any mesh, drop the same ones for the same key:
+a run resumed on another mesh, or `auto` choosing differently, trains on the same masks.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def xla_attention(q, k, v, *, q_offset=0, segment_ids=None, kv_valid=None,
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rate > 0.0 and dropout_key is not None:
         # The Pallas kernel's draw for the same key: row (b * heads + h) * Tq + query, column key.
+        # Global indices: on a mesh XLA splits these iotas like the probabilities they number.
         b, h, tq, tk = probs.shape
         rows = (jnp.arange(b)[:, None, None] * h + jnp.arange(h)[None, :, None]) * tq + jnp.arange(tq)
         keep = attention_keep(seed_of(dropout_key), rows[..., None], jnp.arange(tk), dropout_rate)
@@ -142,38 +145,43 @@ def cudnn_attention(q, k, v):
 
 
 def per_device(kernel, q, k, v, segment_ids, seed=None):
-    """kernel(q, k, v, segment_ids, seed) on each device's own rows and heads, under the mesh the
-    step traces with. A Pallas call is opaque to XLA's partitioner, which would otherwise gather
-    q, k and v whole onto every device. Shapes the mesh does not divide run unsplit. A dropout
-    seed is made distinct per device, since every device numbers its own rows from 0."""
+    """kernel(q, k, v, segment_ids, seed, start) on each device's own rows and heads, under the
+    mesh the step traces with. A Pallas call is opaque to XLA's partitioner, which would otherwise
+    gather q, k and v whole onto every device. Shapes the mesh does not divide run unsplit.
+    start (int32 [2]) is the (batch row, head) of the device's block in the whole batch: dropout
+    counts from it, so every device draws its part of the one mask of the unsplit batch."""
     from gptjax.sharding import spec
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return kernel(q, k, v, segment_ids, seed)
+        return kernel(q, k, v, segment_ids, seed, None)
     qkv, rows = spec(("batch", "length", "heads", "head_dim")), spec(("batch", "length"))
     axes = [() if a is None else (a,) if isinstance(a, str) else a for a in qkv]
     if any(n % math.prod(mesh.shape[x] for x in names) for n, names in zip(q.shape, axes)):
-        return kernel(q, k, v, segment_ids, seed)
+        return kernel(q, k, v, segment_ids, seed, None)
+
+    def first(names, block):
+        # Over several mesh axes, the first one is the slowest-varying (as in a PartitionSpec).
+        index = 0
+        for name in names:
+            index = index * mesh.shape[name] + jax.lax.axis_index(name)
+        return index * block
 
     def local(q, k, v, segment_ids, seed):
-        if seed is not None:
-            device = 0
-            for name in mesh.axis_names:
-                device = device * mesh.shape[name] + jax.lax.axis_index(name)
-            seed = jax.lax.bitcast_convert_type(seed, jnp.uint32) * jnp.uint32(0x9E3779B1) + device.astype(jnp.uint32)
-            seed = jax.lax.bitcast_convert_type(seed, jnp.int32)
-        return kernel(q, k, v, segment_ids, seed)
+        start = jnp.asarray([first(axes[0], q.shape[0]), first(axes[2], q.shape[2])], jnp.int32)
+        return kernel(q, k, v, segment_ids, seed, start)
 
     in_specs = (qkv,) * 3 + (None if segment_ids is None else rows, None if seed is None else PartitionSpec())
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv, check_vma=False)(
         q, k, v, segment_ids, seed)
 
 
-def pallas_attention(q, k, v, segment_ids=None, seed=None, dropout_rate: float = 0.0):
+def pallas_attention(q, k, v, segment_ids=None, seed=None, start=None, dropout_rate: float = 0.0,
+                     heads: int | None = None):
+    """The Pallas kernel; `start` and `heads` place q's block in the whole batch (see per_device)."""
     from gptjax.kernels.flash_attention import flash_attention  # Pallas loads only when used
     return flash_attention(q, k, v, segment_ids=segment_ids, causal=True, dropout_rate=dropout_rate,
-                           dropout_seed=seed)
+                           dropout_seed=seed, dropout_start=start, dropout_heads=heads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,8 +199,9 @@ def _splash_kernel(heads: int, length: int, interpret: bool):
         return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def splash_attention(q, k, v, segment_ids=None, seed=None):
-    """JAX's splash attention (TPU) with the causal mask and segment ids; [B, T, H, D] in and out."""
+def splash_attention(q, k, v, segment_ids=None, seed=None, start=None):
+    """JAX's splash attention (TPU) with the causal mask and segment ids; [B, T, H, D] in and out.
+    No dropout, so no use for per_device's seed and start."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     _, t, h, d = q.shape
@@ -219,7 +228,8 @@ def attend(implementation: str, q, k, v, *, q_offset=0, segment_ids=None, kv_val
         seed = None
         if needs_dropout:
             seed = jax.lax.bitcast_convert_type(seed_of(dropout_key), jnp.int32)
-        kernel = functools.partial(pallas_attention, dropout_rate=dropout_rate if needs_dropout else 0.0)
+        kernel = functools.partial(pallas_attention, dropout_rate=dropout_rate if needs_dropout else 0.0,
+                                   heads=q.shape[2])  # the whole batch's, before per_device splits them
         return per_device(kernel, q, k, v, segment_ids, seed)
     if impl == "splash":
         return per_device(splash_attention, q, k, v, segment_ids)

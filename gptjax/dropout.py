@@ -9,7 +9,9 @@ Three reasons:
   device would;
 - attention: the Pallas kernel and the XLA reference draw the same mask for the same seed
   (`attention_keep`), tile by tile in the kernel, whole in XLA. The kernel's backward pass
-  recomputes the mask instead of storing a [T, T] one.
+  recomputes the mask instead of storing a [T, T] one. On a mesh each device's kernel numbers
+  its rows and heads from where its block sits in the whole batch, so the mask does not depend
+  on the mesh either.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def seed_of(key):
 
 def attention_keep(seed, row, col, rate: float):
     """Whether attention probability (row, col) survives dropout at `rate`. row numbers (batch,
-    query head, query position) as (b * heads + h) * seq_len + q; col is the key position."""
+    query head, query position) of the whole batch as (b * heads + h) * seq_len + q; col is the
+    key position."""
     row_hash = mix32(seed.astype(jnp.uint32) ^ mix32(row.astype(jnp.uint32)))
     return mix32(row_hash ^ (col.astype(jnp.uint32) * jnp.uint32(0x9E3779B9))) >= _threshold(rate)
 

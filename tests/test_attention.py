@@ -384,8 +384,8 @@ print(np.abs(sharded - np.asarray(drop(np.asarray(x)))).max())
 
 
 def test_dropout_masks_differ_between_devices():
-    """Every device numbers its rows and heads from 0; its dropout seed must still differ, or
-    equal rows on different devices would drop the same probabilities."""
+    """Equal rows on different devices must not drop the same probabilities: each device numbers
+    its rows and heads from where its block sits in the whole batch, not from 0."""
     import os
     import subprocess
     import sys
@@ -395,3 +395,49 @@ def test_dropout_masks_differ_between_devices():
     assert run.returncode == 0, run.stderr[-3000:]
     rows, heads, again, elementwise = map(float, run.stdout.split()[-4:])
     assert rows > 0.1 and heads > 0.1 and again == 0.0 and elementwise == 0.0
+
+
+DROPOUT_ANY_MESH = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding
+from gptjax import attention, sharding
+from gptjax.config import load_config
+rng = np.random.default_rng(1)
+q, k, v, cot = (jnp.asarray(rng.normal(size=(8, 32, 4, 16)), jnp.float32) for _ in range(4))
+seg = jnp.asarray(np.cumsum(rng.random((8, 32)) < 0.1, axis=1).astype(np.int32))
+key = jax.random.key(5)
+def out_and_grads(impl):
+    f = lambda q, k, v, s: attention.attend(impl, q, k, v, segment_ids=s, dropout_rate=0.2, dropout_key=key)
+    grads = jax.grad(lambda q, k, v, s: jnp.sum(f(q, k, v, s) * cot), argnums=(0, 1, 2))
+    return jax.jit(lambda q, k, v, s: (f(q, k, v, s), *grads(q, k, v, s)))
+def error(got, want):
+    return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want))
+one, xla = out_and_grads("pallas")(q, k, v, seg), out_and_grads("xla")(q, k, v, seg)
+print("one-device", error(one, xla))
+for sizes in ("data=2 fsdp=1 tensor=4", "data=1 fsdp=8 tensor=1", "data=2 fsdp=2 tensor=2"):
+    mesh = sharding.make_mesh(load_config("configs/tiny.py", [f"mesh.{s}" for s in sizes.split()]).mesh)
+    put = lambda x, axes: jax.device_put(x, NamedSharding(mesh, sharding.spec(axes)))
+    args = [put(x, ("batch", "length", "heads", "head_dim")) for x in (q, k, v)] + [put(seg, ("batch", "length"))]
+    with jax.set_mesh(mesh):
+        got = out_and_grads("pallas")(*args)
+    print(sizes.replace(" ", ","), error(got, one), error(got, xla))
+"""
+
+
+def test_attention_dropout_is_the_same_on_any_mesh():
+    """With attention dropout on, the kernel on meshes that split rows (data, fsdp) and heads
+    (tensor) gives the outputs and gradients of the kernel on one device and of XLA attention
+    with the same key: every device draws its part of the one mask, so a run resumed on another
+    mesh, or `auto` switching implementation, trains on the same masks."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    run = subprocess.run([sys.executable, "-c", DROPOUT_ANY_MESH], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split() for line in run.stdout.splitlines() if line.startswith(("one-device", "data="))]
+    assert len(lines) == 4, run.stdout
+    assert float(lines[0][1]) < 1e-5, lines[0]
+    for mesh, to_one_device, to_xla in lines[1:]:
+        assert float(to_one_device) < 1e-5 and float(to_xla) < 1e-5, (mesh, to_one_device, to_xla)

@@ -232,3 +232,24 @@ def test_dropout_masks_keep_the_right_share_and_change_with_the_seed():
         assert (keep[:, 1:] != keep[:, :-1]).mean() > 0.9 * 2 * rate * (1 - rate)
     other = np.asarray(dropout_keep(jnp.int32(8), rows, cols, 0.1))
     assert (other != np.asarray(dropout_keep(jnp.int32(7), rows, cols, 0.1))).mean() > 0.15
+
+
+def test_dropout_on_a_block_of_the_batch_draws_that_block_of_the_whole_mask():
+    # A mesh hands each device's kernel one block of rows and heads (gptjax.attention.per_device);
+    # placed by dropout_start and dropout_heads, the block drops what the whole batch drops there.
+    rng, q, k, v, ct = inputs(50, 4, 48, 4, 2, 32, jnp.float32)
+    seg = jnp.asarray(sorted_segments(rng, 4, 48, 12))
+
+    def run(q, k, v, seg, ct, **kw):
+        out, vjp = jax.vjp(lambda *a: flash_attention(*a, segment_ids=seg, dropout_rate=0.2, dropout_seed=99,
+                                                      block_sizes=SMALL, **kw), q, k, v)
+        return (out, *vjp(ct))
+
+    whole = run(q, k, v, seg, ct)
+    rows, heads, kv_heads = slice(2, 4), slice(2, 4), slice(1, 2)  # q heads 2, 3 read kv head 1
+    block = (q[rows, :, heads], k[rows, :, kv_heads], v[rows, :, kv_heads], seg[rows], ct[rows, :, heads])
+    placed = run(*block, dropout_start=jnp.asarray([2, 2]), dropout_heads=4)
+    for name, a, b, index in zip(("out", "dq", "dk", "dv"), placed, whole, (heads, heads, kv_heads, kv_heads)):
+        assert rel(a, b[rows, :, index]) < 1e-6, (name, rel(a, b[rows, :, index]))
+    # Counted from (0, 0) instead, the block would draw another mask.
+    assert rel(run(*block)[0], whole[0][rows, :, heads]) > 1e-2

@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# The kernel's dropout draw: a hash of (seed, row, key position) that XLA attention draws too.
+# The kernel's dropout draw: a hash of (seed, global row, key position) that XLA attention draws too.
 from gptjax.dropout import attention_keep as dropout_keep
 
 # Finite, so that masked scores never make inf - inf = NaN in the online softmax.
@@ -184,7 +184,7 @@ class _Cfg:
     interpret: bool
     skip: bool
     dropout: float = 0.0  # rate of attention-probability dropout
-    heads: int = 1        # query heads, for the dropout counter
+    heads: int = 1        # query heads of the whole batch, for the dropout counter
 
 
 def _mask(c: _Cfg, q_pos, k_pos, q_seg, k_seg):
@@ -213,12 +213,15 @@ def _tdot(a, b):
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _dropped(c: _Cfg, seed, batch_index, head, q_pos, k_pos, x):
-    """x [bq, bk] with the dropped entries zeroed and the kept ones scaled by 1 / (1 - rate)."""
+def _dropped(c: _Cfg, drop_ref, batch_index, head, q_pos, k_pos, x):
+    """x [bq, bk] with the dropped entries zeroed and the kept ones scaled by 1 / (1 - rate).
+
+    drop_ref holds (seed, first row): the counter of this call's element (0, 0, 0) in the whole
+    batch, so that a call on one device's block of rows and heads draws the whole batch's mask."""
     if not c.dropout:
         return x
-    row = (batch_index * c.heads + head) * c.seq_len + q_pos
-    keep = dropout_keep(seed, row[:, None], k_pos[None, :], c.dropout)
+    row = drop_ref[1] + (batch_index * c.heads + head) * c.seq_len + q_pos
+    keep = dropout_keep(drop_ref[0], row[:, None], k_pos[None, :], c.dropout)
     return jnp.where(keep, x * (1.0 / (1.0 - c.dropout)), 0.0)
 
 
@@ -234,7 +237,7 @@ def _key_loop(c, i, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, n_k,
     return lax.fori_loop(lo_ref[i], hi_ref[i], maybe, init)
 
 
-def _fwd_kernel(seed_ref, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
+def _fwd_kernel(drop_ref, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
                 q_ref, k_ref, v_ref, o_ref, lse_ref, *, c: _Cfg):
     bq, bk = c.blocks.block_q, c.blocks.block_k
     i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -253,7 +256,7 @@ def _fwd_kernel(seed_ref, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref
         # junk is multiplied by alpha == 0 as soon as a real key arrives, or dropped below.
         p = jnp.exp2(s - m_new[:, None])
         # Dropout acts on the normalised probabilities: the normaliser l sums them all.
-        kept = _dropped(c, seed_ref[0], b, h, q_pos, k_pos, p)
+        kept = _dropped(c, drop_ref, b, h, q_pos, k_pos, p)
         o = alpha[:, None] * o + jnp.dot(kept.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return o, m_new, alpha * l + p.sum(axis=-1)
 
@@ -267,7 +270,7 @@ def _fwd_kernel(seed_ref, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref
     lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
-def _dq_kernel(seed_ref, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
+def _dq_kernel(drop_ref, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, c: _Cfg):
     bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd
     i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -283,7 +286,7 @@ def _dq_kernel(seed_ref, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref,
         p = jnp.exp2(s - lse[:, None])
         dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         # delta = rowsum(dO * O) already holds the dropout, so dS = P * (Z * dP - delta).
-        ds = p * (_dropped(c, seed_ref[0], b, h, q_pos, k_pos, dp) - delta[:, None])
+        ds = p * (_dropped(c, drop_ref, b, h, q_pos, k_pos, dp) - delta[:, None])
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     dq = _key_loop(c, i, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref,
@@ -291,7 +294,7 @@ def _dq_kernel(seed_ref, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref,
     dq_ref[...] = (dq * c.sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(seed_ref, klo_ref, khi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
+def _dkv_kernel(drop_ref, klo_ref, khi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, qseg_ref, kseg_ref,
                 q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, c: _Cfg):
     # q/do refs hold all `group` query heads that share this program's kv head, so dK/dV sum
     # over them here instead of writing per-query-head copies to be reduced afterwards.
@@ -310,7 +313,7 @@ def _dkv_kernel(seed_ref, klo_ref, khi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_r
             q, do = q_ref[qs, r, :], do_ref[qs, r, :]
             p = jnp.exp2(_scores(c, q, k, mask) - lse_ref[r, qs][:, None])
             dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            drop = functools.partial(_dropped, c, seed_ref[0], b, kv_head * c.group + r, q_pos, k_pos)
+            drop = functools.partial(_dropped, c, drop_ref, b, kv_head * c.group + r, q_pos, k_pos)
             ds = p * (drop(dp) - delta_ref[r, qs][:, None])
             return dk + _tdot(ds.astype(q.dtype), q), dv + _tdot(drop(p).astype(do.dtype), do)
         return head(0, carry) if c.group == 1 else lax.fori_loop(0, c.group, head, carry)
@@ -346,19 +349,19 @@ def _row(n):
     return pl.BlockSpec((_SQ, n), lambda x, b, h: (b, 0))
 
 
-_SEED = pl.BlockSpec((1,), lambda *_: (0,))  # the dropout seed, the same for every program
+_DROP = pl.BlockSpec((2,), lambda *_: (0,))  # (dropout seed, first row), the same for every program
 
 
 def _plan_args(plan, ranges):
     return [plan[ranges[0]], plan[ranges[1]], plan["qmin"], plan["qmax"], plan["kmin"], plan["kmax"]]
 
 
-def _forward(c: _Cfg, q, k, v, q_seg, kv_seg, seed):
+def _forward(c: _Cfg, q, k, v, q_seg, kv_seg, drop):
     batch, tp, heads, d = q.shape
     bq, bk, g = c.blocks.block_q, c.blocks.block_k, c.group
     nq, nk = tp // bq, tp // bk
     plan = _block_plan(q_seg, kv_seg, bq, bk, c.causal, c.seq_len, jnp)
-    in_specs = [_SEED, _row(nq), _row(nq), _row(nq), _row(nq), _row(nk), _row(nk),
+    in_specs = [_DROP, _row(nq), _row(nq), _row(nq), _row(nq), _row(nk), _row(nk),
                 pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
                 pl.BlockSpec((_SQ, tp), lambda i, b, h: (b, 0)),
                 pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, b, h: (b, i, h, 0)),
@@ -370,10 +373,10 @@ def _forward(c: _Cfg, q, k, v, q_seg, kv_seg, seed):
                  jax.ShapeDtypeStruct((batch, heads, tp), jnp.float32)]
     return _call(c, _fwd_kernel, "flash_attention_fwd", (nq, batch, heads), in_specs, out_specs,
                  out_shape, c.blocks.num_warps, c.blocks.num_stages,
-                 seed, *_plan_args(plan, ("lo", "hi")), q_seg, kv_seg, q, k, v)
+                 drop, *_plan_args(plan, ("lo", "hi")), q_seg, kv_seg, q, k, v)
 
 
-def _backward(c: _Cfg, q, k, v, q_seg, kv_seg, seed, o, lse, do):
+def _backward(c: _Cfg, q, k, v, q_seg, kv_seg, drop, o, lse, do):
     batch, tp, heads, d = q.shape
     kv_heads, g = k.shape[2], c.group
     bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd
@@ -385,7 +388,7 @@ def _backward(c: _Cfg, q, k, v, q_seg, kv_seg, seed, o, lse, do):
 
     q_block = lambda i, b, h: (b, i, h, 0)
     dq = _call(c, _dq_kernel, "flash_attention_dq", (nq, batch, heads),
-               [_SEED, _row(nq), _row(nq), _row(nq), _row(nq), _row(nk), _row(nk),
+               [_DROP, _row(nq), _row(nq), _row(nq), _row(nq), _row(nk), _row(nk),
                 pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
                 pl.BlockSpec((_SQ, tp), lambda i, b, h: (b, 0)),
                 pl.BlockSpec((_SQ, bq, _SQ, d), q_block),
@@ -395,32 +398,32 @@ def _backward(c: _Cfg, q, k, v, q_seg, kv_seg, seed, o, lse, do):
                 pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i)),
                 pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))],
                pl.BlockSpec((_SQ, bq, _SQ, d), q_block), jax.ShapeDtypeStruct(q.shape, q.dtype),
-               warps, stages, seed, *_plan_args(plan, ("lo", "hi")), q_seg, kv_seg, q, k, v, do, lse, delta)
+               warps, stages, drop, *_plan_args(plan, ("lo", "hi")), q_seg, kv_seg, q, k, v, do, lse, delta)
 
     kv_block = lambda j, b, h: (b, j, h, 0)
     group_rows = pl.BlockSpec((_SQ, tp, g, d), lambda j, b, h: (b, 0, h, 0))  # heads h*g .. h*g+g-1
     group_stats = pl.BlockSpec((_SQ, g, tp), lambda j, b, h: (b, h, 0))
     dk, dv = _call(c, _dkv_kernel, "flash_attention_dkv", (nk, batch, kv_heads),
-                   [_SEED, _row(nk), _row(nk), _row(nq), _row(nq), _row(nk), _row(nk),
+                   [_DROP, _row(nk), _row(nk), _row(nq), _row(nq), _row(nk), _row(nk),
                     pl.BlockSpec((_SQ, tp), lambda j, b, h: (b, 0)),
                     pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, j)),
                     group_rows, pl.BlockSpec((_SQ, bk, _SQ, d), kv_block),
                     pl.BlockSpec((_SQ, bk, _SQ, d), kv_block), group_rows, group_stats, group_stats],
                    [pl.BlockSpec((_SQ, bk, _SQ, d), kv_block)] * 2,
                    [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
-                   warps, stages, seed, *_plan_args(plan, ("klo", "khi")), q_seg, kv_seg, q, k, v, do, lse,
+                   warps, stages, drop, *_plan_args(plan, ("klo", "khi")), q_seg, kv_seg, q, k, v, do, lse,
                    delta)
     return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(c, q, k, v, q_seg, kv_seg, seed):
-    return _forward(c, q, k, v, q_seg, kv_seg, seed)[0]
+def _attention(c, q, k, v, q_seg, kv_seg, drop):
+    return _forward(c, q, k, v, q_seg, kv_seg, drop)[0]
 
 
-def _attention_fwd(c, q, k, v, q_seg, kv_seg, seed):
-    o, lse = _forward(c, q, k, v, q_seg, kv_seg, seed)
-    return o, (q, k, v, q_seg, kv_seg, seed, o, lse)
+def _attention_fwd(c, q, k, v, q_seg, kv_seg, drop):
+    o, lse = _forward(c, q, k, v, q_seg, kv_seg, drop)
+    return o, (q, k, v, q_seg, kv_seg, drop, o, lse)
 
 
 def _attention_bwd(c, res, do):
@@ -432,10 +435,11 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_sizes", "interpret", "skip_blocks",
-                                             "dropout_rate"))
+                                             "dropout_rate", "dropout_heads"))
 def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
                     block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-                    skip_blocks: bool = True, dropout_rate: float = 0.0, dropout_seed=None):
+                    skip_blocks: bool = True, dropout_rate: float = 0.0, dropout_seed=None,
+                    dropout_start=None, dropout_heads: int | None = None):
     """Attention over [batch, time, heads, head_dim] with optional packed-document masking.
 
     k, v: [batch, time, kv_heads, head_dim], kv_heads dividing heads (query head h reads kv head
@@ -444,7 +448,10 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
     Returns q's shape and dtype. Differentiable in q, k, v. `skip_blocks=False` computes every
     tile (masking only), for testing. `interpret=None` means interpret mode on the CPU backend.
     dropout_rate > 0 drops attention probabilities (scaling the kept ones by 1 / (1 - rate)),
-    drawn from `dropout_seed` (an int32 scalar) by `dropout_keep`.
+    drawn from `dropout_seed` (an int32 scalar) by `dropout_keep`. When q is one block of a larger
+    batch (one device's rows and heads on a mesh), pass `dropout_start` = (batch row, head) of its
+    first element in the whole batch and `dropout_heads` = the whole batch's head count: the mask
+    is then this block's part of the whole batch's mask, the one XLA attention draws too.
     """
     batch, seq_len, heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[:2] != (batch, seq_len) or k.shape[3] != head_dim:
@@ -458,7 +465,13 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
     if dropout_rate and dropout_seed is None:
         raise ValueError("dropout_rate > 0 needs a dropout_seed")
-    seed = jnp.reshape(jnp.asarray(0 if dropout_seed is None else dropout_seed, jnp.int32), (1,))
+    if dropout_heads is not None and dropout_heads < heads:
+        raise ValueError(f"dropout_heads ({dropout_heads}) counts the whole batch's heads, at least q's {heads}")
+    all_heads = dropout_heads or heads
+    start = jnp.asarray((0, 0) if dropout_start is None else dropout_start, jnp.int32)
+    # int32 wraps like the uint32 counter it becomes (and like XLA attention's rows) past 2**31.
+    first_row = (start[0] * all_heads + start[1]) * seq_len
+    drop = jnp.stack([jnp.asarray(0 if dropout_seed is None else dropout_seed, jnp.int32), first_row])
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim), seq_len)
@@ -470,6 +483,6 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
     c = _Cfg(causal=bool(causal), use_segments=segment_ids is not None,
              sm_scale=float(sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)),
              seq_len=seq_len, padded_len=padded_len, group=heads // k.shape[2], blocks=blocks,
-             interpret=bool(interpret), skip=bool(skip_blocks), dropout=float(dropout_rate), heads=heads)
-    out = _attention(c, pad(q), pad(k), pad(v), q_seg, kv_seg, seed)
+             interpret=bool(interpret), skip=bool(skip_blocks), dropout=float(dropout_rate), heads=all_heads)
+    out = _attention(c, pad(q), pad(k), pad(v), q_seg, kv_seg, drop)
     return out[:, :seq_len, :, :head_dim]
