@@ -13,7 +13,8 @@ of a GPT by far (GPT-2 small, batch 32 x 1024: 3.3 GB in bf16, 6.6 GB in float32
   logits is alive: for large models on one card, where activation memory decides the batch.
 
 Both return (sum of token losses, number of counted tokens), not the mean, so callers can weight
-microbatches and hosts by tokens.
+microbatches and hosts by tokens. `projected_target_logprobs` gives zero/few-shot scoring the same
+per-token terms under the same chunks, so scoring a batch costs no more memory than training on it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def lm_loss(logits, targets, loss_mask, vocab_size: int):
     return _loss_sum(logits, targets, mask, vocab_size), jnp.sum(mask)
 
 
+def _split(x, chunk_len: int):
+    """[B, chunks * chunk_len, ...] -> [chunks, B, chunk_len, ...]: the scan's steps first."""
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk_len, *x.shape[2:]), 1, 0)
+
+
 def projected_lm_loss(hidden, project, targets, loss_mask, vocab_size: int, chunk_len: int = 0):
     """lm_loss(project(hidden), ...) with the logits built `chunk_len` positions at a time.
 
@@ -89,9 +95,6 @@ def projected_lm_loss(hidden, project, targets, loss_mask, vocab_size: int, chun
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets, mask = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, mask))
 
-    def split(x):  # [B, chunks * c, ...] -> [chunks, B, c, ...]
-        return jnp.moveaxis(x.reshape(x.shape[0], chunks, chunk_len, *x.shape[2:]), 1, 0)
-
     # Rematerialised, so the backward pass recomputes one chunk's logits at a time instead of
     # keeping every chunk's: the memory of one chunk for one more vocabulary matmul.
     @partial(jax.checkpoint, prevent_cse=False)
@@ -101,5 +104,29 @@ def projected_lm_loss(hidden, project, targets, loss_mask, vocab_size: int, chun
     def body(total, xs):
         return total + chunk_loss(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask)))
+    xs = tuple(_split(x, chunk_len) for x in (hidden, targets, mask))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
     return total, jnp.sum(mask)
+
+
+def projected_target_logprobs(hidden, project, targets, vocab_size: int, chunk_len: int = 0):
+    """log p(targets) as float32 [B, T]: the loss's per-token terms, negated, for scoring.
+
+    The arguments are projected_lm_loss's, and so is the chunking: at most one chunk of logits,
+    [B, chunk_len, V_padded] in the compute dtype, is alive at a time. No gradient flows here,
+    so there is nothing to rematerialise.
+    """
+    t = hidden.shape[1]
+    if not chunk_len or chunk_len >= t:
+        return -_token_losses(project(hidden), targets, vocab_size)[0]
+    chunks = -(-t // chunk_len)
+    pad = chunks * chunk_len - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+
+    def body(carry, xs):
+        h, tgt = xs
+        return carry, -_token_losses(project(h), tgt, vocab_size)[0]
+
+    _, logp = jax.lax.scan(body, None, (_split(hidden, chunk_len), _split(targets, chunk_len)))
+    return jnp.moveaxis(logp, 0, 1).reshape(hidden.shape[0], chunks * chunk_len)[:, :t]

@@ -18,11 +18,11 @@ from __future__ import annotations
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gptjax.errors import UserError
+from gptjax.loss import projected_target_logprobs
 from gptjax.tasks.registry import get_task
 from gptjax.tasks.scores import task_scores
 
@@ -31,15 +31,25 @@ ACCEPTABILITY_TASKS = ("cola", "synthetic_acceptability")
 _LENGTH_MULTIPLE = 16  # batches are padded to a multiple of this length: few shapes, few compiles
 
 
-@partial(jax.jit, static_argnums=0)
-def _token_logprobs(graphdef, state, tokens, targets):
-    """log p(targets[b, t] | tokens[b, :t+1]) as float32 [B, T]."""
+# Rows of logits alive at once when the model sets no loss_chunk_len: 100 MB of bfloat16 at GPT-2's
+# vocabulary, where a whole batch of float32 logits (32 x 1024 tokens) would take 6.6 GB.
+_CHUNK_TOKENS = 1024
+
+
+def _chunk_len(decoder, batch_size: int) -> int:
+    """Positions whose logits are built at once: the training loss's chunk if the model sets one,
+    else about _CHUNK_TOKENS rows, in whole multiples of the padded length."""
+    if decoder.loss_chunk_len:
+        return decoder.loss_chunk_len
+    return max(1, _CHUNK_TOKENS // (batch_size * _LENGTH_MULTIPLE)) * _LENGTH_MULTIPLE
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _token_logprobs(graphdef, state, tokens, targets, chunk_len: int):
+    """log p(targets[b, t] | tokens[b, :t+1]) as float32 [B, T], by the training loss's own terms
+    (loss.py): one chunk of logits at a time, in the compute dtype, never a float32 copy."""
     m = nnx.merge(graphdef, state)
-    # The padded vocabulary columns are embedding rows no token uses: they take no probability mass.
-    logits = m.lm_logits(m(tokens))[..., :m.vocab_size].astype(jnp.float32)
-    # Only the targets' log-probabilities: no second [B, T, V] array next to the logits.
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    return projected_target_logprobs(m(tokens), m.lm_logits, targets, m.vocab_size, chunk_len)
 
 
 def continuation_logprobs(model, contexts, continuations, batch_size: int = 32):
@@ -74,6 +84,7 @@ def continuation_logprobs(model, contexts, continuations, batch_size: int = 32):
     if not rows:
         return sums, counts
     graphdef, state = nnx.split(decoder)
+    chunk = _chunk_len(decoder, batch_size)
     # Longest first, so each batch holds rows of similar length and little padding.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     for b in range(0, len(order), batch_size):
@@ -88,7 +99,7 @@ def continuation_logprobs(model, contexts, continuations, batch_size: int = 32):
             tokens[j, :len(row)] = row
             targets[j, :len(row) - 1] = row[1:]
             mask[j, starts[i] - 1:len(row) - 1] = True  # position t predicts token t + 1
-        logp = np.asarray(_token_logprobs(graphdef, state, tokens, targets), np.float64)
+        logp = np.asarray(_token_logprobs(graphdef, state, tokens, targets, chunk), np.float64)
         sums[idx] = np.where(mask, logp, 0.0).sum(axis=1)[:len(idx)]
     return sums, counts
 

@@ -8,7 +8,7 @@ import pytest
 
 from gptjax import step_analysis
 from gptjax.config import load_config
-from gptjax.loss import lm_loss, projected_lm_loss
+from gptjax.loss import lm_loss, projected_lm_loss, projected_target_logprobs
 
 VOCAB, PADDED = 100, 128
 
@@ -52,14 +52,19 @@ def test_bfloat16_logits_get_bfloat16_gradients_close_to_float32():
     assert rel_err(grads, want) < 1e-2
 
 
-@pytest.mark.parametrize("chunk_len", [5, 7, 19])  # divides T, does not, leaves one position over
-def test_chunked_projection_equals_the_whole_one(chunk_len):
-    rng = np.random.default_rng(2)
-    b, t, d = 2, 20, 16
+def projection_inputs(seed, b=2, t=20, d=16):
+    """(hidden [b, t, d], embedding [PADDED, d], targets, mask weights with some zeros)."""
+    rng = np.random.default_rng(seed)
     hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
     embedding = jnp.asarray(rng.normal(size=(PADDED, d)), jnp.float32)
     targets = jnp.asarray(rng.integers(0, VOCAB, size=(b, t)))
-    mask = jnp.asarray(rng.random((b, t)) * (rng.random((b, t)) > 0.2), jnp.float32)  # weights, some 0
+    mask = jnp.asarray(rng.random((b, t)) * (rng.random((b, t)) > 0.2), jnp.float32)
+    return hidden, embedding, targets, mask
+
+
+@pytest.mark.parametrize("chunk_len", [5, 7, 19])  # divides T, does not, leaves one position over
+def test_chunked_projection_equals_the_whole_one(chunk_len):
+    hidden, embedding, targets, mask = projection_inputs(2)
 
     def loss(h, e, m, chunk):
         total, count = projected_lm_loss(h, lambda x: jnp.einsum("btd,vd->btv", x, e), targets, m, VOCAB, chunk)
@@ -73,6 +78,21 @@ def test_chunked_projection_equals_the_whole_one(chunk_len):
     # In bfloat16 as the model runs it: the same loss to bf16 rounding.
     bf16 = loss(hidden.astype(jnp.bfloat16), embedding.astype(jnp.bfloat16), mask, chunk_len)
     np.testing.assert_allclose(float(bf16), float(whole), rtol=2e-2)
+
+
+@pytest.mark.parametrize("chunk_len", [0, 7, 19])
+def test_target_logprobs_are_the_loss_terms(chunk_len):
+    hidden, embedding, targets, mask = projection_inputs(3)
+
+    def project(x):
+        return jnp.einsum("btd,vd->btv", x, embedding)
+
+    logp = projected_target_logprobs(hidden, project, targets, VOCAB, chunk_len)
+    assert logp.shape == targets.shape and logp.dtype == jnp.float32
+    log_softmax = jax.nn.log_softmax(project(hidden)[..., :VOCAB])  # padding columns take no mass
+    np.testing.assert_allclose(logp, jnp.take_along_axis(log_softmax, targets[..., None], -1)[..., 0], rtol=1e-5)
+    total, _ = projected_lm_loss(hidden, project, targets, mask, VOCAB, chunk_len)
+    np.testing.assert_allclose(-float(jnp.sum(logp * mask)), float(total), rtol=1e-6)
 
 
 def tiny_step(*overrides):

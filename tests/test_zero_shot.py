@@ -1,10 +1,14 @@
 """Zero/few-shot scoring: batched continuation log-probs against a direct per-example computation,
-the choice rules (acc, acc_norm, thresholds), few-shot prompt construction and the errors."""
+the scorer's memory against whole float32 logits, the choice rules (acc, acc_norm, thresholds),
+few-shot prompt construction and the errors."""
 
 from types import SimpleNamespace
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from gptjax import GPT, zero_shot
 from gptjax.data import synthetic
@@ -50,6 +54,35 @@ def test_continuation_logprobs_match_a_direct_computation(model):
     # Left truncation keeps the context nearest the continuation: only the last tokens matter.
     cut, _ = zero_shot.continuation_logprobs(model, [contexts[5][-(MAX_LEN - 4):]], [continuations[5]])
     np.testing.assert_allclose(cut, logp[5:6], rtol=1e-5)
+    # Logits built 16 positions at a time, the last chunk of the 40 positions padded: the same sums.
+    chunked = GPT.from_config("configs/tiny.py", seed=1, **SMALL, **{"model.loss_chunk_len": 16})
+    again, _ = zero_shot.continuation_logprobs(chunked, contexts[5:], continuations[5:])
+    np.testing.assert_allclose(again, expected[5:], rtol=1e-5)
+
+
+def full_logits_logprobs(graphdef, state, tokens, targets):
+    """The scorer as it was: the whole batch's logits in float32, then a log-sum-exp."""
+    m = nnx.merge(graphdef, state)
+    logits = m.lm_logits(m(tokens))[..., :m.vocab_size].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def test_scoring_never_holds_the_batch_of_float32_logits():
+    vocab, batch, length = 2048, 64, 64
+    sizes = {"model.vocab_size": vocab, "model.max_len": length, "train.seq_len": length}
+    gpt = GPT.from_config("configs/tiny.py", seed=3, **dict(SMALL, **sizes))
+    graphdef, state = nnx.split(gpt.module)
+    rng = np.random.default_rng(0)
+    tokens, targets = (rng.integers(0, vocab, (batch, length)).astype(np.int32) for _ in range(2))
+    chunk = zero_shot._chunk_len(gpt.module, batch)
+    assert chunk < length
+    scorer = zero_shot._token_logprobs.lower(graphdef, state, tokens, targets, chunk).compile()
+    old = jax.jit(full_logits_logprobs, static_argnums=0).lower(graphdef, state, tokens, targets).compile()
+    # Half of one float32 copy of the batch's logits (16 MiB): the whole-logits scorer needs all of it.
+    budget = batch * length * vocab * 4 // 2
+    assert scorer.memory_analysis().temp_size_in_bytes < budget <= old.memory_analysis().temp_size_in_bytes
+    np.testing.assert_allclose(scorer(state, tokens, targets), old(state, tokens, targets), rtol=1e-5)
 
 
 def test_continuation_logprobs_errors(model):
