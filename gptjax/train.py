@@ -74,10 +74,24 @@ def train_step(graphdef, tx, schedule, grad_accum, seed, state: TrainState, batc
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_step(graphdef, params, batch):
-    model = nnx.merge(graphdef, params)
-    hidden = model(batch["tokens"], batch["positions"], batch.get("segment_ids"))
-    return model.lm_loss(hidden, batch["targets"], batch["loss_mask"])
+def eval_step(graphdef, grad_accum, params, batch):
+    """(summed token loss, token count) of a held-out batch, scored in the train step's
+    microbatches: the activations of one microbatch at a time, as in training, so a batch that
+    trains within a device's memory is also scored within it."""
+    def score(micro):
+        model = nnx.merge(graphdef, params)
+        hidden = model(micro["tokens"], micro["positions"], micro.get("segment_ids"))
+        return model.lm_loss(hidden, micro["targets"], micro["loss_mask"])
+
+    if grad_accum == 1:
+        return score(batch)
+
+    def accumulate(carry, micro):
+        total, count = score(micro)
+        return (carry[0] + total, carry[1] + count), None
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    return jax.lax.scan(accumulate, zeros, _microbatches(batch, grad_accum))[0]
 
 
 class Trainer:
@@ -98,14 +112,14 @@ class Trainer:
         self.schedule = lr_schedule(config.train)
         self.tx = make_optimizer(config.train)
         replicated = sharding.replicated(self.mesh)
-        opt_state = sharding.init_opt_state(self.tx, params, self.mesh)
+        opt_state = sharding.init_opt_state(self.tx, params, self.mesh)  # in the parameters' layout
         self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         step = partial(train_step, self.graphdef, self.tx, self.schedule, config.train.grad_accum, seed)
         self._step = jax.jit(step, in_shardings=(state_shardings, self.batch_sharding),
                              out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-        self._eval = jax.jit(partial(eval_step, self.graphdef))
+        self._eval = jax.jit(partial(eval_step, self.graphdef, config.train.grad_accum))
 
     def compile(self, batch: dict) -> float:
         """Compiles the step for `batch`'s shapes ahead of its first call (so compilation is timed
@@ -312,6 +326,8 @@ def _train(config, workdir, trainer, checkpointer, start, progress, tqdm, corpus
     bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     window_start, paused = time.perf_counter(), 0.0  # the first window includes compilation
     profile_from, profile_to = t.profile_steps
+    tracing = False
+    step_tokens = t.batch_size * t.seq_len  # every token a step processes, padding and all
     saved = start  # the newest step on disk (or being written)
     blocked, reported = [], 0  # seconds each save held up the loop; how many are in metrics.jsonl
 
@@ -325,18 +341,23 @@ def _train(config, workdir, trainer, checkpointer, start, progress, tqdm, corpus
 
     try:
         for step in range(start, t.steps):
-            if step + 1 == profile_from:
+            # The window's first step, or the first step of a run resumed inside the window.
+            if profile_from and not tracing and profile_from <= step + 1 <= profile_to:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                tracing = True
             pending.append(trainer.step(next(loader)))
             done = step + 1
-            if profile_from and done == min(profile_to, t.steps):
+            if tracing and done == min(profile_to, t.steps):
                 jax.block_until_ready(pending[-1])
                 jax.profiler.stop_trace()
+                tracing = False
             if done == start + 1 or done % t.log_every == 0 or done == t.steps:
                 summary = _summarise(pending)  # the one host sync of the interval
                 elapsed = time.perf_counter() - window_start - paused
-                tokens_per_sec = summary.pop("tokens") / elapsed
-                record = {"step": done, **summary, "tokens_per_sec": round(tokens_per_sec, 1),
+                loss_tokens = summary.pop("tokens")
+                tokens_per_sec = step_tokens * len(pending) / elapsed
+                record = {"step": done, **summary, "loss_tokens": int(loss_tokens),
+                          "tokens_per_sec": round(tokens_per_sec, 1),
                           "step_ms": round(1000 * elapsed / len(pending), 2)}
                 memory = jax.local_devices()[0].memory_stats()  # None where the backend keeps no count
                 if memory and "bytes_in_use" in memory:
@@ -375,6 +396,8 @@ def _train(config, workdir, trainer, checkpointer, start, progress, tqdm, corpus
             paused += time.perf_counter() - pause_start
             bar.update(1)
     finally:
+        if tracing:  # stopped early (an error, SIGTERM): the trace so far is still written
+            jax.profiler.stop_trace()
         stop.close()
         bar.close()
         if writer:

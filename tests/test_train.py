@@ -120,3 +120,32 @@ def test_profile_steps_write_a_trace(tmp_path):
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     with pytest.raises(UserError, match="train.profile_steps"):
         load_config("configs/tiny.py", ["train.profile_steps=[3, 2]"])
+
+
+def test_a_run_resumed_inside_the_profile_window_traces_its_steps(tmp_path):
+    args = ["train.profile_steps=[2, 4]", "model.n_layer=1", "data.num_documents=300", "train.batch_size=4",
+            "train.seq_len=32", "train.checkpoint_every=2", "train.eval_every=0"]
+    pretrain(load_config("configs/tiny.py", ["train.steps=2", *args]), str(tmp_path), progress=False)
+    first = set((tmp_path / "profile").rglob("*.xplane.pb"))
+    # Resumed at step 2, inside the window [2, 4]: a trace of steps 3-4, not a stop without a start.
+    pretrain(load_config("configs/tiny.py", ["train.steps=4", *args]), str(tmp_path), progress=False)
+    second = set((tmp_path / "profile").rglob("*.xplane.pb")) - first
+    assert len(first) == 1 and len(second) == 1 and next(iter(second)).stat().st_size > 0
+
+
+def test_held_out_loss_is_scored_in_the_train_steps_microbatches():
+    from gptjax.data.packing import as_batch
+    rows = np.random.default_rng(3).integers(6, 512, size=(16, 33)).astype(np.int32)
+    batch = as_batch(rows, 2, 0, True)
+    losses, temporaries = {}, {}
+    for accum in (1, 4):
+        config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "train.seq_len=32",
+                                                 "model.n_layer=2", f"train.grad_accum={accum}"])
+        trainer = Trainer(config)
+        losses[accum] = trainer.eval_loss([batch])
+        with jax.set_mesh(trainer.mesh):
+            compiled = trainer._eval.lower(trainer.state.params, jax.device_put(batch)).compile()
+        temporaries[accum] = compiled.memory_analysis().temp_size_in_bytes
+    assert losses[4] == pytest.approx(losses[1], rel=1e-6)
+    # One microbatch's activations at a time: the logits of 4 rows, not 16.
+    assert temporaries[4] < temporaries[1] / 2, temporaries
