@@ -6,10 +6,12 @@
                   pretrained model at config.init_from (or --workdir), no training
 
 Per task it writes WORKDIR/eval/<task>/metrics.json and predictions_<split>.tsv (`index\\tprediction`,
-by idx) for every scored split, the GLUE submission file of each test split into
-WORKDIR/eval/glue_submission/ (zip that folder for the GLUE server), and prints one table with
-the GLUE average. Fine-tuned evaluation runs on the mesh; the last batch is padded with rows
-that are dropped again, so every example is scored exactly once.
+by idx; regression scores exactly as scored, so metrics recomputed from the file are metrics.json's)
+for every scored split, the GLUE submission file of each test split into
+WORKDIR/eval/glue_submission/ (scores clipped and rounded as the server wants; zip that folder for
+the GLUE server), and prints one table with the GLUE average. Fine-tuned evaluation runs on the
+mesh; the last batch is padded with rows that are dropped again, so every example is scored
+exactly once.
 """
 
 from __future__ import annotations

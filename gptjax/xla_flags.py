@@ -2,8 +2,9 @@
 
     python -m gptjax.bench train --config configs/gpt2_small.py --xla-flags=gpu
     GPTJAX_XLA_FLAGS=gpu gptjax pretrain --config configs/gpt2_small.py --workdir runs/gpt2_small
+    GPTJAX_XLA_FLAGS=gpu,deterministic gptjax pretrain ...   # bitwise resume on GPUs
 
-No preset is on by default: a flag is worth setting only where the benchmark shows it pays on
+No preset is on by default: a speed flag is worth setting only where the benchmark shows it pays on
 the machine at hand (bench/NOTES.md keeps the measurements). XLA reads its flags once, when JAX
 first starts a backend, so they are applied before anything touches a device; an unknown flag
 stops the process there, which is why every flag below is checked against the installed XLA in
@@ -27,6 +28,12 @@ PRESETS = {
     "cublas": ("--xla_gpu_enable_triton_gemm=false",),
     # No CUDA graphs: fewer launches saved, but no capture cost and no graph-update stalls.
     "no_command_buffers": ("--xla_gpu_enable_command_buffer=",),
+    # Bitwise the same results on every run, which resuming needs to match an uninterrupted run bit
+    # for bit on a GPU: deterministic kernels instead of ones that add with atomics in whatever
+    # order threads arrive (the embedding gradient's scatter-add, GEMMs, cuDNN attention), and no
+    # autotuning, whose timed pick of a kernel can differ between the first process and the
+    # resumed one. It costs speed, so it is not part of "gpu".
+    "deterministic": ("--xla_gpu_deterministic_ops=true",),
 }
 PRESETS["gpu"] = PRESETS["overlap"] + PRESETS["cublas"]
 

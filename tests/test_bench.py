@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from gptjax import bench, xla_flags
@@ -19,36 +20,74 @@ def table_rows(text: str) -> list[list[str]]:
             if line.startswith("| ") and not line.startswith("| config") and not line.startswith("| part")]
 
 
-def test_train_prints_one_row_per_batch_size(capsys):
+def _recorded(monkeypatch, module, name) -> list:
+    """What each call of module.name returns, as it returned it: the table prints them rounded."""
+    real, results = getattr(module, name), []
+
+    def record(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(module, name, record)
+    return results
+
+
+def test_train_prints_one_row_per_batch_size(monkeypatch, capsys):
+    from gptjax.train import Trainer
+
+    results = _recorded(monkeypatch, bench, "bench_train")
+    steps_run = []
+    real_step = Trainer.step
+
+    def step(self, batch):
+        steps_run.append(self._step)
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "step", step)
     assert bench.main(["train", *TINY, "--batches", "2,4", "--steps", "2", "--warmup", "1"]) == 0
-    rows = table_rows(capsys.readouterr().out)
-    assert [r[1] for r in rows] == ["2", "4"]
-    for r in rows:
-        tokens_per_sec, step_ms = float(r[3].replace(",", "")), float(r[5])
-        assert tokens_per_sec == pytest.approx(int(r[1]) * 32 / step_ms * 1000, rel=0.01)
-        # Compilation is timed on its own: it takes far longer than a steady step of this model.
-        compile_s, first_step_s, plan_gib = float(r[6]), float(r[7]), float(r[9])
-        assert compile_s > 10 * step_ms / 1000 and first_step_s > 0 and plan_gib > 0
+    out = capsys.readouterr().out
+    assert [r[1] for r in table_rows(out)] == ["2", "4"]
+    for r in results:
+        assert bench.format_row(r) in out.splitlines()
+        # Both figures come from the same timing; only float rounding separates them.
+        assert r["tokens_per_sec"] * r["step_ms"] / 1000 == pytest.approx(r["batch"] * 32, rel=1e-9)
+        assert r["compile_s"] > 0 and r["first_step_s"] > 0 and r["plan_gib"] > 0
+    # Compilation is timed on its own: every step (first, warmup, timed; two batch sizes) runs the
+    # executable compiled ahead of time, which cannot compile again while it is timed.
+    assert len(steps_run) == 2 * (1 + 1 + 2)
+    assert all(isinstance(s, jax.stages.Compiled) for s in steps_run)
 
 
-def test_parts_add_up_to_the_step(capsys):
+def test_parts_add_up_to_the_step(monkeypatch, capsys):
+    from gptjax import step_parts
+
+    measured = _recorded(monkeypatch, step_parts, "time_parts")
     assert bench.main(["parts", *TINY, "--config.train.batch_size=2", "--steps", "2"]) == 0
-    rows = {r[0]: r for r in table_rows(capsys.readouterr().out)}
-    parts = ("embedding", "block (forward + backward)", "of which attention", "vocabulary projection + loss",
-             "optimizer update")
-    assert set(rows) == set(parts) | {"other (step - parts)", "whole train step"}
-    each = {name: float(rows[name][2]) for name in parts}
-    assert all(ms > 0 for ms in each.values())
-    # Attention is part of a block, and one block's forward and backward part of the step.
-    assert each["of which attention"] < each["block (forward + backward)"] < float(rows["whole train step"][3])
-    assert rows["block (forward + backward)"][1] == "2"  # counted once per layer
+    out = capsys.readouterr().out
+    (parts,) = measured
+    assert step_parts.format_parts(parts) in out
+    ms = {name.strip(): each for name, _, each in parts}
+    count = {name.strip(): n for name, n, _ in parts}
+    assert list(ms) == ["embedding", "block (forward + backward)", "of which attention",
+                        "vocabulary projection + loss", "optimizer update", "whole train step"]
+    assert all(each > 0 for each in ms.values())
+    assert count["block (forward + backward)"] == count["of which attention"] == 2  # once per layer
+    # "other" is the step less its parts, attention counted once: inside the blocks.
+    counted = sum(count[n] * ms[n] for n in ms if n not in ("of which attention", "whole train step"))
+    rows = {r[0]: r for r in table_rows(out)}
+    assert rows["other (step - parts)"][3] == f"{ms['whole train step'] - counted:.1f}"
 
 
-def test_memory_compiles_without_running(capsys):
+def test_memory_compiles_without_running(monkeypatch, capsys):
+    from gptjax import step_analysis
+
+    plans = _recorded(monkeypatch, step_analysis, "memory_plan")
+    saved = _recorded(monkeypatch, step_analysis, "saved_activations_gib")
     assert bench.main(["memory", *TINY, "--batches", "2", "--config.model.dtype=bfloat16",
                        "--config.model.vocab_size=1000", "--config.model.loss_chunk_len=8"]) == 0
-    (row,) = table_rows(capsys.readouterr().out)
-    assert row[4] == "8" and float(row[8]) >= float(row[5]) > 0 and float(row[6]) >= 0
+    (row,), (plan,), (saved_gib,) = table_rows(capsys.readouterr().out), plans, saved
+    assert row[4] == "8" and plan["peak"] >= plan["arguments"] > 0 and saved_gib >= 0
+    assert row[5] == f"{plan['arguments']:.2f}" and row[8] == f"{plan['peak']:.2f}"
     # With chunks of 8 positions, the logits buffers hold 2 x 8 rows, never the batch's 2 x 32.
     shapes = [[int(d) for d in dims.split(", ")] for dims in re.findall(r"\[([0-9, ]+)\]", row[10])]
     assert [2, 8, 1024] in shapes
@@ -67,6 +106,17 @@ def test_flags_cannot_be_set_once_a_backend_runs():
     with pytest.raises(UserError, match="before JAX starts a backend"):
         xla_flags.apply("gpu")
     assert xla_flags.apply("none") == []
+
+
+def test_presets_add_to_the_xla_flags_already_set(monkeypatch):
+    monkeypatch.setattr(xla_flags, "backends_started", lambda: False)  # (this process started one long ago)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv(xla_flags.ENV, "gpu, deterministic")
+    added = xla_flags.apply()
+    assert added == [*xla_flags.PRESETS["gpu"], "--xla_gpu_deterministic_ops=true"]
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *added]
+    xla_flags.apply()  # a launcher and the command it starts may both apply them: no flag twice
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *added]
 
 
 def test_every_preset_flag_is_known_to_the_installed_xla():

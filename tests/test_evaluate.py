@@ -59,11 +59,27 @@ def test_scores_match_the_written_predictions(runs, capsys):
             preds = np.array([float(p) for _, p in rows])
             expected = task_scores(task, np.array([ex.label for ex in examples]), preds)
             for metric, value in metrics["splits"][split]["scores"].items():
-                # regression predictions are written with 3 decimals
-                assert value == pytest.approx(expected[metric], abs=2e-3 if task.is_regression else 0)
+                assert value == pytest.approx(expected[metric], abs=1e-6)
             assert summary["tasks"][name]["splits"][split]["examples"] == len(examples)
         assert name in table
     assert summary["glue_average"] is None  # synthetic tasks are not GLUE tasks
+
+
+def test_regression_predictions_are_written_at_full_precision(runs):
+    """Pearson and Spearman computed by anyone else from the predictions file are metrics.json's."""
+    from scipy import stats
+
+    name = "synthetic_relatedness"
+    evaluate(load_config("configs/tiny.py", [f"task={name}", "finetune.splits=validation"]), runs)
+    metrics = json.load(open(os.path.join(runs, "eval", name, "metrics.json")))["splits"]["validation"]["scores"]
+    rows = _read_tsv(os.path.join(runs, "eval", name, "predictions_validation.tsv"))
+    preds = np.array([float(p) for _, p in rows])
+    labels = np.array([ex.label for ex in synthetic_split(get_task(name), "validation")])
+    assert not np.all(preds == np.round(preds, 3))  # not the 3 decimals of a GLUE submission
+    assert metrics["pearson"] == pytest.approx(stats.pearsonr(labels, preds)[0], abs=1e-6)
+    assert metrics["spearman"] == pytest.approx(stats.spearmanr(labels, preds)[0], abs=1e-6)
+    # Each is the shortest text of a float32: every digit the model gave, none it did not.
+    assert all(str(np.float32(p)) == p for _, p in rows)
 
 
 def test_splits_cover_mnli_halves():

@@ -160,6 +160,14 @@ def test_stsb_submission_clips_scores(tmp_path):
     assert _read(path) == b"index\tprediction\n0\t0.000\n1\t5.000\n2\t2.346\n"
 
 
+def test_stsb_predictions_keep_the_scores_the_submission_rounds(tmp_path):
+    """The scored numbers themselves, so metrics recomputed from the file are the reported ones."""
+    scores = np.array([5.7, -0.2, 2.3456789], np.float32)
+    write_predictions(tmp_path / "preds.tsv", [1, 0, 2], scores, "stsb")
+    assert _read(tmp_path / "preds.tsv") == b"index\tprediction\n0\t-0.2\n1\t5.7\n2\t2.3456788\n"
+    assert np.float32("2.3456788") == scores[2]  # the shortest text that reads back as that float32
+
+
 def test_write_predictions_rejects_a_repeated_index(tmp_path):
     path = tmp_path / "preds.tsv"
     with pytest.raises(UserError, match="index 1 has more than one prediction"):

@@ -3,7 +3,6 @@
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -95,7 +94,7 @@ def test_bad_split_config_and_name(prepared):
 
 
 def test_unprepared_says_how_to_prepare(tmp_path, prepared):
-    start = time.monotonic()
+    # Not timed: the no_network fixture refuses every connection, so nothing can wait on a download.
     for spec in ("lm1b", "tiny_shakespeare:train", "c4/en:validation"):
         name = spec.split(":")[0]
         with pytest.raises(UserError, match=f"not prepared under {tmp_path}.*`tfds build {name} "
@@ -104,7 +103,6 @@ def test_unprepared_says_how_to_prepare(tmp_path, prepared):
     # Config a exists in code but was never prepared beside config b.
     with pytest.raises(UserError, match="gptjax_test_text/a is not prepared"):
         tfds_record_count("gptjax_test_text/a", prepared)
-    assert time.monotonic() - start < 20
     assert not any(tmp_path.iterdir()), "an unprepared read must not create anything"
 
 
