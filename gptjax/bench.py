@@ -3,6 +3,7 @@
     python -m gptjax.bench train --config configs/gpt2_small.py --batches 12,32
     python -m gptjax.bench parts --config configs/gpt2_small.py --config.train.batch_size=12
     python -m gptjax.bench memory --config configs/gpt2_xl.py --batches 4,8,16
+    python -m gptjax.bench memory --config configs/gpt2_xl.py --config.mesh.fsdp=8 --batches 8
     python -m gptjax.bench loop --config configs/gpt2_small.py --workdir runs/bench-loop --steps 300
     python -m gptjax.bench attention --seq-lens 1024,2048,4096,8192 --head-dims 64,128
     python -m gptjax.bench data --config configs/gpt2_small.py --workdir runs/bench-data
@@ -14,8 +15,10 @@ figure is the step alone) and prints one table row per batch size: tokens/s, MFU
 ms, compile s and first step s apart, the allocator's peak GiB and the compiler's memory plan.
 `parts` splits a step into its parts (step_parts.py), `memory` compiles without allocating
 (step_analysis.py), `attention` times the attention kernels alone (attention_bench.py), `loop` measures what the pretraining loop adds to the bare step (data,
-logging, evaluation, saves). `--xla-flags` takes presets from xla_flags.py. `train`, `parts` and
-`memory` need only jax, flax, optax and ml_collections, so they run on a bare GPU machine.
+logging, evaluation, saves). `memory` compiles on the config's mesh (`--config.mesh.fsdp=8`, ...)
+over fake CPU devices when the host has fewer, and gives what each device holds. `--xla-flags`
+takes presets from xla_flags.py. `train`, `parts` and `memory --kinds pretrain` need only jax,
+flax, optax and ml_collections, so they run on a bare GPU machine.
 Results and the commands behind them: bench/NOTES.md.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import sys
 import time
@@ -32,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import attention
-from gptjax.config import load_config
+from gptjax.config import config_from_dict, load_config
 from gptjax.errors import UserError
 from gptjax.mfu import mfu
 from gptjax.model import compute_dtype
@@ -247,25 +251,7 @@ def _run(args, overrides: list[str]) -> None:
         print(format_parts(time_parts(trainer, _random_batch(config, 0, trainer.batch_sharding), args.steps)))
         return
     if args.what == "memory":
-        from gptjax import step_analysis
-        from gptjax.model import padded_vocab_size
-        print("| config | batch | seq | remat | loss_chunk_len | params+opt GiB | saved activations GiB | "
-              "compiled temporaries GiB | compiled peak GiB | compile s | [tokens, V] buffers |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|")
-        for batch in batches:
-            config = _with_batch(args.config, overrides, batch)
-            compiled, seconds = step_analysis.compile_train_step(config)
-            plan = step_analysis.memory_plan(compiled)
-            m = config.model
-            rows_min = config.train.batch_size * (m.loss_chunk_len or config.train.seq_len)
-            found = step_analysis.vocabulary_buffers(compiled.as_text(), padded_vocab_size(m.vocab_size,
-                                                     m.vocab_pad_multiple), rows_min)
-            logits = {f"{dtype}{list(shape)}" for _, dtype, shape in found if shape[:-1] != (m.d_model,)}
-            kinds = ", ".join(sorted(logits)) or "none"  # ([d_model, V]: the embedding, not logits)
-            saved = step_analysis.saved_activations_gib(config)
-            print(f"| {config.name} | {config.train.batch_size} | {config.train.seq_len} | {m.remat} | "
-                  f"{m.loss_chunk_len} | {plan['arguments']:.2f} | {'-' if saved is None else f'{saved:.2f}'} | "
-                  f"{plan['temporaries']:.2f} | {plan['peak']:.2f} | {seconds:.1f} | {kinds} |", flush=True)
+        _memory(args, overrides, batches)
         return
     print(HEADER)
     # Ascending: the allocator's peak is the process's so far, so each row's is its own.
@@ -282,6 +268,79 @@ def _run(args, overrides: list[str]) -> None:
             break  # larger batches would not fit either
         print(format_row(result), flush=True)
         gc.collect()  # the previous batch size's state goes before the next one is built
+
+
+MEMORY_HEADER = ("| config | mesh data x fsdp x tensor | step | batch | seq | remat | loss_chunk_len | "
+                 "params GiB/device | optimizer GiB/device | compiled arguments GiB | saved activations GiB | "
+                 "compiled temporaries GiB | compiled peak GiB | compile s | [tokens, V] buffers |\n"
+                 + "|---" * 15 + "|")
+
+
+def mesh_devices(mesh_cfg) -> int:
+    """Devices a mesh config asks for, counting a -1 ("the rest") as 1."""
+    return math.prod(max(int(mesh_cfg[axis]), 1) for axis in ("data", "fsdp", "tensor"))
+
+
+def _memory(args, overrides: list[str], batches: list) -> None:
+    """One row per batch size and kind of step: what each device holds and what the compiled
+    step needs, on the config's mesh, from shapes alone."""
+    from gptjax import step_analysis
+    from gptjax.model import padded_vocab_size
+    unknown = set(args.kinds.split(",")) - {"pretrain", "finetune"}
+    if unknown:
+        raise UserError(f"--kinds {args.kinds}: unknown step {sorted(unknown)[0]!r}; use pretrain, finetune or both")
+    print(MEMORY_HEADER)
+    for batch in batches:
+        config = _with_batch(args.config, overrides, batch)
+        need = mesh_devices(config.mesh)
+        # The accelerators when there are enough, else as many fake CPU devices (main() asked XLA
+        # for them): the per-device account is a property of the layout, not of the hardware.
+        devices = jax.devices() if jax.device_count() >= need else jax.devices("cpu")
+        if len(devices) < need:
+            raise UserError(f"the mesh needs {need} devices and this process has {len(devices)}; run "
+                            f"`python -m gptjax.bench memory` in a fresh process, which makes them")
+        for kind in args.kinds.split(","):
+            compiled, seconds, state = step_analysis.compile_train_step(config, devices[:need], kind)
+            plan = step_analysis.memory_plan(compiled)
+            held = step_analysis.state_gib_per_device(state)
+            m = config.model
+            data, fsdp, _ = _mesh_sizes(config, need)
+            per_device = copy_with_batch(config, config.train.batch_size // (data * fsdp))  # the batch splits so
+            rows_min = per_device.train.batch_size * (m.loss_chunk_len or config.train.seq_len)
+            found = step_analysis.vocabulary_buffers(compiled.as_text(), padded_vocab_size(m.vocab_size,
+                                                     m.vocab_pad_multiple), rows_min)
+            logits = {f"{dtype}{list(shape)}" for _, dtype, shape in found if shape[:-1] != (m.d_model,)}
+            buffers = ", ".join(sorted(logits)) or "none"  # ([d_model, V]: the embedding, not logits)
+            saved = step_analysis.saved_activations_gib(per_device) if kind == "pretrain" else None
+            sizes = "x".join(str(size) for size in _mesh_sizes(config, need))
+            seq = config.train.seq_len if kind == "pretrain" else (config.finetune.max_len or m.max_len)
+            print(f"| {config.name} | {sizes} | {kind} | {config.train.batch_size} | {seq} | {m.remat} | "
+                  f"{m.loss_chunk_len} | {held['params']:.2f} | {held['opt_state']:.2f} | {plan['arguments']:.2f} | "
+                  f"{'-' if saved is None else f'{saved:.2f}'} | {plan['temporaries']:.2f} | {plan['peak']:.2f} | "
+                  f"{seconds:.1f} | {buffers} |", flush=True)
+
+
+def copy_with_batch(config, batch: int):
+    config = config_from_dict(config.to_dict())
+    config.train.batch_size = batch
+    return config
+
+
+def _mesh_sizes(config, need: int) -> tuple:
+    from gptjax.sharding import MESH_AXES, mesh_shape
+    sizes = mesh_shape(config.mesh, need)
+    return tuple(sizes[axis] for axis in MESH_AXES)
+
+
+def _fake_devices_for(args, overrides: list[str]) -> None:
+    """Asks XLA for as many CPU devices as the memory account's mesh needs, before a backend starts
+    (they cost nothing until used, and a GPU host keeps its GPUs)."""
+    from gptjax import xla_flags
+    need = mesh_devices(load_config(args.config, overrides).mesh)
+    if need > 1 and not xla_flags.backends_started():
+        present = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in present:
+            os.environ["XLA_FLAGS"] = f"{present} --xla_force_host_platform_device_count={need}".strip()
 
 
 def main(argv=None) -> int:
@@ -304,8 +363,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     p.add_argument("--profile", default="", help="write a jax.profiler trace of the timed steps here")
     command("parts", "time each part of the train step", 10)
-    command("memory", "compile the train step without running it: memory plan and logits buffers", 0,
-            batches=True)
+    p = command("memory", "compile the train step without running it, on the config's mesh: what each device "
+                          "holds, memory plan and logits buffers", 0, batches=True)
+    p.add_argument("--kinds", default="pretrain,finetune", help="steps to compile: pretrain, finetune or both")
     command("loop", "what the pretraining loop adds to the bare step", 200, workdir=True)
     command("data", "time the input pipeline", 200, workdir=True)
     command("checkpoint", "time saving the train state", 5, workdir=True)
@@ -320,6 +380,8 @@ def main(argv=None) -> int:
     from gptjax.cli import split_overrides
     try:
         xla_flags.apply(args.xla_flags)  # before anything starts a backend
+        if args.what == "memory":
+            _fake_devices_for(args, split_overrides(extra))
         _run(args, split_overrides(extra))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

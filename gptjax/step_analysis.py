@@ -48,20 +48,68 @@ def _abstract_decoder(config):
     return nnx.split(nnx.eval_shape(lambda: init_decoder(config.model, config.train.seed)), nnx.Param)
 
 
-def compile_train_step(config):
-    """(compiled train step on one device, seconds to lower and compile); nothing is allocated."""
-    from gptjax.train import TrainState, train_step
+def _on_mesh(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    graphdef, params = _abstract_decoder(config)
-    tx = make_optimizer(config.train)
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
-    step = jax.jit(partial(train_step, graphdef, tx, lr_schedule(config.train), config.train.grad_accum,
-                           config.train.seed), donate_argnums=(0,))
+
+def _abstract_state(mesh, tx, params):
+    """The train state as shapes in the layout training gives it: parameters by the rules, the
+    optimizer state by its parameters, the step replicated."""
+    from gptjax.train import TrainState
+    params = _on_mesh(params, sharding.param_shardings(mesh, params))
+    opt = jax.eval_shape(tx.init, params)
+    opt = _on_mesh(opt, sharding.opt_state_shardings(tx, params, mesh))
+    return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)), params, opt)
+
+
+def compile_train_step(config, devices=None, kind: str = "pretrain"):
+    """(compiled step, seconds to lower and compile, abstract train state) of pretraining or of
+    fine-tuning (a two-class task on one sequence per example) on the config's mesh over
+    `devices` (default: one device); nothing is allocated."""
+    from gptjax.train import train_step
+
+    mesh = sharding.make_mesh(config.mesh if devices is not None else {"data": 1, "fsdp": 1, "tensor": 1},
+                              devices if devices is not None else jax.devices()[:1])
+    sharding.check_divisible(config, mesh)
+    t = config.train
+    if kind == "pretrain":
+        graphdef, params = _abstract_decoder(config)
+        tx = make_optimizer(t)
+        step = partial(train_step, graphdef, tx, lr_schedule(t), t.grad_accum, t.seed)
+        batch_sharding = sharding.batch_sharding(mesh)
+        batch = abstract_batch(config)
+    else:
+        from gptjax import finetune as ft
+        from gptjax.model import init_task_model
+        graphdef, params = nnx.split(nnx.eval_shape(
+            lambda: init_task_model(config.model, 2, "single", t.seed)), nnx.Param)
+        train_cfg = ft.schedule_config(config, max(t.steps, 1))
+        tx = make_optimizer(train_cfg)
+        f = config.finetune
+        loss = partial(ft.batch_loss, graphdef, "classification", f.lm_weight, f.clf_dropout)
+        step = partial(ft.finetune_step, loss, tx, lr_schedule(train_cfg), t.seed)
+        batch_sharding = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
+        b, length = t.batch_size, config.finetune.max_len or config.model.max_len
+        batch = {"tokens": jax.ShapeDtypeStruct((b, 1, length), jnp.int32),
+                 "extract": jax.ShapeDtypeStruct((b, 1), jnp.int32),
+                 "labels": jax.ShapeDtypeStruct((b,), jnp.int32),
+                 "weights": jax.ShapeDtypeStruct((b,), jnp.float32)}
+    state = _abstract_state(mesh, tx, params)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, abstract_batch(config)).compile()
-    return compiled, time.perf_counter() - start
+        compiled = jitted.lower(state, batch).compile()
+    return compiled, time.perf_counter() - start, state
+
+
+def state_gib_per_device(state) -> dict:
+    """GiB of parameters and of optimizer state on the device that holds the most of each."""
+    def most(tree):
+        held = sharding.bytes_per_device(tree)
+        return max(held.values()) / 2.0 ** 30 if held else 0.0
+    return {"params": most(state.params), "opt_state": most(state.opt_state)}
 
 
 def saved_activations_gib(config) -> float | None:

@@ -1,5 +1,6 @@
 """The benchmark commands print real figures, and the XLA flag presets are flags XLA knows."""
 
+import json
 import math
 import os
 import re
@@ -83,13 +84,14 @@ def test_memory_compiles_without_running(monkeypatch, capsys):
 
     plans = _recorded(monkeypatch, step_analysis, "memory_plan")
     saved = _recorded(monkeypatch, step_analysis, "saved_activations_gib")
-    assert bench.main(["memory", *TINY, "--batches", "2", "--config.model.dtype=bfloat16",
+    assert bench.main(["memory", *TINY, "--batches", "2", "--config.model.dtype=bfloat16", "--kinds", "pretrain",
                        "--config.model.vocab_size=1000", "--config.model.loss_chunk_len=8"]) == 0
     (row,), (plan,), (saved_gib,) = table_rows(capsys.readouterr().out), plans, saved
-    assert row[4] == "8" and plan["peak"] >= plan["arguments"] > 0 and saved_gib >= 0
-    assert row[5] == f"{plan['arguments']:.2f}" and row[8] == f"{plan['peak']:.2f}"
+    assert row[1:3] == ["1x1x1", "pretrain"] and row[6] == "8"
+    assert plan["peak"] >= plan["arguments"] > 0 and saved_gib >= 0
+    assert row[9] == f"{plan['arguments']:.2f}" and row[12] == f"{plan['peak']:.2f}"
     # With chunks of 8 positions, the logits buffers hold 2 x 8 rows, never the batch's 2 x 32.
-    shapes = [[int(d) for d in dims.split(", ")] for dims in re.findall(r"\[([0-9, ]+)\]", row[10])]
+    shapes = [[int(d) for d in dims.split(", ")] for dims in re.findall(r"\[([0-9, ]+)\]", row[14])]
     assert [2, 8, 1024] in shapes
     # Every one is a chunk's 16 rows (the embedding's [d_model, V] is not listed).
     assert {math.prod(s[:-1]) for s in shapes} == {16}
@@ -167,11 +169,43 @@ def test_the_step_benchmarks_need_no_data_packages():
             "for m in ('grain', 'tensorflow_datasets', 'array_record', 'sentencepiece', 'tensorflow'):\n"
             "    sys.modules[m] = None\n"
             "from gptjax import bench\n"
-            "sys.exit(bench.main(['memory', '--config', 'configs/tiny.py', '--batches', '2',\n"
+            "sys.exit(bench.main(['memory', '--config', 'configs/tiny.py', '--batches', '2', '--kinds', 'pretrain',\n"
             "                     '--config.train.seq_len=32', '--config.model.n_layer=1']))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "| tiny | 2 | 32 |" in run.stdout
+    assert "| tiny | 1x1x1 | pretrain | 2 | 32 |" in run.stdout
+
+
+def test_memory_accounts_per_device_on_a_mesh_of_fake_devices():
+    """A fresh process asks XLA for the mesh's 8 devices itself; each holds 1/8 of the state."""
+    code = ("import json, sys\n"
+            "import jax\n"
+            "from gptjax import bench, step_analysis\n"
+            "seen, real_compile = [], step_analysis.compile_train_step\n"
+            "def compile_train_step(config, devices, kind):\n"
+            "    compiled, seconds, state = real_compile(config, devices, kind)\n"
+            "    total = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))\n"
+            "    seen.append({'kind': kind, 'devices': len(devices), 'held': step_analysis.state_gib_per_device(state),\n"
+            "                 'params': total(state.params) / 2**30, 'opt': total(state.opt_state) / 2**30,\n"
+            "                 'arguments': step_analysis.memory_plan(compiled)['arguments']})\n"
+            "    return compiled, seconds, state\n"
+            "step_analysis.compile_train_step = compile_train_step\n"
+            "code = bench.main(['memory', '--config', 'configs/tiny.py', '--batches', '16', '--config.mesh.fsdp=8',\n"
+            "                   '--config.train.seq_len=32', '--config.model.n_layer=2'])\n"
+            "print(json.dumps(seen))\n"
+            "sys.exit(code)\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| tiny | 1x8x1 | pretrain | 16 | 32 |" in run.stdout and "| tiny | 1x8x1 | finetune | 16 | 128 |" in run.stdout
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [s["kind"] for s in seen] == ["pretrain", "finetune"] and {s["devices"] for s in seen} == {8}
+    for s in seen:
+        # An eighth of each, give or take the vectors fsdp does not split (the fused QKV bias).
+        assert s["params"] / 8 <= s["held"]["params"] < s["params"] / 8 * 1.1, s
+        assert s["opt"] / 8 <= s["held"]["opt_state"] < s["opt"] / 8 * 1.1, s
+        # The compiled step takes the shards as its arguments, not whole copies.
+        assert s["held"]["params"] + s["held"]["opt_state"] <= s["arguments"] < (s["params"] + s["opt"]) / 2, s
 
 
 def test_a_batch_that_does_not_fit_is_one_row_not_a_crash(monkeypatch, capsys):

@@ -99,7 +99,7 @@ def tiny_step(*overrides):
     config = load_config("configs/tiny.py", ["model.dtype=bfloat16", "model.vocab_size=1000", "model.d_model=64",
                                              "model.n_layer=1", "model.d_ff=128", "train.batch_size=4",
                                              "train.seq_len=64", *overrides])
-    compiled, _ = step_analysis.compile_train_step(config)
+    compiled, _, _ = step_analysis.compile_train_step(config)
     return compiled
 
 
