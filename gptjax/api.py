@@ -34,6 +34,12 @@ def _load_decoder(config, path: str, step: int | None = None) -> Decoder:
     """The decoder of `config` holding the params saved at `path` (a workdir or one checkpoint)."""
     # Build the structure without spending time on a random init that is overwritten.
     graphdef, like = nnx.split(nnx.eval_shape(lambda: init_decoder(config.model, 0)), nnx.Param)
+    if jax.process_count() > 1:
+        # Without a target sharding Orbax reads into the saved layout, whose devices may all belong
+        # to another process (a run saved on one device): every process reads a full copy instead.
+        everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("all",)),
+                                                jax.sharding.PartitionSpec())
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere), like)
     params, _ = checkpoint.load_params(path, like, step)
     return nnx.merge(graphdef, params)
 

@@ -58,9 +58,12 @@ def test_workdir_contract(demo_run):
     records = [r for r in read_metrics(workdir) if "loss" in r]
     steps = [r["step"] for r in records]
     assert steps == [1] + list(range(config.train.log_every, config.train.steps + 1, config.train.log_every))
-    for r in records[1:]:
-        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r)
+    for before, r in zip(records, records[1:]):
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "loss_tokens"} <= set(r)
         assert r["tokens_per_sec"] > 0 and r["grad_norm"] > 0
+        # The loss counts the unmasked targets, at most every token the interval's steps processed.
+        processed = (r["step"] - before["step"]) * config.train.batch_size * config.train.seq_len
+        assert 0.5 * processed < r["loss_tokens"] <= processed
         assert "mfu" not in r  # a CPU has no known peak, so no MFU rather than a wrong one
     peak_step = next(r for r in records if r["step"] == config.train.warmup_steps)
     assert peak_step["lr"] == pytest.approx(config.train.lr, rel=0.05)
