@@ -154,7 +154,8 @@ class Checkpointer:
         """{name: (shape, dtype)} of the optimizer state saved at `step`, read without its arrays."""
         ocp = _ocp()
         try:
-            meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "opt_state"))
+            with ocp.StandardCheckpointer() as reader:
+                meta = reader.metadata(os.path.join(self.directory, str(step), "opt_state"))
             tree = getattr(meta, "item_metadata", meta)
             return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in tree.items()}
         except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged checkpoint
