@@ -22,8 +22,9 @@ $(VENV)/.hf-installed: $(BIN)/gptjax
 	$(BIN)/pip install --quiet 'torch==2.13.0' && $(BIN)/pip install --quiet -e '.[test,hf]'
 	touch $@
 
+# Two workers, one per core; each test file stays on one worker, so its module fixtures are built once.
 test: install $(VENV)/.hf-installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

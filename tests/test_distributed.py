@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from free_port import free_port
 
 from gptjax import distributed
 from gptjax.errors import UserError
@@ -23,7 +24,8 @@ def _losses(workdir):
 def test_two_processes_match_one(tmp_path):
     cli = [sys.executable, "-m", "gptjax.cli", "pretrain"]
     # Two devices per process: fsdp runs inside each process, the data axis across the two (DCN).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               GPTJAX_PORT=free_port())
     mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2"]
     two = subprocess.run(["launch/local.sh", "2", *cli, "--workdir", str(tmp_path / "two"), *ARGS, *mesh],
                          capture_output=True, text=True, timeout=600, env=env)

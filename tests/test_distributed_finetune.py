@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from free_port import free_port
 
 from gptjax.config import load_config
 from gptjax.metrics import read_metrics
@@ -49,6 +50,7 @@ def _start(args, processes):
     if processes > 1:
         command = ["launch/local.sh", str(processes), *command]
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        env["GPTJAX_PORT"] = free_port()
     # A session of its own: on a timeout the launcher and every process it started are killed.
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
