@@ -182,6 +182,11 @@ def load_config(path: str, overrides: list[str] | None = None) -> ml_collections
     return config
 
 
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Rows of the token embedding: the vocabulary rounded up to model.vocab_pad_multiple."""
+    return -(-vocab_size // multiple) * multiple
+
+
 def config_from_dict(values: dict) -> ml_collections.ConfigDict:
     """Rebuilds a config saved as JSON (WORKDIR/config.json) on top of the current schema."""
     config = base_config()

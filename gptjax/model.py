@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax import attention
+from gptjax.config import padded_vocab_size
 from gptjax.dropout import dropout
 from gptjax.loss import projected_lm_loss
 from gptjax.sharding import constrain
@@ -38,10 +39,6 @@ def compute_dtype(name: str):
     if name == "auto":
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     return jnp.dtype(name).type
-
-
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std: float | None):

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gptjax.config import padded_vocab_size
 from gptjax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -96,8 +97,6 @@ def _hybrid_devices(devices: list, sizes: dict, groups: int) -> np.ndarray:
 
 def check_divisible(config, mesh: jax.sharding.Mesh) -> None:
     """Dimensions a mesh axis would split unevenly, as an error before any compilation."""
-    from gptjax.model import padded_vocab_size  # model.py imports this module
-
     m, t = config.model, config.train
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
     for name, size in (("model.n_head", m.n_head), ("model.d_ff", m.d_ff),
