@@ -20,13 +20,19 @@ MESHES = ["data=8", "data=1,fsdp=8", "data=2,fsdp=2,tensor=2", "data=2,tensor=4"
 
 @pytest.fixture(scope="module")
 def runs():
+    out, stderr = _worker("single", *MESHES)
+    # XLA's warning that a layout change fell back to replicating a tensor on every device.
+    assert "Involuntary full rematerialization" not in stderr
+    return out
+
+
+def _worker(*args) -> tuple[dict, str]:
+    """(what tests/sharding_worker.py prints, its stderr), run in a process of its own with 8 CPU devices."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "tests/sharding_worker.py", "single", *MESHES], env=env,
+    result = subprocess.run([sys.executable, "tests/sharding_worker.py", *args], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    # XLA's warning that a layout change fell back to replicating a tensor on every device.
-    assert "Involuntary full rematerialization" not in result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -70,11 +76,7 @@ LAYOUT_MESHES = ["data=1,fsdp=8", "data=2,fsdp=4", "data=1,fsdp=4,tensor=2"]
 
 @pytest.fixture(scope="module")
 def layouts():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "tests/sharding_worker.py", "layouts", *LAYOUT_MESHES], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return _worker("layouts", *LAYOUT_MESHES)[0]
 
 
 def _assert_sharded(account: dict, mesh: dict) -> None:
