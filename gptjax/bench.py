@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import attention
-from gptjax.config import config_from_dict, load_config
+from gptjax.config import load_config
 from gptjax.errors import UserError
 from gptjax.mfu import mfu
 from gptjax.model import compute_dtype
@@ -285,7 +285,7 @@ def _memory(args, overrides: list[str], batches: list) -> None:
     """One row per batch size and kind of step: what each device holds and what the compiled
     step needs, on the config's mesh, from shapes alone."""
     from gptjax import step_analysis
-    from gptjax.model import padded_vocab_size
+    from gptjax.config import padded_vocab_size
     unknown = set(args.kinds.split(",")) - {"pretrain", "finetune"}
     if unknown:
         raise UserError(f"--kinds {args.kinds}: unknown step {sorted(unknown)[0]!r}; use pretrain, finetune or both")
@@ -299,31 +299,25 @@ def _memory(args, overrides: list[str], batches: list) -> None:
         if len(devices) < need:
             raise UserError(f"the mesh needs {need} devices and this process has {len(devices)}; run "
                             f"`python -m gptjax.bench memory` in a fresh process, which makes them")
+        sizes = _mesh_sizes(config, need)
+        # One device's rows: the batch splits over data x fsdp.
+        per_device = _with_batch(args.config, overrides, config.train.batch_size // (sizes[0] * sizes[1]))
+        m = config.model
         for kind in args.kinds.split(","):
             compiled, seconds, state = step_analysis.compile_train_step(config, devices[:need], kind)
             plan = step_analysis.memory_plan(compiled)
             held = step_analysis.state_gib_per_device(state)
-            m = config.model
-            data, fsdp, _ = _mesh_sizes(config, need)
-            per_device = copy_with_batch(config, config.train.batch_size // (data * fsdp))  # the batch splits so
             rows_min = per_device.train.batch_size * (m.loss_chunk_len or config.train.seq_len)
             found = step_analysis.vocabulary_buffers(compiled.as_text(), padded_vocab_size(m.vocab_size,
                                                      m.vocab_pad_multiple), rows_min)
             logits = {f"{dtype}{list(shape)}" for _, dtype, shape in found if shape[:-1] != (m.d_model,)}
             buffers = ", ".join(sorted(logits)) or "none"  # ([d_model, V]: the embedding, not logits)
             saved = step_analysis.saved_activations_gib(per_device) if kind == "pretrain" else None
-            sizes = "x".join(str(size) for size in _mesh_sizes(config, need))
             seq = config.train.seq_len if kind == "pretrain" else (config.finetune.max_len or m.max_len)
-            print(f"| {config.name} | {sizes} | {kind} | {config.train.batch_size} | {seq} | {m.remat} | "
+            print(f"| {config.name} | {'x'.join(map(str, sizes))} | {kind} | {config.train.batch_size} | {seq} | {m.remat} | "
                   f"{m.loss_chunk_len} | {held['params']:.2f} | {held['opt_state']:.2f} | {plan['arguments']:.2f} | "
                   f"{'-' if saved is None else f'{saved:.2f}'} | {plan['temporaries']:.2f} | {plan['peak']:.2f} | "
                   f"{seconds:.1f} | {buffers} |", flush=True)
-
-
-def copy_with_batch(config, batch: int):
-    config = config_from_dict(config.to_dict())
-    config.train.batch_size = batch
-    return config
 
 
 def _mesh_sizes(config, need: int) -> tuple:
