@@ -9,7 +9,8 @@ import sys
 
 import jax.numpy as jnp
 
-from gptjax import bench, loss
+from gptjax import loss
+from gptjax.bench import cli
 
 
 def autodiff_loss_sum(logits, targets, mask, vocab_size):
@@ -19,7 +20,7 @@ def autodiff_loss_sum(logits, targets, mask, vocab_size):
 if __name__ == "__main__":
     args = ["train", *sys.argv[1:]]
     print("## hand-written backward (gptjax)")
-    code = bench.main(args)
+    code = cli.main(args)
     loss._loss_sum = autodiff_loss_sum
     print("## autodiff backward")
-    sys.exit(code or bench.main(args))
+    sys.exit(code or cli.main(args))

@@ -18,6 +18,7 @@ from gptjax import checkpoint, config as config_lib
 from gptjax.errors import UserError
 from gptjax.generate import generate_tokens
 from gptjax.model import Decoder, init_decoder
+from gptjax.model_config import ModelConfig
 
 
 def _apply_kwargs(config, overrides: dict) -> None:
@@ -30,10 +31,10 @@ def _apply_kwargs(config, overrides: dict) -> None:
             config_lib.set_value(config, key, value)
 
 
-def _load_decoder(config, path: str, step: int | None = None) -> Decoder:
-    """The decoder of `config` holding the params saved at `path` (a workdir or one checkpoint)."""
+def _load_decoder(model_config: ModelConfig, path: str, step: int | None = None) -> Decoder:
+    """The decoder of `model_config` holding the params saved at `path` (a workdir or one checkpoint)."""
     # Build the structure without spending time on a random init that is overwritten.
-    graphdef, like = nnx.split(nnx.eval_shape(lambda: init_decoder(config.model, 0)), nnx.Param)
+    graphdef, like = nnx.split(nnx.eval_shape(lambda: init_decoder(model_config, 0)), nnx.Param)
     if jax.process_count() > 1:
         # Without a target sharding Orbax reads into the saved layout, whose devices may all belong
         # to another process (a run saved on one device): every process reads a full copy instead.
@@ -53,6 +54,11 @@ class GPT:
         self.tokenizer = tokenizer
         self._logits_fn = None
 
+    @property
+    def model_config(self) -> ModelConfig:
+        """The decoder's shape, as model.py and hf.py take it (self.config is the whole run's)."""
+        return ModelConfig.from_config(self.config.model)
+
     @classmethod
     def from_config(cls, config, seed: int | None = None, **overrides) -> "GPT":
         """A freshly initialised model from a config file path or a ConfigDict."""
@@ -62,7 +68,8 @@ class GPT:
             config = config_lib.config_from_dict(config.to_dict())
         _apply_kwargs(config, overrides)
         config_lib.validate(config)
-        return cls(config, init_decoder(config.model, config.train.seed if seed is None else seed))
+        return cls(config, init_decoder(ModelConfig.from_config(config.model),
+                                        config.train.seed if seed is None else seed))
 
     @classmethod
     def from_pretrained(cls, path: str, step: int | None = None) -> "GPT":
@@ -84,7 +91,7 @@ class GPT:
             config, module = hf.load_hf(path)
         else:
             config = config_lib.config_from_dict(values)
-            module = _load_decoder(config, path, step)
+            module = _load_decoder(ModelConfig.from_config(config.model), path, step)
         tokenizer = None
         tok_path = os.path.join(path, "tokenizer.model")
         if os.path.isfile(tok_path):
@@ -113,7 +120,8 @@ class GPT:
         if tokenizer_bytes is not None:
             from gptjax.data.tokenizer import Tokenizer
             tokenizer = Tokenizer.from_proto(tokenizer_bytes)
-        return cls(config, _load_decoder(config, os.path.join(directory, str(step))), tokenizer)
+        module = _load_decoder(ModelConfig.from_config(config.model), os.path.join(directory, str(step)))
+        return cls(config, module, tokenizer)
 
     def num_params(self) -> int:
         return int(sum(x.size for x in jax.tree.leaves(nnx.state(self.module, nnx.Param))))
@@ -126,13 +134,13 @@ class GPT:
         tokens = jnp.asarray(tokens, jnp.int32)
         if tokens.ndim != 2:
             raise UserError(f"tokens must be [batch, time], got shape {tokens.shape}")
-        if tokens.shape[1] > self.config.model.max_len:
-            raise UserError(f"{tokens.shape[1]} tokens exceed the context of {self.config.model.max_len}")
-        if tokens.size and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.config.model.vocab_size:
-            raise UserError(f"token ids must be in [0, {self.config.model.vocab_size}), got "
+        if tokens.shape[1] > self.model_config.max_len:
+            raise UserError(f"{tokens.shape[1]} tokens exceed the context of {self.model_config.max_len}")
+        if tokens.size and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.model_config.vocab_size:
+            raise UserError(f"token ids must be in [0, {self.model_config.vocab_size}), got "
                             f"{int(tokens.min())}..{int(tokens.max())}")
         if self._logits_fn is None:
-            vocab = self.config.model.vocab_size
+            vocab = self.model_config.vocab_size
             self._logits_fn = nnx.jit(lambda m, t: m.lm_logits(m(t))[..., :vocab].astype(jnp.float32))
         return self._logits_fn(self.module, tokens)
 
@@ -154,7 +162,7 @@ class GPT:
         pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
         out = generate_tokens(self.module, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                               top_k=top_k, top_p=top_p, seed=seed, pad_id=pad,
-                              vocab_size=self.config.model.vocab_size)
+                              vocab_size=self.model_config.vocab_size)
         if all(isinstance(p, str) for p in batch):
             # Decode prompt and continuation together so the space between them survives.
             texts = []

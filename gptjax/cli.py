@@ -124,7 +124,7 @@ def cmd_convert(args, extra):
               f"block={model.config.model.block}); `gptjax.GPT.from_pretrained('{args.to}')` loads it")
     elif args.from_workdir and args.to_hf and not args.to:
         model = GPT.from_pretrained(args.from_workdir, args.step)
-        hf.save_hf(model.config, model.module, args.to_hf, model.tokenizer)
+        hf.save_hf(model.model_config, model.module, args.to_hf, model.tokenizer)
         kind = "GPT2LMHeadModel" if model.config.model.block == "pre_ln" else "OpenAIGPTLMHeadModel"
         print(f"wrote {args.to_hf} as {kind}; transformers.AutoModelForCausalLM.from_pretrained loads it")
     else:

@@ -21,11 +21,11 @@ import os
 
 import numpy as np
 
-from gptjax import checkpoint, config as config_lib, distributed
+from gptjax import checkpoint, config as config_lib, distributed, sharding
 from gptjax.distributed import log_main
 from gptjax.data.tokenizer import Tokenizer
 from gptjax.errors import UserError
-from gptjax.finetune import TaskRunner, input_length, predictions, read_best, saved_config
+from gptjax.finetune import TaskPredictor, input_length, predictions, read_best, saved_config
 from gptjax.tasks import GLUE_TASKS, get_task, transforms
 from gptjax.tasks.scores import glue_average, main_score, task_scores
 from gptjax.tasks.splits import read_split
@@ -71,10 +71,6 @@ class FinetunedPredictor:
 
     def __init__(self, directory: str, eval_config):
         self.config = config_lib.config_from_dict(saved_config(directory))
-        # The eval command's mesh and batch size, whatever the run trained with.
-        self.config.mesh = config_lib.config_from_dict({"mesh": eval_config.mesh.to_dict()}).mesh
-        self.config.finetune.eval_batch_size = eval_config.finetune.eval_batch_size
-        self.config.train.batch_size, self.config.train.grad_accum = eval_config.finetune.eval_batch_size, 1
         self.trained_task = get_task(self.config.task)
         best = read_best(directory)
         self.step = best["step"]
@@ -82,13 +78,14 @@ class FinetunedPredictor:
         if latest is not None and latest < best.get("total_steps", 0):
             log_main(f"warning: {directory} has not finished fine-tuning (step {latest} of {best['total_steps']}); "
                  f"scoring its best epoch so far (step {self.step})")
-        self.runner = TaskRunner(self.config, self.trained_task, total_steps=None)
+        # The eval command's mesh and batch size, whatever the run trained with.
+        mesh = sharding.make_mesh(eval_config.mesh)
+        self.predictor = TaskPredictor(self.config, self.trained_task, mesh, eval_config.finetune.eval_batch_size)
         reader = checkpoint.Checkpointer(directory, read_only=True)
         try:
-            params = reader.restore_params(self.step, self.runner.state.params)
+            self.predictor.params = reader.restore_params(self.step, self.predictor.params)
         finally:
             reader.close()
-        self.runner.state = type(self.runner.state)(self.runner.state.step, params, None)
         self.tokenizer = Tokenizer.load(os.path.join(directory, "tokenizer.model"))
         self.directory = directory
 
@@ -104,7 +101,7 @@ class FinetunedPredictor:
         if encoded.truncated:
             log_main(f"{task.name} {split}: {encoded.truncated} of {len(encoded)} examples truncated to "
                      f"{max_len} tokens")
-        return predictions(self.trained_task, self.runner.logits(encoded))
+        return predictions(self.trained_task, self.predictor.logits(encoded, self.predictor.params))
 
 
 def _labelled(task, examples) -> bool:

@@ -23,19 +23,19 @@ from functools import lru_cache, partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib, distributed, sharding
+from gptjax import checkpoint, config as config_lib, distributed, loop, sharding
 from gptjax.data.tokenizer import PAD_ID, Tokenizer, check_vocab
 from gptjax.distributed import log_main
-from gptjax.errors import Preempted, UserError
+from gptjax.errors import UserError
 from gptjax.model import init_task_model
+from gptjax.model_config import ModelConfig
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tasks import get_task, transforms
 from gptjax.tasks.scores import main_score, task_scores
 from gptjax.tasks.splits import read_split
-from gptjax.train import TrainState, _resume, _StopSignal
+from gptjax.loop import StepRunner, params_on_mesh
 
 COMBINE = {"classification": "single", "pair": "single", "similarity": "sum", "regression": "sum",
            "multiple_choice": "choice"}
@@ -76,14 +76,6 @@ def batch_loss(graphdef, task_type, lm_weight, clf_dropout, params, batch, dropo
     return total, aux
 
 
-def finetune_step(loss_fn, tx, schedule, seed, state: TrainState, batch):
-    key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
-
-
 def predict_step(graphdef, params, batch):
     logits, _ = nnx.merge(graphdef, params)(batch["tokens"], batch["extract"])
     return logits
@@ -99,49 +91,22 @@ def schedule_config(config, steps: int):
     return t
 
 
-class TaskRunner:
-    """A TaskModel on the mesh: its state, the jitted fine-tuning step and batched prediction."""
+class TaskPredictor:
+    """A TaskModel on a mesh and its jitted batched prediction; no optimizer state."""
 
-    def __init__(self, config, task, total_steps: int | None = 1, mesh=None):
-        """total_steps=None: prediction only (no optimizer state, no train step)."""
-        self.config, self.task = config, task
-        self.mesh = mesh or sharding.make_mesh(config.mesh)
-        sharding.check_divisible(config, self.mesh)
-        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if config.finetune.eval_batch_size % rows:
-            raise UserError(f"finetune.eval_batch_size ({config.finetune.eval_batch_size}) must be divisible "
+    def __init__(self, config, task, mesh, batch_size: int):
+        """`config`: the run's (model shape, seed); `batch_size`: examples per prediction batch."""
+        self.task, self.mesh, self.batch_size = task, mesh, batch_size
+        sharding.check_model(config.model, mesh)
+        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        if batch_size % rows:
+            raise UserError(f"finetune.eval_batch_size ({batch_size}) must be divisible "
                             f"by the {rows} devices the batch is split over (mesh.data x mesh.fsdp)")
-        if config.train.grad_accum != 1:
-            raise UserError("fine-tuning has no gradient accumulation; set train.grad_accum=1 (and lower "
-                            "train.batch_size if memory is short)")
-        seed, outputs, combine = config.train.seed, num_outputs(task), COMBINE[task.type]
-        make = partial(init_task_model, config.model, outputs, combine, seed)
-        self.graphdef, abstract = nnx.split(nnx.eval_shape(make), nnx.Param)
-        self.param_shardings = sharding.param_shardings(self.mesh, abstract)
-        params = jax.jit(lambda: nnx.state(make(), nnx.Param), out_shardings=self.param_shardings)()
-        replicated = sharding.replicated(self.mesh)
-        self.rows_sharding = jax.sharding.NamedSharding(self.mesh, sharding.spec(("batch",)))
-        self._predict = jax.jit(partial(predict_step, self.graphdef), out_shardings=replicated)
-        step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-        if total_steps is None:
-            self.state = TrainState(step, params, None)
-            return
-        train_cfg = schedule_config(config, total_steps)
-        self.schedule, self.tx = lr_schedule(train_cfg), make_optimizer(train_cfg)
-        opt_state = sharding.init_opt_state(self.tx, params, self.mesh)
-        self.state = TrainState(step, params, opt_state)
-        f = config.finetune
-        loss_fn = partial(batch_loss, self.graphdef, task.type, f.lm_weight, f.clf_dropout)
-        state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        self._step = jax.jit(partial(finetune_step, loss_fn, self.tx, self.schedule, seed),
-                             in_shardings=(state_shardings, self.rows_sharding),
-                             out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-
-    def load_decoder(self, decoder_params: nnx.State) -> None:
-        """Puts pretrained decoder params (any layout) into this model's decoder, sharded."""
-        params = nnx.State(dict(self.state.params))
-        params["decoder"] = jax.device_put(decoder_params, self.param_shardings["decoder"])
-        self.state = TrainState(self.state.step, params, self.state.opt_state)
+        make = partial(init_task_model, ModelConfig.from_config(config.model), num_outputs(task),
+                       COMBINE[task.type], config.train.seed)
+        _, self.graphdef, self.params, self.param_shardings = params_on_mesh(make, mesh)
+        self.rows_sharding = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
+        self._predict = jax.jit(partial(predict_step, self.graphdef), out_shardings=sharding.replicated(mesh))
 
     def to_mesh(self, batch: dict) -> dict:
         """A global batch (the same numpy arrays on every process) as arrays on the mesh, each
@@ -152,23 +117,44 @@ class TaskRunner:
             return jax.make_array_from_process_local_data(self.rows_sharding, x[p * rows:(p + 1) * rows])
         return {k: put(v) for k, v in batch.items()}
 
-    def step(self, batch: dict) -> dict:
-        with jax.set_mesh(self.mesh):
-            self.state, metrics = self._step(self.state, self.to_mesh(batch))
-        return metrics
-
-    def logits(self, encoded: transforms.Encoded) -> np.ndarray:
-        """Task logits of every example; the last batch is padded, its padding rows dropped."""
-        size, out = self.config.finetune.eval_batch_size, []
+    def logits(self, encoded: transforms.Encoded, params) -> np.ndarray:
+        """Task logits of every example under `params`; the last batch is padded, its padding
+        rows dropped."""
+        size, out = self.batch_size, []
         with jax.set_mesh(self.mesh):
             for start in range(0, len(encoded), size):
                 rows = np.arange(start, min(start + size, len(encoded)))
                 batch = make_batch(encoded, rows, size)
-                out.append(np.asarray(self._predict(self.state.params, self.to_mesh(
+                out.append(np.asarray(self._predict(params, self.to_mesh(
                     {"tokens": batch["tokens"], "extract": batch["extract"]})))[:len(rows)])
         if not out:
             return np.zeros((0, num_outputs(self.task)), np.float32)
         return np.concatenate(out)
+
+
+class TaskRunner(StepRunner):
+    """A TaskModel and its optimizer state on the mesh, the jitted fine-tuning step, and
+    prediction with the current params."""
+
+    def __init__(self, config, task, total_steps: int = 1, mesh=None):
+        mesh = mesh or sharding.make_mesh(config.mesh)
+        sharding.check_divisible(config, mesh)
+        self.predictor = TaskPredictor(config, task, mesh, config.finetune.eval_batch_size)
+        if config.train.grad_accum != 1:
+            raise UserError("fine-tuning has no gradient accumulation; set train.grad_accum=1 (and lower "
+                            "train.batch_size if memory is short)")
+        p, f, train_cfg = self.predictor, config.finetune, schedule_config(config, total_steps)
+        loss_fn = partial(batch_loss, p.graphdef, task.type, f.lm_weight, f.clf_dropout)
+        super().__init__(mesh, p.graphdef, p.params, make_optimizer(train_cfg), lr_schedule(train_cfg), loss_fn,
+                         p.rows_sharding, 1, config.train.seed)
+        p.params = None  # this runner's state holds them, donated at every step
+
+    def load_decoder(self, decoder_params: nnx.State) -> None:
+        """Puts pretrained decoder params (any layout) into this model's decoder, sharded."""
+        self.state.params["decoder"] = jax.device_put(decoder_params, self.predictor.param_shardings["decoder"])
+
+    def logits(self, encoded: transforms.Encoded) -> np.ndarray:
+        return self.predictor.logits(encoded, self.state.params)
 
 
 def make_batch(encoded: transforms.Encoded, rows: np.ndarray, size: int) -> dict:
@@ -304,9 +290,49 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
             raise UserError(f"{workdir} holds checkpoints up to step {steps[-1]}, but this config makes "
                             f"{total} updates (finetune.epochs, train.batch_size or finetune.max_examples "
                             f"changed); pass a new --workdir")
-        start = _resume(config, workdir, runner, checkpointer)
-        return _loop(config, task, workdir, runner, checkpointer, tokenizer, train, valid, start, per_epoch,
-                     progress and distributed.is_main())
+        start = loop.resume(config, workdir, runner, checkpointer)
+        loop.write_config(workdir, config, start)
+        if distributed.is_main():
+            tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+        best = read_best(workdir) if start and os.path.isfile(os.path.join(workdir, "best.json")) else None
+        best = None if best is not None and best["step"] > start else best  # a set-aside step is trained again
+        scores = {}
+
+        def batch(step: int) -> dict:
+            epoch, index = divmod(step, per_epoch)
+            rows = epoch_rows(len(train), t.batch_size, t.seed, epoch, index)
+            return runner.predictor.to_mesh(make_batch(train, rows, t.batch_size))
+
+        def evaluate(done: int):
+            nonlocal scores
+            if done % per_epoch:
+                return None
+            scores = {s: task_scores(task, enc.labels, predictions(task, runner.logits(enc))) for s, enc in valid.items()}
+            record = {"step": done, "epoch": done // per_epoch,
+                      "eval_score": float(np.mean([main_score(task, v) for v in scores.values()])),
+                      **{f"eval_{s}_{m}": v for s, sc in scores.items() for m, v in sc.items()}}
+            return record, f"epoch {record['epoch']}: {score_text(scores)}"
+
+        def saved(done: int, evaluation: dict) -> None:
+            nonlocal best
+            if best is None or evaluation["eval_score"] > best["score"]:
+                best = {"step": done, "epoch": evaluation["epoch"], "score": evaluation["eval_score"],
+                        "scores": scores, "total_steps": total}
+                checkpointer.wait()  # best.json never names a checkpoint still being written
+                if distributed.is_main():
+                    _write_json(os.path.join(workdir, "best.json"), best)
+
+        config_json = json.loads(config_lib.to_json(config))
+        hooks = loop.Hooks(
+            batch=batch, evaluate=evaluate, saved=saved,
+            log_step=lambda done: done % t.log_every == 0 or done == total or done % per_epoch == 0,
+            save_step=lambda done: done % per_epoch == 0,
+            meta=lambda step: {"step": step, "seed": t.seed, "task": task.name, "config": config_json, "format": 1},
+            nan_message="the fine-tuning loss became {}; lower train.lr")
+        result = loop.run(runner, hooks, checkpointer, workdir=workdir, start=start, total=total,
+                          tokenizer_bytes=tokenizer.serialized_model_proto(), profile_steps=t.profile_steps,
+                          progress=progress and distributed.is_main())
+        return {"history": result["history"], **best}
     finally:
         checkpointer.close()
 
@@ -346,76 +372,3 @@ def _write_json(path: str, value) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(value, f, indent=2)
     os.replace(path + ".tmp", path)
-
-
-def _loop(config, task, workdir, runner, checkpointer, tokenizer, train, valid, start, per_epoch, progress):
-    from tqdm.auto import tqdm
-
-    from gptjax.metrics import MetricsWriter
-    from gptjax.train import _restart_metrics
-
-    f, t = config.finetune, config.train
-    total, main = f.epochs * per_epoch, distributed.is_main()
-    if main:
-        with open(os.path.join(workdir, "config.json"), "w") as out:
-            out.write(config_lib.to_json(config) + "\n")
-        tokenizer.save(os.path.join(workdir, "tokenizer.model"))
-        _restart_metrics(workdir, start)
-    writer = MetricsWriter(workdir) if main else None
-    best = read_best(workdir) if start and os.path.isfile(os.path.join(workdir, "best.json")) else None
-    if best is not None and best["step"] > start:
-        best = None  # it names a checkpoint this run set aside and will train again
-    stop, pending, history = _StopSignal(), [], []
-    tokenizer_bytes = tokenizer.serialized_model_proto()
-    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
-
-    def save(step: int) -> None:
-        meta = {"step": step, "seed": t.seed, "task": task.name, "config": json.loads(config_lib.to_json(config)),
-                "format": 1}
-        checkpointer.save(step, runner.state.params, runner.state.opt_state, meta, tokenizer_bytes)
-
-    try:
-        for step in range(start, total):
-            epoch, index = divmod(step, per_epoch)
-            pending.append(runner.step(make_batch(train, epoch_rows(len(train), t.batch_size, t.seed, epoch, index),
-                                                  t.batch_size)))
-            done = step + 1
-            if done % t.log_every == 0 or done == total or done % per_epoch == 0:
-                host = jax.device_get(pending)
-                record = {"step": done, **{k: float(np.mean([r[k] for r in host])) for k in host[0] if k != "lr"},
-                          "lr": float(host[-1]["lr"])}
-                if not np.isfinite(record["loss"]):
-                    raise UserError(f"the fine-tuning loss became {record['loss']}; lower train.lr")
-                pending = []
-                history.append(record)
-                if writer:
-                    writer.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if done % per_epoch == 0:
-                scores = {s: task_scores(task, enc.labels, predictions(task, runner.logits(enc)))
-                          for s, enc in valid.items()}
-                value = float(np.mean([main_score(task, v) for v in scores.values()]))
-                record = {"step": done, "epoch": done // per_epoch, "eval_score": value,
-                          **{f"eval_{s}_{m}": v for s, sc in scores.items() for m, v in sc.items()}}
-                if writer:
-                    writer.write(record)
-                    bar.write(distributed.prefix() + f"epoch {record['epoch']}: {score_text(scores)}")
-                save(done)
-                if best is None or value > best["score"]:
-                    best = {"step": done, "epoch": record["epoch"], "score": value, "scores": scores,
-                            "total_steps": total}
-                    checkpointer.wait()  # best.json never names a checkpoint still being written
-                    if main:
-                        _write_json(os.path.join(workdir, "best.json"), best)
-            elif done < total and stop(done):
-                save(done)
-                checkpointer.wait()
-                raise Preempted(done, os.path.join(checkpointer.directory, str(done)))
-            bar.update(1)
-    finally:
-        stop.close()
-        bar.close()
-        if writer:
-            writer.close()
-    checkpointer.wait()
-    return {"history": history, **best}

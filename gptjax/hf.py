@@ -1,7 +1,7 @@
 """Hugging Face interop: GPT-2 (`GPT2LMHeadModel`) and openai-gpt (`OpenAIGPTLMHeadModel`) folders.
 
-    load_hf("path/to/gpt2")               -> (config, Decoder) with the folder's weights
-    save_hf(config, decoder, "out/")      -> config.json + model.safetensors that transformers loads
+    load_hf("path/to/gpt2")                  -> (config, Decoder) with the folder's weights
+    save_hf(model_config, decoder, "out/")   -> config.json + model.safetensors that transformers loads
 
 A folder is `config.json` plus `model.safetensors` (read here with numpy, no PyTorch), sharded
 safetensors with their `.index.json`, or `pytorch_model.bin` (needs PyTorch). Pre-LN gptjax
@@ -27,6 +27,7 @@ from flax import nnx
 from gptjax import checkpoint, config as config_lib
 from gptjax.errors import UserError
 from gptjax.model import Decoder, init_decoder
+from gptjax.model_config import ModelConfig
 
 MODEL_TYPES = ("gpt2", "openai-gpt")
 # Activations that compute the tanh form of GELU, which is what our MLP uses.
@@ -183,9 +184,8 @@ def config_from_hf(hf: dict):
     return c
 
 
-def hf_config_from(config, tokenizer=None) -> dict:
+def hf_config_from(m: ModelConfig, tokenizer=None) -> dict:
     """config.json for transformers: GPT-2 for pre-LN models, openai-gpt for post-LN ones."""
-    m = config.model
     common = dict(vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.n_layer,
                   n_head=m.n_head, layer_norm_epsilon=m.ln_eps, initializer_range=m.init_std,
                   resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.attn_dropout,
@@ -207,10 +207,9 @@ def hf_config_from(config, tokenizer=None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Weights: Hugging Face names <-> our flat names (checkpoint.flatten).
 
-def _layer_map(config) -> list[tuple[str, str, tuple]]:
+def _layer_map(m: ModelConfig) -> list[tuple[str, str, tuple]]:
     """(hf name, our name, hf shape) for every tensor. Where HF's shape differs from ours it is
     the same numbers in the same order (row-major), so a reshape converts either way."""
-    m = config.model
     d, f = m.d_model, m.d_ff
     gpt2 = m.block == "pre_ln"
     rows = [("wte.weight" if gpt2 else "tokens_embed.weight", "wte", (m.vocab_size, d)),
@@ -231,8 +230,8 @@ def _layer_map(config) -> list[tuple[str, str, tuple]]:
     return rows
 
 
-def _abstract(config):
-    return nnx.split(nnx.eval_shape(lambda: init_decoder(config.model, 0)), nnx.Param)
+def _abstract(m: ModelConfig):
+    return nnx.split(nnx.eval_shape(lambda: init_decoder(m, 0)), nnx.Param)
 
 
 def load_hf(path: str):
@@ -241,16 +240,17 @@ def load_hf(path: str):
     if hf is None:
         raise UserError(f"{path} is not a Hugging Face model folder (no config.json with a model_type)")
     config = config_from_hf(hf)
+    m = ModelConfig.from_config(config.model)
     # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model "h.0...": accept both. Buffers
     # (attn.bias, attn.masked_bias) and the tied lm_head.weight are simply never looked up.
     tensors = {k.removeprefix("transformer."): v for k, v in read_weights(path).items()}
-    graphdef, like = _abstract(config)
+    graphdef, like = _abstract(m)
     ours_shapes = {k: v.shape for k, v in checkpoint.flatten(like).items()}
     flat = {}
-    for hf_name, ours, shape in _layer_map(config):
+    for hf_name, ours, shape in _layer_map(m):
         if hf_name not in tensors:
             raise UserError(f"{path} lacks the weight '{hf_name}' that a {hf['model_type']} model with "
-                            f"{config.model.n_layer} layers has; is the folder complete?")
+                            f"{m.n_layer} layers has; is the folder complete?")
         value = np.asarray(tensors[hf_name], np.float32)
         if value.shape != shape:
             raise UserError(f"{path}: weight '{hf_name}' has shape {value.shape} but config.json implies {shape}")
@@ -260,17 +260,17 @@ def load_hf(path: str):
     return config, nnx.merge(graphdef, checkpoint.unflatten(flat, like))
 
 
-def save_hf(config, module: Decoder, path: str, tokenizer=None) -> None:
+def save_hf(model_config: ModelConfig, module: Decoder, path: str, tokenizer=None) -> None:
     """Writes `path`/config.json and model.safetensors that transformers' from_pretrained loads."""
     if os.path.exists(os.path.join(path, "model.safetensors")):
         raise UserError(f"{path} already holds a model.safetensors; export to a new directory")
-    hf = hf_config_from(config, tokenizer)
+    hf = hf_config_from(model_config, tokenizer)
     flat = checkpoint.flatten(nnx.state(module, nnx.Param))
     tensors = {}
-    for hf_name, ours, shape in _layer_map(config):
+    for hf_name, ours, shape in _layer_map(model_config):
         value = np.asarray(jax.device_get(flat[ours]), np.float32)
         if ours == "wte":
-            value = value[: config.model.vocab_size]  # drop our padding rows
+            value = value[: model_config.vocab_size]  # drop our padding rows
         # The prefix GPT2LMHeadModel.save_pretrained writes; lm_head.weight is tied and left out as it does.
         tensors["transformer." + hf_name] = value.reshape(shape)
     os.makedirs(path, exist_ok=True)

@@ -12,6 +12,9 @@ Flax's own sharding annotation because that one now shards eagerly and needs a m
 The model is used functionally: `nnx.split` gives (graphdef, params), the train step is a pure
 function of the params pytree, and dropout draws from an explicit key (None = deterministic),
 so a step is a pure function of (params, batch, key) and can be replayed exactly.
+
+Every module takes a `ModelConfig` (model_config.py), never the run's ConfigDict:
+`init_decoder(ModelConfig.from_config(config.model), seed)`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax import attention
-from gptjax.config import padded_vocab_size
 from gptjax.dropout import dropout
 from gptjax.loss import projected_lm_loss
+from gptjax.model_config import ModelConfig
 from gptjax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -50,6 +53,13 @@ def _param(rngs: nnx.Rngs, shape, axes, std: float | None):
 _dropout = dropout  # a hash of the key's seed and the element's index (dropout.py)
 
 
+def _require(cfg) -> None:
+    # A ConfigDict would still answer most attribute reads and fail later on a derived one
+    # (padded_vocab, head_dim) with an unhelpful AttributeError; say what to pass instead.
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"expected a ModelConfig (ModelConfig.from_config(config.model)), got {type(cfg).__name__}")
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm with float32 statistics whatever the compute dtype (bf16 variance is too coarse)."""
 
@@ -69,13 +79,13 @@ class LayerNorm(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head causal self-attention with one fused QKV projection."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs, resid_std: float):
-        d, h = cfg.d_model, cfg.n_head
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, resid_std: float):
+        d, h, hd = cfg.d_model, cfg.n_head, cfg.head_dim
         # [embed, 3, heads, head_dim]: q, k and v come out already split by head, so tensor
         # parallelism can shard `heads` without cutting across q/k/v.
-        self.qkv_kernel = _param(rngs, (d, 3, h, d // h), ("embed", None, "heads", "head_dim"), cfg.init_std)
-        self.qkv_bias = _param(rngs, (3, h, d // h), (None, "heads", "head_dim"), None)
-        self.out_kernel = _param(rngs, (h, d // h, d), ("heads", "head_dim", "embed"), resid_std)
+        self.qkv_kernel = _param(rngs, (d, 3, h, hd), ("embed", None, "heads", "head_dim"), cfg.init_std)
+        self.qkv_bias = _param(rngs, (3, h, hd), (None, "heads", "head_dim"), None)
+        self.out_kernel = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), resid_std)
         self.out_bias = _param(rngs, (d,), ("embed",), None)
         self.implementation = cfg.attention
         self.attn_dropout = cfg.attn_dropout
@@ -105,7 +115,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg, *, rngs: nnx.Rngs, resid_std: float):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, resid_std: float):
         self.fc_kernel = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std)
         self.fc_bias = _param(rngs, (cfg.d_ff,), ("mlp",), None)
         self.proj_kernel = _param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), resid_std)
@@ -124,7 +134,7 @@ class Block(nnx.Module):
     """post_ln (GPT-1): x = LN1(x + attn(x)); x = LN2(x + mlp(x)).
     pre_ln (GPT-2):  x = x + attn(LN1(x)); x = x + mlp(LN2(x))."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if cfg.scale_residual_init else cfg.init_std
         self.ln_1 = LayerNorm(cfg.d_model, cfg.ln_eps)
         self.attn = Attention(cfg, rngs=rngs, resid_std=resid_std)
@@ -149,9 +159,10 @@ class Block(nnx.Module):
 class Decoder(nnx.Module):
     """Token + learned position embeddings, the blocks, and the tied output projection."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        _require(cfg)
         self.vocab_size = cfg.vocab_size
-        self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.vocab_pad_multiple)
+        self.padded_vocab = cfg.padded_vocab
         self.wte = _param(rngs, (self.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std)
         self.wpe = _param(rngs, (cfg.max_len, cfg.d_model), (None, "embed"), cfg.init_std)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
@@ -224,7 +235,7 @@ class Decoder(nnx.Module):
         return 6 * n + 12 * self.n_layer * self.d_model * seq_len
 
 
-def init_decoder(cfg, seed: int) -> Decoder:
+def init_decoder(cfg: ModelConfig, seed: int) -> Decoder:
     return Decoder(cfg, rngs=nnx.Rngs(params=seed))
 
 
@@ -238,7 +249,7 @@ class TaskModel(nnx.Module):
       combine="choice"  S = k candidates, one score each (num_outputs = 1), logits [B, k]
     """
 
-    def __init__(self, cfg, num_outputs: int, combine: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, num_outputs: int, combine: str, *, rngs: nnx.Rngs):
         assert combine in ("single", "sum", "choice"), combine
         self.decoder = Decoder(cfg, rngs=rngs)
         self.head_kernel = _param(rngs, (cfg.d_model, num_outputs), ("embed", None), cfg.init_std)
@@ -259,5 +270,5 @@ class TaskModel(nnx.Module):
         return (scores[..., 0] if self.combine == "choice" else scores[:, 0]), hidden
 
 
-def init_task_model(cfg, num_outputs: int, combine: str, seed: int) -> TaskModel:
+def init_task_model(cfg: ModelConfig, num_outputs: int, combine: str, seed: int) -> TaskModel:
     return TaskModel(cfg, num_outputs, combine, rngs=nnx.Rngs(params=seed))

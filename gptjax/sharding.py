@@ -95,18 +95,23 @@ def _hybrid_devices(devices: list, sizes: dict, groups: int) -> np.ndarray:
     return np.concatenate(blocks, axis=0)
 
 
-def check_divisible(config, mesh: jax.sharding.Mesh) -> None:
-    """Dimensions a mesh axis would split unevenly, as an error before any compilation."""
-    m, t = config.model, config.train
+def check_model(model, mesh: jax.sharding.Mesh) -> None:
+    """Model dimensions a mesh axis would split unevenly, as an error before any compilation."""
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-    for name, size in (("model.n_head", m.n_head), ("model.d_ff", m.d_ff),
-                       ("the padded vocabulary", padded_vocab_size(m.vocab_size, m.vocab_pad_multiple))):
+    for name, size in (("model.n_head", model.n_head), ("model.d_ff", model.d_ff),
+                       ("the padded vocabulary", padded_vocab_size(model.vocab_size, model.vocab_pad_multiple))):
         if size % tensor:
             raise UserError(f"{name} ({size}) is not divisible by mesh.tensor ({tensor}); pick a tensor size "
                             f"that divides it")
-    if m.d_model % fsdp:
-        raise UserError(f"model.d_model ({m.d_model}) is not divisible by mesh.fsdp ({fsdp})")
-    replicas = mesh.shape["data"] * fsdp
+    if model.d_model % fsdp:
+        raise UserError(f"model.d_model ({model.d_model}) is not divisible by mesh.fsdp ({fsdp})")
+
+
+def check_divisible(config, mesh: jax.sharding.Mesh) -> None:
+    """The model and the train batch against the mesh, as an error before any compilation."""
+    check_model(config.model, mesh)
+    t = config.train
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = t.batch_size // max(t.grad_accum, 1)
     if t.batch_size % t.grad_accum or micro % replicas:
         raise UserError(f"train.batch_size ({t.batch_size}) / train.grad_accum ({t.grad_accum}) must be a "

@@ -296,6 +296,7 @@ def test_model_with_the_pallas_kernel_equals_xla_in_loss_and_gradients(attn_drop
     from gptjax.config import load_config
     from gptjax.data.packing import as_batch
     from gptjax.model import init_decoder
+    from gptjax.model_config import ModelConfig
     from gptjax.train import batch_loss
 
     rows = np.random.default_rng(30).integers(3, 512, size=(2, 65)).astype(np.int32)
@@ -305,10 +306,11 @@ def test_model_with_the_pallas_kernel_equals_xla_in_loss_and_gradients(attn_drop
     for impl in ("xla", "pallas"):
         config = load_config("configs/tiny.py", ["model.n_layer=2", f"model.attention={impl}", "data.document_mask=true",
                                                  f"model.attn_dropout={attn_dropout}"])
-        graphdef, params = nnx.split(init_decoder(config.model, 0), nnx.Param)
+        graphdef, params = nnx.split(init_decoder(ModelConfig.from_config(config.model), 0), nnx.Param)
         # With attention dropout both draw the same mask from the same key (gptjax/dropout.py).
         key = jax.random.key(3) if attn_dropout else None
-        (total, count), grads = jax.value_and_grad(lambda p: batch_loss(graphdef, p, batch, key), has_aux=True)(params)
+        (total, aux), grads = jax.value_and_grad(lambda p: batch_loss(graphdef, p, batch, key), has_aux=True)(params)
+        count = aux["count"]
         results[impl] = (float(total / count), jax.tree.leaves(grads))
     assert results["pallas"][0] == pytest.approx(results["xla"][0], rel=1e-6)
     for g, w in zip(results["pallas"][1], results["xla"][1]):

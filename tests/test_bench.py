@@ -10,7 +10,8 @@ import sys
 import jax
 import pytest
 
-from gptjax import bench, xla_flags
+from gptjax import xla_flags
+from gptjax.bench import cli, train_step
 from gptjax.errors import UserError
 
 TINY = ["--config", "configs/tiny.py", "--config.model.n_layer=2", "--config.train.seq_len=32"]
@@ -36,7 +37,7 @@ def _recorded(monkeypatch, module, name) -> list:
 def test_train_prints_one_row_per_batch_size(monkeypatch, capsys):
     from gptjax.train import Trainer
 
-    results = _recorded(monkeypatch, bench, "bench_train")
+    results = _recorded(monkeypatch, train_step, "bench_train")
     steps_run = []
     real_step = Trainer.step
 
@@ -45,11 +46,11 @@ def test_train_prints_one_row_per_batch_size(monkeypatch, capsys):
         return real_step(self, batch)
 
     monkeypatch.setattr(Trainer, "step", step)
-    assert bench.main(["train", *TINY, "--batches", "2,4", "--steps", "2", "--warmup", "1"]) == 0
+    assert cli.main(["train", *TINY, "--batches", "2,4", "--steps", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert [r[1] for r in table_rows(out)] == ["2", "4"]
     for r in results:
-        assert bench.format_row(r) in out.splitlines()
+        assert train_step.format_row(r) in out.splitlines()
         # Both figures come from the same timing; only float rounding separates them.
         assert r["tokens_per_sec"] * r["step_ms"] / 1000 == pytest.approx(r["batch"] * 32, rel=1e-9)
         assert r["compile_s"] > 0 and r["first_step_s"] > 0 and r["plan_gib"] > 0
@@ -60,10 +61,10 @@ def test_train_prints_one_row_per_batch_size(monkeypatch, capsys):
 
 
 def test_parts_add_up_to_the_step(monkeypatch, capsys):
-    from gptjax import step_parts
+    from gptjax.bench import step_parts
 
     measured = _recorded(monkeypatch, step_parts, "time_parts")
-    assert bench.main(["parts", *TINY, "--config.train.batch_size=2", "--steps", "2"]) == 0
+    assert cli.main(["parts", *TINY, "--config.train.batch_size=2", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     (parts,) = measured
     assert step_parts.format_parts(parts) in out
@@ -80,11 +81,11 @@ def test_parts_add_up_to_the_step(monkeypatch, capsys):
 
 
 def test_memory_compiles_without_running(monkeypatch, capsys):
-    from gptjax import step_analysis
+    from gptjax.bench import step_analysis
 
     plans = _recorded(monkeypatch, step_analysis, "memory_plan")
     saved = _recorded(monkeypatch, step_analysis, "saved_activations_gib")
-    assert bench.main(["memory", *TINY, "--batches", "2", "--config.model.dtype=bfloat16", "--kinds", "pretrain",
+    assert cli.main(["memory", *TINY, "--batches", "2", "--config.model.dtype=bfloat16", "--kinds", "pretrain",
                        "--config.model.vocab_size=1000", "--config.model.loss_chunk_len=8"]) == 0
     (row,), (plan,), (saved_gib,) = table_rows(capsys.readouterr().out), plans, saved
     assert row[1:3] == ["1x1x1", "pretrain"] and row[6] == "8"
@@ -98,7 +99,7 @@ def test_memory_compiles_without_running(monkeypatch, capsys):
 
 
 def test_unknown_flag_preset_is_one_clear_error(capsys):
-    assert bench.main(["train", *TINY, "--xla-flags", "fastest"]) == 2
+    assert cli.main(["train", *TINY, "--xla-flags", "fastest"]) == 2
     assert "unknown XLA flag preset 'fastest'" in capsys.readouterr().err
 
 
@@ -142,7 +143,7 @@ def test_cli_reads_flag_presets_from_the_environment(tmp_path):
 
 def test_saved_activations_follow_the_remat_policy():
     from gptjax.config import load_config
-    from gptjax.step_analysis import saved_activations_gib
+    from gptjax.bench.step_analysis import saved_activations_gib
 
     def saved(remat):
         config = load_config("configs/tiny.py", ["model.n_layer=2", "train.seq_len=32", "train.batch_size=2",
@@ -159,7 +160,7 @@ def test_saved_activations_follow_the_remat_policy():
 
 def test_attention_benchmark_is_a_bench_command(capsys):
     with pytest.raises(SystemExit) as stop:
-        bench.main(["attention", "--help"])
+        cli.main(["attention", "--help"])
     assert stop.value.code == 0 and "--seq-lens" in capsys.readouterr().out
 
 
@@ -168,8 +169,8 @@ def test_the_step_benchmarks_need_no_data_packages():
     code = ("import sys\n"
             "for m in ('grain', 'tensorflow_datasets', 'array_record', 'sentencepiece', 'tensorflow'):\n"
             "    sys.modules[m] = None\n"
-            "from gptjax import bench\n"
-            "sys.exit(bench.main(['memory', '--config', 'configs/tiny.py', '--batches', '2', '--kinds', 'pretrain',\n"
+            "from gptjax.bench import cli\n"
+            "sys.exit(cli.main(['memory', '--config', 'configs/tiny.py', '--batches', '2', '--kinds', 'pretrain',\n"
             "                     '--config.train.seq_len=32', '--config.model.n_layer=1']))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -180,7 +181,7 @@ def test_memory_accounts_per_device_on_a_mesh_of_fake_devices():
     """A fresh process asks XLA for the mesh's 8 devices itself; each holds 1/8 of the state."""
     code = ("import json, sys\n"
             "import jax\n"
-            "from gptjax import bench, step_analysis\n"
+            "from gptjax.bench import cli, step_analysis\n"
             "seen, real_compile = [], step_analysis.compile_train_step\n"
             "def compile_train_step(config, devices, kind):\n"
             "    compiled, seconds, state = real_compile(config, devices, kind)\n"
@@ -190,7 +191,7 @@ def test_memory_accounts_per_device_on_a_mesh_of_fake_devices():
             "                 'arguments': step_analysis.memory_plan(compiled)['arguments']})\n"
             "    return compiled, seconds, state\n"
             "step_analysis.compile_train_step = compile_train_step\n"
-            "code = bench.main(['memory', '--config', 'configs/tiny.py', '--batches', '16', '--config.mesh.fsdp=8',\n"
+            "code = cli.main(['memory', '--config', 'configs/tiny.py', '--batches', '16', '--config.mesh.fsdp=8',\n"
             "                   '--config.train.seq_len=32', '--config.model.n_layer=2'])\n"
             "print(json.dumps(seen))\n"
             "sys.exit(code)\n")
@@ -209,15 +210,15 @@ def test_memory_accounts_per_device_on_a_mesh_of_fake_devices():
 
 
 def test_a_batch_that_does_not_fit_is_one_row_not_a_crash(monkeypatch, capsys):
-    real = bench.bench_train
+    real = train_step.bench_train
 
     def bench_train(config, *args):
         if config.train.batch_size > 2:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 80.00GiB.")
         return real(config, *args)
 
-    monkeypatch.setattr(bench, "bench_train", bench_train)
-    assert bench.main(["train", *TINY, "--batches", "8,2,4", "--steps", "1", "--warmup", "0"]) == 0
+    monkeypatch.setattr(train_step, "bench_train", bench_train)
+    assert cli.main(["train", *TINY, "--batches", "8,2,4", "--steps", "1", "--warmup", "0"]) == 0
     rows = table_rows(capsys.readouterr().out)
     assert [r[1] for r in rows] == ["2", "4"]  # ascending; 8 is not tried once 4 did not fit
     assert rows[1][3].startswith("out of memory: RESOURCE_EXHAUSTED")

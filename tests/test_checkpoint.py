@@ -15,7 +15,9 @@ from gptjax import checkpoint, cli
 from gptjax.config import load_config
 from gptjax.errors import REQUEUE_EXIT_CODE, UserError
 from gptjax.model import init_decoder
-from gptjax.train import Trainer, config_changes
+from gptjax.model_config import ModelConfig
+from gptjax.loop import config_changes
+from gptjax.train import Trainer
 
 STEPS = 12
 # Dropout on: the resumed run must also replay the dropout masks of the steps it redoes.
@@ -32,7 +34,7 @@ def _losses(workdir) -> dict:
 
 def _params(workdir, step=None) -> dict:
     config = load_config("configs/tiny.py", ["model.n_layer=1"])
-    _, like = nnx.split(nnx.eval_shape(lambda: init_decoder(config.model, 0)), nnx.Param)
+    _, like = nnx.split(nnx.eval_shape(lambda: init_decoder(ModelConfig.from_config(config.model), 0)), nnx.Param)
     params, _ = checkpoint.load_params(str(workdir), like, step)
     return {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
 

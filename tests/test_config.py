@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from gptjax.config import apply_overrides, base_config, config_from_dict, load_config, validate
+from gptjax.config import apply_overrides, base_config, config_from_dict, load_config, padded_vocab_size, validate
 from gptjax.errors import UserError
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
@@ -95,3 +95,10 @@ def test_json_round_trip():
     again = config_from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict()
     assert base_config().to_dict().keys() == again.to_dict().keys()
+
+
+def test_padded_vocab_size():
+    assert padded_vocab_size(97, 128) == 128
+    assert padded_vocab_size(128, 128) == 128
+    assert padded_vocab_size(129, 128) == 256
+    assert padded_vocab_size(50257, 1) == 50257

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import checkpoint, finetune as ft
+from gptjax import checkpoint, finetune as ft, loop
 from gptjax.api import GPT
 from gptjax.config import load_config
 from gptjax.data.tokenizer import PAD_ID
 from gptjax.errors import Preempted, UserError
 from gptjax.metrics import read_metrics
 from gptjax.model import init_task_model
+from gptjax.model_config import ModelConfig
 from gptjax.tasks import get_task, synthetic_split, transforms
 from gptjax.train import pretrain
 
@@ -57,7 +58,7 @@ def test_loss_is_task_loss_plus_half_lm_loss(pretrained, name):
     config = _config(pretrained, name)
     tokenizer = GPT.from_pretrained(pretrained).tokenizer
     enc = transforms.encode(task, synthetic_split(task, "train", size=6), tokenizer, 128)
-    model = init_task_model(config.model, ft.num_outputs(task), ft.COMBINE[task.type], 0)
+    model = init_task_model(ModelConfig.from_config(config.model), ft.num_outputs(task), ft.COMBINE[task.type], 0)
     batch = ft.make_batch(enc, np.arange(5), 6)  # one padding row, which must not count
     graphdef, params = nnx.split(model, nnx.Param)
     total, aux = ft.batch_loss(graphdef, task.type, 0.5, 0.0, params,
@@ -85,7 +86,7 @@ def test_heads_read_the_extract_states(pretrained):
     for name, combine in (("synthetic_paraphrase", "sum"), ("synthetic_choice", "choice")):
         task = get_task(name)
         enc = transforms.encode(task, synthetic_split(task, "validation", size=3), tokenizer, 128)
-        model = init_task_model(config.model, ft.num_outputs(task), combine, 1)
+        model = init_task_model(ModelConfig.from_config(config.model), ft.num_outputs(task), combine, 1)
         logits, _ = model(jnp.asarray(enc.tokens), jnp.asarray(enc.extract))
         w, b = np.asarray(model.head_kernel[...]), np.asarray(model.head_bias[...])
         for i in range(3):
@@ -176,7 +177,7 @@ def test_preempted_finetune_resumes_bitwise(pretrained, sentiment_run, tmp_path,
             pass
 
     run = str(tmp_path / "run")
-    monkeypatch.setattr(ft, "_StopSignal", StopAt)
+    monkeypatch.setattr(loop, "StopSignal", StopAt)
     with pytest.raises(Preempted):
         ft.finetune(_config(pretrained, "synthetic_sentiment"), run, progress=False)
     monkeypatch.undo()
@@ -195,7 +196,8 @@ def _like(workdir):
     from gptjax.config import config_from_dict
     config = config_from_dict(json.load(open(os.path.join(workdir, "config.json"))))
     task = get_task(config.task)
-    model = nnx.eval_shape(lambda: init_task_model(config.model, ft.num_outputs(task), ft.COMBINE[task.type], 0))
+    model_config = ModelConfig.from_config(config.model)
+    model = nnx.eval_shape(lambda: init_task_model(model_config, ft.num_outputs(task), ft.COMBINE[task.type], 0))
     return nnx.split(model, nnx.Param)[1]
 
 

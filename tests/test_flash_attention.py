@@ -12,8 +12,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from gptjax.attention_bench import packed_segment_ids as sorted_segments
 from gptjax.kernels.flash_attention import BlockSizes, dropout_keep, flash_attention, visited_blocks
+from segments import packed_segment_ids as sorted_segments
 
 SMALL = BlockSizes(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
 
@@ -185,7 +185,7 @@ def test_lowers_for_cuda_without_a_gpu(d, rate):
 
 
 def test_attention_bench_runs_on_cpu():
-    from gptjax.attention_bench import bench_attention, format_rows
+    from gptjax.bench.attention import bench_attention, format_rows
     rows = bench_attention(seq_lens=(128,), head_dims=(64,), batch=1, heads=2, dtype=jnp.float32, repeats=1)
     by_impl = {(r["case"], r["impl"]): r for r in rows}
     assert by_impl[("causal", "pallas (gptjax)")]["status"] == "ok"
@@ -196,7 +196,7 @@ def test_attention_bench_runs_on_cpu():
 
 
 def test_tuning_keeps_the_fastest_tiles_and_rules_out_invalid_ones():
-    from gptjax.attention_bench import tune
+    from gptjax.bench.attention import tune
     best, trials = tune(128, 64, batch=1, heads=2, dtype=jnp.float32, repeats=1,
                         forward_grid=[dict(block_q=32, block_k=32), dict(block_q=64, block_k=32)],
                         backward_grid=[dict(block_q_bwd=32, block_k_bwd=32), dict(block_q_bwd=48, block_k_bwd=32)])

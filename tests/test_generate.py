@@ -8,6 +8,7 @@ from flax import nnx
 
 from gptjax import config, generate, model as model_lib
 from gptjax.errors import UserError
+from gptjax.model_config import ModelConfig
 
 VOCAB = 97  # pads to 128 embedding rows, so 31 ids exist in `wte` but must never be produced
 MAX_LEN = 32
@@ -38,7 +39,7 @@ def tiny_config(block="pre_ln"):
 
 
 def make_model(block="pre_ln", seed=0):
-    return model_lib.init_decoder(tiny_config(block).model, seed)
+    return model_lib.init_decoder(ModelConfig.from_config(tiny_config(block).model), seed)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -348,5 +349,6 @@ def test_a_model_configured_for_cudnn_still_decodes_through_the_cache():
     from gptjax.config import load_config
     from gptjax.model import init_decoder
     cfg = load_config("configs/tiny.py", ["model.n_layer=1", "model.attention=cudnn"])
-    out = generate.generate_tokens(init_decoder(cfg.model, 0), [[5, 6, 7]], max_new_tokens=3, temperature=0)
+    decoder = init_decoder(ModelConfig.from_config(cfg.model), 0)
+    out = generate.generate_tokens(decoder, [[5, 6, 7]], max_new_tokens=3, temperature=0)
     assert out.shape == (1, 3)

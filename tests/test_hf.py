@@ -96,7 +96,7 @@ def test_truncated_or_foreign_files_are_user_errors(tmp_path):
 @pytest.mark.parametrize("block, model_type", [("pre_ln", "gpt2"), ("post_ln", "openai-gpt")])
 def test_export_then_import_gives_back_the_same_model(tmp_path, block, model_type):
     model = ours(block)
-    hf.save_hf(model.config, model.module, str(tmp_path / "hf"))
+    hf.save_hf(model.model_config, model.module, str(tmp_path / "hf"))
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert written["model_type"] == model_type and written["n_embd"] == 32 and written["vocab_size"] == 99
     names = hf.read_safetensors(str(tmp_path / "hf" / "model.safetensors"))
@@ -162,7 +162,7 @@ def test_unusable_folders_are_user_errors(tmp_path, values, message):
 
 def test_missing_or_misshapen_weight(tmp_path):
     model = ours("pre_ln")
-    hf.save_hf(model.config, model.module, str(tmp_path / "hf"))
+    hf.save_hf(model.model_config, model.module, str(tmp_path / "hf"))
     path = tmp_path / "hf" / "model.safetensors"
     tensors = {k: np.array(v) for k, v in hf.read_safetensors(str(path)).items()}
     tensors["transformer.h.1.mlp.c_fc.bias"] = np.zeros(7, np.float32)
@@ -188,7 +188,7 @@ def test_pytorch_file_without_pytorch_says_what_to_install(tmp_path, monkeypatch
 def test_post_ln_export_needs_openai_gpt_mlp_width(tmp_path):
     model = GPT.from_config("configs/tiny.py", model=dict(SMALL, block="post_ln", d_ff=96), train=dict(seq_len=16))
     with pytest.raises(UserError, match="openai-gpt has no MLP-width setting"):
-        hf.save_hf(model.config, model.module, str(tmp_path / "hf"))
+        hf.save_hf(model.model_config, model.module, str(tmp_path / "hf"))
 
 
 # --- parity with transformers (PyTorch, CPU, float32) -------------------------------------
@@ -233,7 +233,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, block, arch
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model = ours(block, seed=2)
-    hf.save_hf(model.config, model.module, str(tmp_path))
+    hf.save_hf(model.model_config, model.module, str(tmp_path))
     loaded, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
     assert type(loaded).__name__ == arch
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import step_analysis
+from gptjax.bench import step_analysis
 from gptjax.config import load_config
 from gptjax.loss import lm_loss, projected_lm_loss, projected_target_logprobs
 

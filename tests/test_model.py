@@ -12,6 +12,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from gptjax import attention, config, model
 from gptjax.loss import lm_loss
+from gptjax.model_config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 97  # not a multiple of 128, so the embedding carries 31 padding rows
@@ -29,6 +30,10 @@ def make_config(**model_fields):
     c.train.seq_len = min(c.train.seq_len, c.model.max_len)
     config.validate(c)
     return c
+
+
+def model_config(**model_fields) -> ModelConfig:
+    return ModelConfig.from_config(make_config(**model_fields).model)
 
 
 def n_params(m) -> int:
@@ -137,7 +142,7 @@ def gpt2_small_config(pad_multiple=1):
 
 
 def abstract_model(cfg):
-    return nnx.eval_shape(lambda: model.init_decoder(cfg.model, 0))
+    return nnx.eval_shape(lambda: model.init_decoder(ModelConfig.from_config(cfg.model), 0))
 
 
 def test_gpt1_parameter_count_matches_the_paper():
@@ -177,19 +182,12 @@ def test_shipped_config_files_have_paper_sizes(name, overrides, expected, block)
     assert n_params(abstract_model(cfg)) == expected
 
 
-def test_padded_vocab_size():
-    assert model.padded_vocab_size(97, 128) == 128
-    assert model.padded_vocab_size(128, 128) == 128
-    assert model.padded_vocab_size(129, 128) == 256
-    assert model.padded_vocab_size(50257, 1) == 50257
-
-
 # ---------------------------------------------------------------- forward pass against numpy
 
 @pytest.mark.parametrize("block_type", ["post_ln", "pre_ln"])
 def test_block_matches_numpy(block_type):
     # A large epsilon, so dropping or misplacing it shows at this tolerance.
-    cfg = make_config(block=block_type, ln_eps=0.1).model
+    cfg = model_config(block=block_type, ln_eps=0.1)
     block = model.Block(cfg, rngs=nnx.Rngs(params=3))
     randomize(block, seed=1)
     x = np.random.default_rng(2).normal(size=(2, SEQ, cfg.d_model)).astype(np.float32)
@@ -204,13 +202,13 @@ def test_post_and_pre_ln_blocks_differ_on_the_same_weights():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, SEQ, 32)).astype(np.float32))
     outs = []
     for block_type in ("post_ln", "pre_ln"):
-        block = randomize(model.Block(make_config(block=block_type).model, rngs=nnx.Rngs(params=0)), seed=0)
+        block = randomize(model.Block(model_config(block=block_type), rngs=nnx.Rngs(params=0)), seed=0)
         outs.append(np.asarray(block(x, {}, None)[0]))
     assert np.abs(outs[0] - outs[1]).max() > 0.1
 
 
 def test_gpt1_decoder_matches_numpy_with_tied_output_and_no_final_ln():
-    cfg = make_config(block="post_ln").model
+    cfg = model_config(block="post_ln")
     m = randomize(model.init_decoder(cfg, 0), seed=5)
     assert m.ln_f is None
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=(2, SEQ))
@@ -220,7 +218,7 @@ def test_gpt1_decoder_matches_numpy_with_tied_output_and_no_final_ln():
 
 
 def test_gpt2_decoder_matches_numpy_with_final_ln():
-    cfg = make_config(block="pre_ln").model
+    cfg = model_config(block="pre_ln")
     m = randomize(model.init_decoder(cfg, 0), seed=6)
     assert m.ln_f is not None
     tokens = np.random.default_rng(1).integers(0, VOCAB, size=(2, SEQ))
@@ -231,7 +229,7 @@ def test_gpt2_decoder_matches_numpy_with_final_ln():
 
 
 def test_explicit_positions_are_used():
-    m = randomize(model.init_decoder(make_config().model, 0), seed=0)
+    m = randomize(model.init_decoder(model_config(), 0), seed=0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, size=(2, SEQ)))
     default = np.asarray(m(tokens))
     positions = jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ))
@@ -242,7 +240,7 @@ def test_explicit_positions_are_used():
 
 
 def test_packed_documents_do_not_see_each_other():
-    m = randomize(model.init_decoder(make_config().model, 0), seed=2)
+    m = randomize(model.init_decoder(model_config(), 0), seed=2)
     rng = np.random.default_rng(3)
     a, b = rng.integers(0, VOCAB, size=(2, 5)), rng.integers(0, VOCAB, size=(2, SEQ - 5))
 
@@ -264,7 +262,7 @@ def test_bfloat16_compute_is_close_to_float32():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, size=(2, SEQ)))
     out = {}
     for dtype in ("float32", "bfloat16"):
-        m = model.init_decoder(make_config(dtype=dtype).model, 0)
+        m = model.init_decoder(model_config(dtype=dtype), 0)
         logits = jax.jit(lambda t: m.lm_logits(m(t)))(tokens)
         assert logits.dtype == jnp.dtype(dtype)
         out[dtype] = np.asarray(logits.astype(jnp.float32))
@@ -287,7 +285,7 @@ IMPLEMENTATIONS = [
 def test_logits_never_depend_on_later_tokens(block_type, impl):
     # cuDNN takes bf16 only (the tiny head dim, 8, is a multiple of 8 as it also needs).
     dtype = "bfloat16" if impl == "cudnn" else "float32"
-    m = model.init_decoder(make_config(block=block_type, attention=impl, dtype=dtype).model, 0)
+    m = model.init_decoder(model_config(block=block_type, attention=impl, dtype=dtype), 0)
 
     def forward(t):
         return m.lm_logits(m(t)).astype(jnp.float32)
@@ -317,7 +315,7 @@ def pooled(m, get):
 
 def test_initialisation_scales():
     n_layer = INIT_SHAPES["n_layer"]
-    cfg = make_config(**INIT_SHAPES).model
+    cfg = model_config(**INIT_SHAPES)
     m = model.init_decoder(cfg, 0)
     resid_std = 0.02 / math.sqrt(2 * n_layer)
     for get, std in ((lambda b: b.mlp.fc_kernel, 0.02), (lambda b: b.attn.qkv_kernel, 0.02),
@@ -343,13 +341,13 @@ def test_initialisation_scales():
 
 
 def test_residual_scaling_can_be_turned_off():
-    m = model.init_decoder(make_config(scale_residual_init=False, **INIT_SHAPES).model, 0)
+    m = model.init_decoder(model_config(scale_residual_init=False, **INIT_SHAPES), 0)
     assert abs(pooled(m, lambda b: b.mlp.proj_kernel).std() / 0.02 - 1) < 0.03
     assert abs(pooled(m, lambda b: b.attn.out_kernel).std() / 0.02 - 1) < 0.03
 
 
 def test_init_is_a_function_of_the_seed():
-    cfg = make_config().model
+    cfg = model_config()
     a, b, c = (model.init_decoder(cfg, s) for s in (0, 0, 1))
     la, lb, lc = (jax.tree.leaves(nnx.state(x, nnx.Param)) for x in (a, b, c))
     assert all(np.array_equal(x, y) for x, y in zip(la, lb))
@@ -358,7 +356,7 @@ def test_init_is_a_function_of_the_seed():
 
 @pytest.mark.parametrize("block_type", ["post_ln", "pre_ln"])
 def test_every_param_has_axes_matching_its_rank(block_type):
-    m = model.init_decoder(make_config(block=block_type).model, 0)
+    m = model.init_decoder(model_config(block=block_type), 0)
     variables = jax.tree.leaves(nnx.state(m, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
     assert len(variables) == 2 + 12 * 2 + (2 if block_type == "pre_ln" else 0)
     for v in variables:
@@ -375,7 +373,7 @@ def test_every_param_has_axes_matching_its_rank(block_type):
 # ---------------------------------------------------------------- dropout
 
 def test_dropout_is_off_without_a_key_and_reproducible_with_one():
-    m = model.init_decoder(make_config(dropout=0.1, attn_dropout=0.1).model, 0)
+    m = model.init_decoder(model_config(dropout=0.1, attn_dropout=0.1), 0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, size=(2, SEQ)))
     det1, det2 = np.asarray(m(tokens)), np.asarray(m(tokens))
     np.testing.assert_array_equal(det1, det2)
@@ -401,7 +399,7 @@ def test_every_dropout_site_draws_its_own_key(monkeypatch):
 
     monkeypatch.setattr(model, "_dropout", dropout)
     monkeypatch.setattr(attention, "attend", attend)
-    m = model.init_decoder(make_config(dropout=0.1, attn_dropout=0.1).model, 0)
+    m = model.init_decoder(model_config(dropout=0.1, attn_dropout=0.1), 0)
     tokens = jnp.zeros((2, SEQ), jnp.int32)
     m(tokens, dropout_key=jax.random.key(0))
     n_layer = 2
@@ -414,14 +412,14 @@ def test_every_dropout_site_draws_its_own_key(monkeypatch):
 
 
 def test_attention_dropout_alone_changes_the_output_with_xla():
-    m = model.init_decoder(make_config(dropout=0.0, attn_dropout=0.3, attention="xla").model, 0)
+    m = model.init_decoder(model_config(dropout=0.0, attn_dropout=0.3, attention="xla"), 0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, size=(2, SEQ)))
     det = np.asarray(m(tokens))
     dropped = np.asarray(m(tokens, dropout_key=jax.random.key(0)))
     assert np.all(np.isfinite(dropped))
     assert np.abs(dropped - det).max() > 1e-3
     # With both rates zero a key changes nothing.
-    m0 = model.init_decoder(make_config(dropout=0.0, attn_dropout=0.0).model, 0)
+    m0 = model.init_decoder(model_config(dropout=0.0, attn_dropout=0.0), 0)
     np.testing.assert_array_equal(np.asarray(m0(tokens, dropout_key=jax.random.key(0))), np.asarray(m0(tokens)))
 
 
@@ -437,7 +435,7 @@ def test_dropout_zeroes_the_rate_and_rescales_the_rest():
 # ---------------------------------------------------------------- rematerialisation
 
 def _loss_and_grads(remat, tokens, key):
-    cfg = make_config(remat=remat, dropout=0.1).model
+    cfg = model_config(remat=remat, dropout=0.1)
     graphdef, params = nnx.split(model.init_decoder(cfg, 0))
 
     def loss_fn(p):
@@ -467,7 +465,7 @@ def test_remat_gives_the_same_loss_and_gradients():
 
 
 def _saved_residuals(remat, tokens):
-    cfg = make_config(remat=remat).model
+    cfg = model_config(remat=remat)
     graphdef, params = nnx.split(model.init_decoder(cfg, 0))
 
     def loss_fn(p):

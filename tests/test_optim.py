@@ -55,10 +55,11 @@ def test_decay_mask_on_the_real_model_skips_every_bias_and_gain():
 
     from gptjax.config import load_config
     from gptjax.model import init_decoder
+    from gptjax.model_config import ModelConfig
     from gptjax.optim import decay_mask
 
     config = load_config("configs/tiny.py", ["model.n_layer=1"])
-    params = nnx.state(init_decoder(config.model, 0), nnx.Param)
+    params = nnx.state(init_decoder(ModelConfig.from_config(config.model), 0), nnx.Param)
     flat = {".".join(str(getattr(k, "key", k)) for k in path): v
             for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(decay_mask(params)))}
     decayed = sorted(name for name, on in flat.items() if on)

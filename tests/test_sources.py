@@ -15,6 +15,7 @@ from gptjax.data.packing import RowBatches, as_batch, pack_rows
 from gptjax.data.sources import jsonl_documents, parse_sources, parse_weights, text_documents
 from gptjax.errors import UserError
 from gptjax.model import init_decoder
+from gptjax.model_config import ModelConfig
 
 
 def test_text_documents_per_file_or_per_blank_line(tmp_path):
@@ -76,7 +77,7 @@ def test_mixture_quotas_and_batches():
 def test_document_mask_isolates_documents_in_the_model(block):
     config = load_config("configs/tiny.py", ["model.n_layer=2", "model.d_model=32", "model.n_head=2",
                                              "model.d_ff=64", "model.vocab_size=64", f"model.block={block}"])
-    model = init_decoder(config.model, 0)
+    model = init_decoder(ModelConfig.from_config(config.model), 0)
     eos, pad = 2, 0
     rng = np.random.default_rng(0)
     docs = [list(rng.integers(6, 64, n)) for n in (5, 7, 6)]

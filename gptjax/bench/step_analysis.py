@@ -33,6 +33,7 @@ from flax import nnx
 
 from gptjax import sharding
 from gptjax.model import init_decoder
+from gptjax.model_config import ModelConfig
 from gptjax.optim import lr_schedule, make_optimizer
 
 
@@ -45,7 +46,7 @@ def abstract_batch(config) -> dict:
 
 def _abstract_decoder(config):
     """(graphdef, params as shapes) of the config's decoder; nothing is allocated."""
-    return nnx.split(nnx.eval_shape(lambda: init_decoder(config.model, config.train.seed)), nnx.Param)
+    return nnx.split(nnx.eval_shape(lambda: init_decoder(ModelConfig.from_config(config.model), config.train.seed)), nnx.Param)
 
 
 def _on_mesh(tree, shardings):
@@ -55,7 +56,7 @@ def _on_mesh(tree, shardings):
 def _abstract_state(mesh, tx, params):
     """The train state as shapes in the layout training gives it: parameters by the rules, the
     optimizer state by its parameters, the step replicated."""
-    from gptjax.train import TrainState
+    from gptjax.loop import TrainState
     params = _on_mesh(params, sharding.param_shardings(mesh, params))
     opt = jax.eval_shape(tx.init, params)
     opt = _on_mesh(opt, sharding.opt_state_shardings(tx, params, mesh))
@@ -66,7 +67,7 @@ def compile_train_step(config, devices=None, kind: str = "pretrain"):
     """(compiled step, seconds to lower and compile, abstract train state) of pretraining or of
     fine-tuning (a two-class task on one sequence per example) on the config's mesh over
     `devices` (default: one device); nothing is allocated."""
-    from gptjax.train import train_step
+    from gptjax.loop import train_step
 
     mesh = sharding.make_mesh(config.mesh if devices is not None else {"data": 1, "fsdp": 1, "tensor": 1},
                               devices if devices is not None else jax.devices()[:1])
@@ -75,19 +76,20 @@ def compile_train_step(config, devices=None, kind: str = "pretrain"):
     if kind == "pretrain":
         graphdef, params = _abstract_decoder(config)
         tx = make_optimizer(t)
-        step = partial(train_step, graphdef, tx, lr_schedule(t), t.grad_accum, t.seed)
+        from gptjax.train import batch_loss
+        step = partial(train_step, partial(batch_loss, graphdef), tx, lr_schedule(t), t.grad_accum, t.seed)
         batch_sharding = sharding.batch_sharding(mesh)
         batch = abstract_batch(config)
     else:
         from gptjax import finetune as ft
         from gptjax.model import init_task_model
         graphdef, params = nnx.split(nnx.eval_shape(
-            lambda: init_task_model(config.model, 2, "single", t.seed)), nnx.Param)
+            lambda: init_task_model(ModelConfig.from_config(config.model), 2, "single", t.seed)), nnx.Param)
         train_cfg = ft.schedule_config(config, max(t.steps, 1))
         tx = make_optimizer(train_cfg)
         f = config.finetune
         loss = partial(ft.batch_loss, graphdef, "classification", f.lm_weight, f.clf_dropout)
-        step = partial(ft.finetune_step, loss, tx, lr_schedule(train_cfg), t.seed)
+        step = partial(train_step, loss, tx, lr_schedule(train_cfg), 1, t.seed)
         batch_sharding = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
         b, length = t.batch_size, config.finetune.max_len or config.model.max_len
         batch = {"tokens": jax.ShapeDtypeStruct((b, 1, length), jnp.int32),

@@ -1,0 +1,5 @@
+import sys
+
+from gptjax.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""`bench loop`, `bench data` and `bench checkpoint`: what training costs besides the step itself.
+
+`loop` measures what the pretraining loop adds to the bare step (input pipeline, logging,
+evaluation, saves), `data` the input pipeline's token rate, `checkpoint` how long a save holds up
+the loop. Each returns (name, value) rows.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+
+from gptjax.bench import train_step
+from gptjax.errors import UserError
+
+
+def bench_loop(config, workdir: str, steps: int) -> list[tuple[str, float]]:
+    """What the pretraining loop costs on top of the bare step, at the config's intervals: the
+    input pipeline and logging (inside the loop's step time), evaluation and the blocking part
+    of saves (paused out of it, so timed apart and amortised over train.eval_every and
+    train.checkpoint_every)."""
+    from gptjax import checkpoint
+    from gptjax.data import corpus
+    from gptjax.train import Trainer, pretrain
+
+    if os.path.exists(os.path.join(workdir, "checkpoints")):
+        raise UserError(f"{workdir} already holds a run; pass a new --workdir")
+    t = config.train
+    config.train.steps = steps
+    summary = pretrain(config, workdir, progress=False)
+    timed = summary["history"][1:]  # the first record includes compilation
+    if not timed:
+        raise UserError(f"--steps {steps} leaves no logged interval after the first step; raise it above "
+                        f"train.log_every={t.log_every}")
+    counts = [timed[0]["step"] - 1] + [b["step"] - a["step"] for a, b in zip(timed, timed[1:])]
+    loop_ms = sum(r["step_ms"] * n for r, n in zip(timed, counts)) / sum(counts)
+
+    # Evaluation and a save, each timed on its second call: the loop's first one compiles the
+    # evaluation or sets the checkpointer up, which a long run pays once.
+    trainer = Trainer(config)
+    _, eval_batches = corpus.pretraining_batches(config, corpus.workdir_tokenizer(config, workdir), workdir)
+    eval_s = []
+    for _ in range(2):
+        start = time.perf_counter()
+        trainer.eval_loss(eval_batches)
+        eval_s.append(time.perf_counter() - start)
+    saver = checkpoint.Checkpointer(os.path.join(workdir, "bench-saves"))
+    save_s = []
+    for step in (1, 2):
+        start = time.perf_counter()
+        saver.save(step, trainer.state.params, trainer.state.opt_state, {"step": step}, None)
+        save_s.append(time.perf_counter() - start)
+        saver.wait()
+    saver.close()
+    del trainer
+    bare_ms = train_step.bench_train(config, steps=max(sum(counts) // 2, 5), warmup=3)["step_ms"]
+    eval_ms = 1000 * eval_s[1] / t.eval_every if t.eval_every else 0.0
+    save_ms = 1000 * save_s[1] / t.checkpoint_every if t.checkpoint_every else 0.0
+    total = loop_ms - bare_ms + eval_ms + save_ms
+    return [("bare step ms (random batch, no loop)", bare_ms),
+            (f"loop step ms (loader, logging every {t.log_every})", loop_ms),
+            (f"evaluation s, every {t.eval_every or '-'} steps (first call {eval_s[0]:.2f} s)", eval_s[1]),
+            (f"save s the loop waits, every {t.checkpoint_every or '-'} steps", save_s[1]),
+            ("loop overhead ms per step, amortised", total),
+            ("loop overhead % of the bare step", 100 * total / bare_ms)]
+
+
+def bench_data(config, workdir: str, steps: int) -> list[tuple[str, float]]:
+    """Loader tokens/s from prepared token files, and the on-the-fly tokenization rate."""
+    from gptjax.data import corpus
+    from gptjax.data.loader import Loader
+    from gptjax.data.sources import parse_sources
+
+    tokenizer = corpus.workdir_tokenizer(config, workdir)
+    documents = corpus.corpus_documents(config.data)
+    start = time.perf_counter()
+    tokens = sum(len(ids) + 1 for spec in parse_sources(config.data.source)
+                 for ids in tokenizer.encode_batch(documents[spec][0]))
+    fly = tokens / (time.perf_counter() - start)
+    corpus.prepare(config, workdir, tokenizer)
+    batches, _ = corpus.pretraining_batches(config, tokenizer, workdir)
+    loader = Loader(batches, steps + 1, num_workers=config.data.num_workers)
+    jax.block_until_ready(next(loader))
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch = next(loader)
+    jax.block_until_ready(batch)
+    prepared = steps * config.train.batch_size * config.train.seq_len / (time.perf_counter() - start)
+    return [("loader from prepared files", prepared), ("on-the-fly tokenization", fly)]
+
+
+def bench_checkpoint(config, workdir: str, steps: int) -> list[tuple[str, float]]:
+    """How long a save holds up the training loop, asynchronous vs synchronous, and whether the
+    steps while an asynchronous save is written in the background are slower."""
+    from gptjax import checkpoint
+    from gptjax.train import Trainer
+
+    trainer = Trainer(config)
+    batch = train_step.random_batch(config, 0)
+    jax.block_until_ready(trainer.step(batch))
+
+    def step_ms(count: int) -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            metrics = trainer.step(batch)
+        jax.block_until_ready(metrics)
+        return 1000 * (time.perf_counter() - start) / count
+
+    step_ms(steps)  # the first steps after compilation run slow on some backends
+    plain = step_ms(steps)
+    rows = [("state size GiB", sum(x.nbytes for x in jax.tree.leaves(trainer.state)) / 2**30),
+            ("step ms, no save", plain)]
+    sync = checkpoint.Checkpointer(os.path.join(workdir, "sync"), async_save=False)
+    start = time.perf_counter()
+    sync.save(1, trainer.state.params, trainer.state.opt_state, {"step": 1}, None)
+    rows.append(("synchronous save s (loop blocked)", time.perf_counter() - start))
+    sync.close()
+    saver = checkpoint.Checkpointer(os.path.join(workdir, "async"))
+    start = time.perf_counter()
+    saver.save(1, trainer.state.params, trainer.state.opt_state, {"step": 1}, None)
+    rows.append(("async save s (loop blocked)", time.perf_counter() - start))
+    rows.append(("step ms, first after async save", step_ms(1)))
+    rows.append((f"step ms, next {steps} during/after it", step_ms(steps)))
+    saver.wait()
+    rows.append(("async save s (until on disk)", time.perf_counter() - start))
+    saver.close()
+    return rows
