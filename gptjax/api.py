@@ -53,11 +53,8 @@ class GPT:
         self.module = module
         self.tokenizer = tokenizer
         self._logits_fn = None
-
-    @property
-    def model_config(self) -> ModelConfig:
-        """The decoder's shape, as model.py and hf.py take it (self.config is the whole run's)."""
-        return ModelConfig.from_config(self.config.model)
+        # The decoder's shape, as model.py and hf.py take it (self.config is the whole run's).
+        self.model_config = ModelConfig.from_config(config.model)
 
     @classmethod
     def from_config(cls, config, seed: int | None = None, **overrides) -> "GPT":

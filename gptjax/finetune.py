@@ -35,7 +35,6 @@ from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tasks import get_task, transforms
 from gptjax.tasks.scores import main_score, task_scores
 from gptjax.tasks.splits import read_split
-from gptjax.loop import StepRunner, params_on_mesh
 
 COMBINE = {"classification": "single", "pair": "single", "similarity": "sum", "regression": "sum",
            "multiple_choice": "choice"}
@@ -97,14 +96,15 @@ class TaskPredictor:
     def __init__(self, config, task, mesh, batch_size: int):
         """`config`: the run's (model shape, seed); `batch_size`: examples per prediction batch."""
         self.task, self.mesh, self.batch_size = task, mesh, batch_size
-        sharding.check_model(config.model, mesh)
+        model_config = ModelConfig.from_config(config.model)
+        sharding.check_model(model_config, mesh)
         rows = mesh.shape["data"] * mesh.shape["fsdp"]
         if batch_size % rows:
             raise UserError(f"finetune.eval_batch_size ({batch_size}) must be divisible "
                             f"by the {rows} devices the batch is split over (mesh.data x mesh.fsdp)")
-        make = partial(init_task_model, ModelConfig.from_config(config.model), num_outputs(task),
+        make = partial(init_task_model, model_config, num_outputs(task),
                        COMBINE[task.type], config.train.seed)
-        _, self.graphdef, self.params, self.param_shardings = params_on_mesh(make, mesh)
+        _, self.graphdef, self.params, self.param_shardings = loop.params_on_mesh(make, mesh)
         self.rows_sharding = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
         self._predict = jax.jit(partial(predict_step, self.graphdef), out_shardings=sharding.replicated(mesh))
 
@@ -132,7 +132,7 @@ class TaskPredictor:
         return np.concatenate(out)
 
 
-class TaskRunner(StepRunner):
+class TaskRunner(loop.StepRunner):
     """A TaskModel and its optimizer state on the mesh, the jitted fine-tuning step, and
     prediction with the current params."""
 
@@ -291,7 +291,7 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
                             f"{total} updates (finetune.epochs, train.batch_size or finetune.max_examples "
                             f"changed); pass a new --workdir")
         start = loop.resume(config, workdir, runner, checkpointer)
-        loop.write_config(workdir, config, start)
+        loop.prepare_workdir(workdir, config, start)
         if distributed.is_main():
             tokenizer.save(os.path.join(workdir, "tokenizer.model"))
         best = read_best(workdir) if start and os.path.isfile(os.path.join(workdir, "best.json")) else None
@@ -313,7 +313,7 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
                       **{f"eval_{s}_{m}": v for s, sc in scores.items() for m, v in sc.items()}}
             return record, f"epoch {record['epoch']}: {score_text(scores)}"
 
-        def saved(done: int, evaluation: dict) -> None:
+        def keep_best(done: int, evaluation: dict) -> None:
             nonlocal best
             if best is None or evaluation["eval_score"] > best["score"]:
                 best = {"step": done, "epoch": evaluation["epoch"], "score": evaluation["eval_score"],
@@ -324,7 +324,7 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
 
         config_json = json.loads(config_lib.to_json(config))
         hooks = loop.Hooks(
-            batch=batch, evaluate=evaluate, saved=saved,
+            batch=batch, evaluate=evaluate, saved=keep_best,
             log_step=lambda done: done % t.log_every == 0 or done == total or done % per_epoch == 0,
             save_step=lambda done: done % per_epoch == 0,
             meta=lambda step: {"step": step, "seed": t.seed, "task": task.name, "config": config_json, "format": 1},

@@ -4,13 +4,13 @@ TensorBoard, progress bar, NaN stop, profile window, evaluation and checkpoint c
 
 What differs between objectives comes in through a loss function and `Hooks`: where batches
 come from, when to log, evaluate and save, what an evaluation is, what a checkpoint's metadata
-holds. train.py and finetune.py hold only that.
+holds. train.py and finetune.py give those, with their models, data and evaluation.
 
 A loss function is `loss_fn(params, batch, dropout_key) -> (value, aux)`, `aux` a dict of
-scalars. Where `aux` has "count", `value` and every other aux entry are sums over the batch:
-the step adds them over microbatches and divides the gradient and `value` by the summed count, so
-a batch weighs by its target tokens however it was split. Without "count", `value` is the loss as
-it is and the batch cannot be split into microbatches.
+scalars. Where `aux` has "count", `value` is a sum over the batch: the step adds value, aux and
+gradients over microbatches and divides the gradient and `value` by the summed count, so a batch
+weighs by its target tokens however it was split. Without "count", `value` is the loss as it is
+and the batch cannot be split into microbatches (grad_accum must be 1).
 
 Resume policy (`train.resume`): latest (the newest readable checkpoint, falling back past
 damaged ones), <step> (that one), none (refuse a workdir that holds checkpoints). Checkpoints
@@ -85,6 +85,8 @@ def train_step(loss_fn, tx, schedule, grad_accum, seed, state: TrainState, batch
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         ((value, aux), grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
     count = aux.pop("count", None)
+    if grad_accum > 1 and count is None:
+        raise ValueError("a loss without aux['count'] is a mean and cannot be summed over microbatches")
     if count is not None:
         # Weighted by target tokens over the whole global batch, however it was split.
         count = jnp.maximum(count, 1.0)
@@ -113,6 +115,14 @@ class StepRunner:
         self._step = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                              out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
+    def compile(self, batch: dict) -> float:
+        """Compiles the step for `batch`'s shapes ahead of its first call (so compilation is timed
+        apart from running); returns the seconds it took."""
+        start = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            self._step = self._step.lower(self.state, batch).compile()
+        return time.perf_counter() - start
+
     def step(self, batch: dict) -> dict:
         with jax.set_mesh(self.mesh):  # the model's activation constraints read this mesh
             self.state, metrics = self._step(self.state, batch)
@@ -132,10 +142,10 @@ class Hooks:
     log_step: Callable[[int], bool]  # is step `done` one to write a metrics record after?
     save_step: Callable[[int], bool]  # ... one to checkpoint after?
     meta: Callable[[int], dict]  # a checkpoint's metadata
+    nan_message: str  # "the ... loss became {}; <what to change>"
     # After step `done`: (a record for metrics.jsonl, a line for the console), or None.
     evaluate: Callable[[int], tuple[dict, str] | None] = lambda done: None
     saved: Callable[[int, dict | None], None] = lambda done, evaluation: None  # after a cadence save
-    nan_message: str = "the training loss became {}; lower train.lr"
     tokens_per_step: int | None = None  # set: records carry throughput (tokens/s, step ms, MFU, ...)
     flops_per_token: float | None = None
 
@@ -223,7 +233,7 @@ def restart_metrics(workdir: str, step: int) -> None:
         f.writelines(kept)
 
 
-def write_config(workdir: str, config, start: int) -> None:
+def prepare_workdir(workdir: str, config, start: int) -> None:
     """WORKDIR/config.json (the effective config) and metrics.jsonl restarted at `start`; main process only."""
     if distributed.is_main():
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -252,16 +262,18 @@ class StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def summarise(metrics: list[dict], hooks: Hooks) -> dict:
-    """One record from the step metrics of a log interval (its one host sync): means, the last
-    learning rate, the summed target tokens; a non-finite loss stops the run."""
+def summarise(metrics: list[dict], nan_message: str) -> dict:
+    """One record from the step metrics of a log interval (its one host sync): the loss, then the
+    other means by name, the last learning rate, the summed target tokens; a non-finite loss
+    stops the run."""
     host = jax.device_get(metrics)
-    out = {key: float(np.mean([r[key] for r in host])) for key in host[0] if key not in ("lr", "tokens")}
+    names = ["loss"] + sorted(k for k in host[0] if k not in ("loss", "lr", "tokens"))
+    out = {key: float(np.mean([r[key] for r in host])) for key in names}
     out["lr"] = float(host[-1]["lr"])
     if "tokens" in host[0]:
         out["loss_tokens"] = int(float(sum(r["tokens"] for r in host)))
     if not np.isfinite(out["loss"]):
-        raise UserError(hooks.nan_message.format(out["loss"]))
+        raise UserError(nan_message.format(out["loss"]))
     return out
 
 
@@ -282,8 +294,8 @@ def run(runner, hooks: Hooks, checkpointer: checkpoint.Checkpointer, *, workdir:
     blocked, reported = [], 0  # seconds each save held up the loop; how many are in metrics.jsonl
 
     def save(step: int) -> None:
-        began = time.perf_counter()
-        checkpointer.save(step, runner.state.params, runner.state.opt_state, hooks.meta(step), tokenizer_bytes)
+        meta, began = hooks.meta(step), time.perf_counter()
+        checkpointer.save(step, runner.state.params, runner.state.opt_state, meta, tokenizer_bytes)
         blocked.append(round(time.perf_counter() - began, 4))  # the loop's wait; writing goes on behind it
 
     try:
@@ -299,8 +311,10 @@ def run(runner, hooks: Hooks, checkpointer: checkpoint.Checkpointer, *, workdir:
                 jax.profiler.stop_trace()
                 tracing = False
             if hooks.log_step(done):
-                record = {"step": done, **summarise(pending, hooks)}
+                record = {"step": done, **summarise(pending, hooks.nan_message)}
                 elapsed = time.perf_counter() - window_start - paused
+                # Timings only where the objective asks for throughput: fine-tuning records hold
+                # numbers alone, so two runs of the same job compare exactly.
                 if hooks.tokens_per_step is not None:
                     tokens_per_sec = hooks.tokens_per_step * len(pending) / elapsed
                     record.update(tokens_per_sec=round(tokens_per_sec, 1),
@@ -320,7 +334,8 @@ def run(runner, hooks: Hooks, checkpointer: checkpoint.Checkpointer, *, workdir:
                 history.append(record)
                 if writer:
                     writer.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_sec', 0):,.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", **({"tok_s": f"{record['tokens_per_sec']:,.0f}"}
+                                                                 if "tokens_per_sec" in record else {}))
             # Time spent evaluating and saving is kept out of the training throughput.
             pause_start = time.perf_counter()
             evaluation = hooks.evaluate(done)

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptjax.config import padded_vocab_size
+from gptjax.model_config import ModelConfig
 from gptjax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -95,11 +95,11 @@ def _hybrid_devices(devices: list, sizes: dict, groups: int) -> np.ndarray:
     return np.concatenate(blocks, axis=0)
 
 
-def check_model(model, mesh: jax.sharding.Mesh) -> None:
+def check_model(model: ModelConfig, mesh: jax.sharding.Mesh) -> None:
     """Model dimensions a mesh axis would split unevenly, as an error before any compilation."""
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
     for name, size in (("model.n_head", model.n_head), ("model.d_ff", model.d_ff),
-                       ("the padded vocabulary", padded_vocab_size(model.vocab_size, model.vocab_pad_multiple))):
+                       ("the padded vocabulary", model.padded_vocab)):
         if size % tensor:
             raise UserError(f"{name} ({size}) is not divisible by mesh.tensor ({tensor}); pick a tensor size "
                             f"that divides it")
@@ -109,7 +109,7 @@ def check_model(model, mesh: jax.sharding.Mesh) -> None:
 
 def check_divisible(config, mesh: jax.sharding.Mesh) -> None:
     """The model and the train batch against the mesh, as an error before any compilation."""
-    check_model(config.model, mesh)
+    check_model(ModelConfig.from_config(config.model), mesh)
     t = config.train
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = t.batch_size // max(t.grad_accum, 1)

@@ -20,7 +20,6 @@ from gptjax.errors import UserError
 from gptjax.model import init_decoder
 from gptjax.model_config import ModelConfig
 from gptjax.optim import lr_schedule, make_optimizer
-from gptjax.loop import StepRunner, microbatches, params_on_mesh
 
 
 def batch_loss(graphdef, params, batch, dropout_key):
@@ -48,10 +47,10 @@ def eval_step(graphdef, grad_accum, params, batch):
         return (carry[0] + total, carry[1] + count), None
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    return jax.lax.scan(accumulate, zeros, microbatches(batch, grad_accum))[0]
+    return jax.lax.scan(accumulate, zeros, loop.microbatches(batch, grad_accum))[0]
 
 
-class Trainer(StepRunner):
+class Trainer(loop.StepRunner):
     """The decoder and its optimizer state on the mesh, the jitted LM train step, held-out scoring."""
 
     def __init__(self, config, mesh=None):
@@ -60,7 +59,7 @@ class Trainer(StepRunner):
         sharding.check_divisible(config, mesh)
         t = config.train
         make = partial(init_decoder, ModelConfig.from_config(config.model), t.seed)
-        abstract, graphdef, params, _ = params_on_mesh(make, mesh)
+        abstract, graphdef, params, _ = loop.params_on_mesh(make, mesh)
         self.flops_per_token = abstract.flops_per_token(t.seq_len)
         super().__init__(mesh, graphdef, params, make_optimizer(t), lr_schedule(t), partial(batch_loss, graphdef),
                          sharding.batch_sharding(mesh), t.grad_accum, t.seed)
@@ -103,7 +102,7 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
         if start >= t.steps:
             raise UserError(f"train.resume={t.resume} restores step {start}, which is not before "
                             f"train.steps={t.steps}; raise train.steps")
-        loop.write_config(workdir, config, start)
+        loop.prepare_workdir(workdir, config, start)
         documents: dict = {}  # read at most once, only if the tokenizer or an unprepared source needs them
         if main:  # trains the tokenizer if there is none; the other processes then load it
             tokenizer = corpus.workdir_tokenizer(config, workdir, documents)

@@ -61,7 +61,8 @@ def toy_hooks(config, every: int = 2, poison: int | None = None, terminate_at: i
     return loop.Hooks(
         batch=batch, log_step=lambda done: True, save_step=lambda done: done % every == 0,
         evaluate=lambda done: ({"step": done, "eval_probe": float(done)}, f"step {done}") if done % 4 == 0 else None,
-        meta=lambda step: {"step": step, "config": json.loads(config.to_json())})
+        meta=lambda step: {"step": step, "config": json.loads(config.to_json())},
+        nan_message="the training loss became {}; lower train.lr")
 
 
 def _config(**train):
@@ -75,7 +76,7 @@ def _run(workdir, config, total, hooks=None, keep=0, keep_every=0):
     checkpointer = checkpoint.Checkpointer(str(workdir), keep=keep, keep_every=keep_every)
     try:
         start = loop.resume(config, str(workdir), runner, checkpointer)
-        loop.write_config(str(workdir), config, start)
+        loop.prepare_workdir(str(workdir), config, start)
         out = loop.run(runner, hooks or toy_hooks(config), checkpointer, workdir=str(workdir), start=start,
                        total=total, tokenizer_bytes=None, progress=False)
     finally:

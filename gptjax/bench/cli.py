@@ -17,7 +17,7 @@ ms, compile s and first step s apart, the allocator's peak GiB and the compiler'
 `memory` compiles without allocating (gptjax/bench/memory.py, gptjax/bench/step_analysis.py),
 `attention` times the attention kernels alone (gptjax/bench/attention.py), `loop` measures what
 the pretraining loop adds to the bare step (data, logging, evaluation, saves; `data` and
-`checkpoint` time the input pipeline and saves alone: gptjax/bench/loop.py). `memory` compiles
+`checkpoint` time the input pipeline and saves alone: gptjax/bench/overheads.py). `memory` compiles
 on the config's mesh (`--config.mesh.fsdp=8`, ...) over fake CPU devices when the host has
 fewer, and gives what each device holds. `--xla-flags` takes presets from xla_flags.py. `train`,
 `parts` and `memory --kinds pretrain` need only jax, flax, optax and ml_collections, so they run
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import attention
-from gptjax.bench import loop, memory, step_parts, train_step
+from gptjax.bench import memory, overheads, step_parts, train_step
 from gptjax.config import load_config
 from gptjax.errors import UserError
 from gptjax.model import compute_dtype
@@ -63,7 +63,7 @@ def _run(args, overrides: list[str]) -> None:
 
     config = config_for(batches[0])
     if args.what == "data":
-        rows = loop.bench_data(config, args.workdir, args.steps)
+        rows = overheads.bench_data(config, args.workdir, args.steps)
         print(f"{config.name}: batch {config.train.batch_size} x {config.train.seq_len}, "
               f"document_mask={config.data.document_mask}, num_workers={config.data.num_workers}")
         for name, rate in rows:
@@ -71,8 +71,8 @@ def _run(args, overrides: list[str]) -> None:
         return
     print(_describe(config))
     if args.what in ("checkpoint", "loop"):
-        rows = (loop.bench_checkpoint if args.what == "checkpoint" else loop.bench_loop)(config, args.workdir,
-                                                                                        args.steps)
+        bench = overheads.bench_checkpoint if args.what == "checkpoint" else overheads.bench_loop
+        rows = bench(config, args.workdir, args.steps)
         print(f"{config.name}: batch {config.train.batch_size} x {config.train.seq_len}")
         for name, value in rows:
             print(f"{name:>56}: {value:,.3f}")

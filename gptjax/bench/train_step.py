@@ -34,20 +34,11 @@ def _peak_gib() -> float | None:
     return None if peak is None else peak / 2**30
 
 
-def _compile(trainer, batch: dict) -> float:
-    """Compiles the trainer's step for `batch` ahead of its first call, so compilation is timed
-    apart from running; returns the seconds it took."""
-    start = time.perf_counter()
-    with jax.set_mesh(trainer.mesh):
-        trainer._step = trainer._step.lower(trainer.state, batch).compile()
-    return time.perf_counter() - start
-
-
 def bench_train(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
     from gptjax.train import Trainer
     trainer = Trainer(config)
     batches = [random_batch(config, i, trainer.batch_sharding) for i in range(2)]
-    compile_s = _compile(trainer, batches[0])
+    compile_s = trainer.compile(batches[0])
     plan_gib = step_analysis.memory_plan(trainer._step)["peak"]
     start = time.perf_counter()
     jax.block_until_ready(trainer.step(batches[0]))
