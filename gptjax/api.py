@@ -45,6 +45,18 @@ def _load_decoder(model_config: ModelConfig, path: str, step: int | None = None)
     return nnx.merge(graphdef, params)
 
 
+def folder_tokenizer(path: str):
+    """The tokenizer of a workdir or a Hugging Face folder: tokenizer.model (SentencePiece), else
+    tokenizer.json or vocab.json + merges.txt (Hugging Face), else None."""
+    if os.path.isfile(os.path.join(path, "tokenizer.model")):
+        from gptjax.data.tokenizer import Tokenizer
+        return Tokenizer.load(os.path.join(path, "tokenizer.model"))
+    if any(os.path.isfile(os.path.join(path, *names)) for names in (("tokenizer.json",), ("vocab.json",))):
+        from gptjax.data.hf_tokenizer import HFTokenizer  # needs the tokenizers package
+        return HFTokenizer.load(path)
+    return None
+
+
 class GPT:
     """A decoder with its config and (optionally) its tokenizer."""
 
@@ -72,7 +84,7 @@ class GPT:
     def from_pretrained(cls, path: str, step: int | None = None) -> "GPT":
         """Parameters (never optimizer state) from a gptjax workdir, or a Hugging Face GPT-2 /
         openai-gpt folder (config.json with a `model_type`), or one checkpoint of a run,
-        WORKDIR/checkpoints/<step>. A tokenizer.model beside it is loaded too."""
+        WORKDIR/checkpoints/<step>. The tokenizer beside it is loaded too (folder_tokenizer)."""
         directory, checkpoint_step = checkpoint.checkpoint_dir(path)
         if checkpoint_step is not None:
             return cls._from_checkpoint(directory, checkpoint_step)
@@ -89,12 +101,7 @@ class GPT:
         else:
             config = config_lib.config_from_dict(values)
             module = _load_decoder(ModelConfig.from_config(config.model), path, step)
-        tokenizer = None
-        tok_path = os.path.join(path, "tokenizer.model")
-        if os.path.isfile(tok_path):
-            from gptjax.data.tokenizer import Tokenizer
-            tokenizer = Tokenizer.load(tok_path)
-        return cls(config, module, tokenizer)
+        return cls(config, module, folder_tokenizer(path))
 
     @classmethod
     def _from_checkpoint(cls, directory: str, step: int) -> "GPT":
@@ -156,9 +163,10 @@ class GPT:
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         batch = [prompts] if single else list(prompts)
         ids = [self._encode(p) for p in batch]
-        pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
+        # Padded prompt slots are hidden from attention, so any id inside the embedding pads them
+        # (a tokenizer's own pad may be an added token past the model's rows).
         out = generate_tokens(self.module, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_k=top_k, top_p=top_p, seed=seed, pad_id=pad,
+                              top_k=top_k, top_p=top_p, seed=seed, pad_id=0,
                               vocab_size=self.model_config.vocab_size)
         if all(isinstance(p, str) for p in batch):
             # Decode prompt and continuation together so the space between them survives.
@@ -182,6 +190,8 @@ class GPT:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             f.write(config_lib.to_json(self.config) + "\n")
-        if self.tokenizer is not None:
+        if hasattr(self.tokenizer, "save_pretrained"):  # a Hugging Face tokenizer: its own files
+            self.tokenizer.save_pretrained(path)
+        elif self.tokenizer is not None:
             self.tokenizer.save(os.path.join(path, "tokenizer.model"))
         checkpoint.save_params(path, 0, nnx.state(self.module, nnx.Param))

@@ -101,7 +101,8 @@ def cmd_generate(args, extra):
     model = GPT.from_pretrained(args.workdir)
     prompts = args.prompt
     if model.tokenizer is None:
-        raise UserError(f"{args.workdir} has no tokenizer.model to turn the prompt into tokens")
+        raise UserError(f"{args.workdir} has no tokenizer to turn the prompt into tokens (tokenizer.model, or a "
+                        f"Hugging Face tokenizer.json or vocab.json + merges.txt)")
     texts = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for prompt, text in zip(prompts, texts):

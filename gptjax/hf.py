@@ -191,8 +191,10 @@ def hf_config_from(m: ModelConfig, tokenizer=None) -> dict:
                   resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.attn_dropout,
                   tie_word_embeddings=True, torch_dtype="float32", dtype="float32")
     if tokenizer is not None:
-        # GPT-2's convention: one end-of-text id serves as both bos and eos.
-        common.update(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        # GPT-2's convention: one end-of-text id serves as both bos and eos. An id the embedding lacks
+        # (a token the tokenizer added past the model's rows) is left unnamed.
+        ids = dict(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        common.update({k: v if v < m.vocab_size else None for k, v in ids.items()})
     else:  # transformers' GPT-2 default of 50256 would point outside a smaller vocabulary
         common.update(bos_token_id=None, eos_token_id=None)
     if m.block == "pre_ln":
@@ -278,6 +280,11 @@ def save_hf(model_config: ModelConfig, module: Decoder, path: str, tokenizer=Non
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
         f.write("\n")
-    if tokenizer is not None:
-        # Not a transformers tokenizer (those are byte-level BPE files), but it says what the ids mean.
+    if hasattr(tokenizer, "save_pretrained"):  # a Hugging Face tokenizer: its own files
+        tokenizer.save_pretrained(path)
+    elif tokenizer is not None:
+        # The SentencePiece model itself, and the same tokenizer as tokenizer.json with the same
+        # ids, which transformers.AutoTokenizer loads.
+        from gptjax.data import sp_export
         tokenizer.save(os.path.join(path, "tokenizer.model"))
+        sp_export.save_pretrained(tokenizer, path)
