@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax import checkpoint, config as config_lib
+from gptjax.data import tokenizer_files
 from gptjax.errors import UserError
 from gptjax.generate import generate_tokens
 from gptjax.model import Decoder, init_decoder
@@ -45,18 +46,6 @@ def _load_decoder(model_config: ModelConfig, path: str, step: int | None = None)
     return nnx.merge(graphdef, params)
 
 
-def folder_tokenizer(path: str):
-    """The tokenizer of a workdir or a Hugging Face folder: tokenizer.model (SentencePiece), else
-    tokenizer.json or vocab.json + merges.txt (Hugging Face), else None."""
-    if os.path.isfile(os.path.join(path, "tokenizer.model")):
-        from gptjax.data.tokenizer import Tokenizer
-        return Tokenizer.load(os.path.join(path, "tokenizer.model"))
-    if any(os.path.isfile(os.path.join(path, *names)) for names in (("tokenizer.json",), ("vocab.json",))):
-        from gptjax.data.hf_tokenizer import HFTokenizer  # needs the tokenizers package
-        return HFTokenizer.load(path)
-    return None
-
-
 class GPT:
     """A decoder with its config and (optionally) its tokenizer."""
 
@@ -84,7 +73,7 @@ class GPT:
     def from_pretrained(cls, path: str, step: int | None = None) -> "GPT":
         """Parameters (never optimizer state) from a gptjax workdir, or a Hugging Face GPT-2 /
         openai-gpt folder (config.json with a `model_type`), or one checkpoint of a run,
-        WORKDIR/checkpoints/<step>. The tokenizer beside it is loaded too (folder_tokenizer)."""
+        WORKDIR/checkpoints/<step>. The tokenizer beside it is loaded too."""
         directory, checkpoint_step = checkpoint.checkpoint_dir(path)
         if checkpoint_step is not None:
             return cls._from_checkpoint(directory, checkpoint_step)
@@ -101,7 +90,7 @@ class GPT:
         else:
             config = config_lib.config_from_dict(values)
             module = _load_decoder(ModelConfig.from_config(config.model), path, step)
-        return cls(config, module, folder_tokenizer(path))
+        return cls(config, module, tokenizer_files.load_folder(path))
 
     @classmethod
     def _from_checkpoint(cls, directory: str, step: int) -> "GPT":
@@ -120,10 +109,7 @@ class GPT:
             reader.close()
         if config is None:
             return cls.from_pretrained(workdir, step)
-        tokenizer = None
-        if tokenizer_bytes is not None:
-            from gptjax.data.tokenizer import Tokenizer
-            tokenizer = Tokenizer.from_proto(tokenizer_bytes)
+        tokenizer = None if tokenizer_bytes is None else tokenizer_files.from_bytes(tokenizer_bytes)
         module = _load_decoder(ModelConfig.from_config(config.model), os.path.join(directory, str(step)))
         return cls(config, module, tokenizer)
 
@@ -190,8 +176,6 @@ class GPT:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             f.write(config_lib.to_json(self.config) + "\n")
-        if hasattr(self.tokenizer, "save_pretrained"):  # a Hugging Face tokenizer: its own files
-            self.tokenizer.save_pretrained(path)
-        elif self.tokenizer is not None:
-            self.tokenizer.save(os.path.join(path, "tokenizer.model"))
+        if self.tokenizer is not None:
+            tokenizer_files.save_folder(self.tokenizer, path)
         checkpoint.save_params(path, 0, nnx.state(self.module, nnx.Param))

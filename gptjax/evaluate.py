@@ -23,7 +23,7 @@ import numpy as np
 
 from gptjax import checkpoint, config as config_lib, distributed, sharding
 from gptjax.distributed import log_main
-from gptjax.data.tokenizer import Tokenizer
+from gptjax.data import tokenizer_files
 from gptjax.errors import UserError
 from gptjax.finetune import TaskPredictor, input_length, predictions, read_best, saved_config
 from gptjax.tasks import GLUE_TASKS, get_task, transforms
@@ -86,7 +86,7 @@ class FinetunedPredictor:
             self.predictor.params = reader.restore_params(self.step, self.predictor.params)
         finally:
             reader.close()
-        self.tokenizer = Tokenizer.load(os.path.join(directory, "tokenizer.model"))
+        self.tokenizer = tokenizer_files.load_folder(directory)
         self.directory = directory
 
     def data_settings(self, eval_config) -> dict:

@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 from gptjax import checkpoint, config as config_lib, distributed, loop, sharding
-from gptjax.data.tokenizer import PAD_ID, Tokenizer, check_vocab
+from gptjax.data import tokenizer_files
+from gptjax.data.tokenizer import PAD_ID, check_vocab
 from gptjax.distributed import log_main
 from gptjax.errors import UserError
 from gptjax.model import init_task_model
@@ -57,7 +58,7 @@ def task_loss_sum(task_type: str, logits, labels, weights):
     return jnp.sum(per_row * weights)
 
 
-def batch_loss(graphdef, task_type, lm_weight, clf_dropout, params, batch, dropout_key):
+def batch_loss(graphdef, task_type, lm_weight, clf_dropout, pad_id, params, batch, dropout_key):
     model = nnx.merge(graphdef, params)
     logits, hidden = model(batch["tokens"], batch["extract"], dropout_key=dropout_key, clf_dropout=clf_dropout)
     weights = batch["weights"]
@@ -68,7 +69,7 @@ def batch_loss(graphdef, task_type, lm_weight, clf_dropout, params, batch, dropo
     if lm_weight > 0:  # static: with the weight at 0 the vocabulary projection is never computed
         b, s, t = batch["tokens"].shape
         tokens = batch["tokens"].reshape(b * s, t)
-        mask = (tokens[:, 1:] != PAD_ID) & (jnp.repeat(weights, s)[:, None] > 0)
+        mask = (tokens[:, 1:] != pad_id) & (jnp.repeat(weights, s)[:, None] > 0)
         lm_sum, lm_count = model.decoder.lm_loss(hidden[:, :-1], tokens[:, 1:], mask)
         aux["lm_loss"] = lm_sum / jnp.maximum(lm_count, 1.0)
         total = total + lm_weight * aux["lm_loss"]
@@ -136,7 +137,7 @@ class TaskRunner(loop.StepRunner):
     """A TaskModel and its optimizer state on the mesh, the jitted fine-tuning step, and
     prediction with the current params."""
 
-    def __init__(self, config, task, total_steps: int = 1, mesh=None):
+    def __init__(self, config, task, total_steps: int = 1, mesh=None, pad_id: int = PAD_ID):
         mesh = mesh or sharding.make_mesh(config.mesh)
         sharding.check_divisible(config, mesh)
         self.predictor = TaskPredictor(config, task, mesh, config.finetune.eval_batch_size)
@@ -144,14 +145,25 @@ class TaskRunner(loop.StepRunner):
             raise UserError("fine-tuning has no gradient accumulation; set train.grad_accum=1 (and lower "
                             "train.batch_size if memory is short)")
         p, f, train_cfg = self.predictor, config.finetune, schedule_config(config, total_steps)
-        loss_fn = partial(batch_loss, p.graphdef, task.type, f.lm_weight, f.clf_dropout)
+        self.model_config = ModelConfig.from_config(config.model)
+        loss_fn = partial(batch_loss, p.graphdef, task.type, f.lm_weight, f.clf_dropout, pad_id)
         super().__init__(mesh, p.graphdef, p.params, make_optimizer(train_cfg), lr_schedule(train_cfg), loss_fn,
                          p.rows_sharding, 1, config.train.seed)
         p.params = None  # this runner's state holds them, donated at every step
 
-    def load_decoder(self, decoder_params: nnx.State) -> None:
-        """Puts pretrained decoder params (any layout) into this model's decoder, sharded."""
-        self.state.params["decoder"] = jax.device_put(decoder_params, self.predictor.param_shardings["decoder"])
+    def load_decoder(self, decoder_params: nnx.State, added_from: int | None = None) -> None:
+        """Puts pretrained decoder params (any layout) into this model's decoder, sharded. With
+        `added_from`, the token-embedding rows from that id on (tokens added for fine-tuning) keep
+        this model's N(0, init_std) initialisation; every other row is the pretrained one."""
+        flat, mine = checkpoint.flatten(decoder_params), checkpoint.flatten(self.state.params["decoder"])
+        if added_from is not None:
+            old, new = jnp.asarray(flat["wte"]), jnp.asarray(mine["wte"])
+            rows = jnp.arange(new.shape[0])[:, None]
+            end = self.model_config.vocab_size
+            pretrained = jnp.zeros_like(new).at[:old.shape[0]].set(old[:new.shape[0]])
+            flat["wte"] = jnp.where((rows >= added_from) & (rows < end), new, pretrained)
+        params = checkpoint.unflatten(flat, self.state.params["decoder"])
+        self.state.params["decoder"] = jax.device_put(params, self.predictor.param_shardings["decoder"])
 
     def logits(self, encoded: transforms.Encoded) -> np.ndarray:
         return self.predictor.logits(encoded, self.state.params)
@@ -203,16 +215,29 @@ def validation_splits(task) -> list[str]:
     return [s for s in task.splits if s.startswith("validation")]
 
 
-def load_tokenizer(config, pretrained) -> Tokenizer:
+def load_tokenizer(config, pretrained):
     if config.data.tokenizer:
-        if not os.path.isfile(config.data.tokenizer):
-            raise UserError(f"data.tokenizer={config.data.tokenizer} does not exist; give a SentencePiece .model")
-        return Tokenizer.load(config.data.tokenizer)
+        from gptjax.data.hf_tokenizer import load_any
+        return load_any(config.data.tokenizer)
     if pretrained is not None and pretrained.tokenizer is not None:
         return pretrained.tokenizer
-    where = f"{config.init_from} has no tokenizer.model" if config.init_from else "init_from is empty"
+    where = f"{config.init_from} has no tokenizer" if config.init_from else "init_from is empty"
     raise UserError(f"fine-tuning needs the tokenizer the model was pretrained with, and {where}; set "
-                    f"data.tokenizer to that SentencePiece .model")
+                    f"data.tokenizer to that SentencePiece .model or Hugging Face tokenizer folder")
+
+
+def grow_for_added_tokens(config, tokenizer) -> int:
+    """Rows the token embedding gains for the tokens a Hugging Face tokenizer added past its own
+    vocabulary (the paper's start, delimiter and extract tokens, and eos / pad where it had none);
+    sets model.vocab_size to hold them. 0 for a tokenizer that fits as it is."""
+    added = getattr(tokenizer, "added_tokens", {})
+    if not added or tokenizer.vocab_size <= config.model.vocab_size:
+        return 0
+    if tokenizer.base_vocab_size > config.model.vocab_size:
+        return 0  # a vocabulary the model never had: check_vocab says so
+    grown = tokenizer.vocab_size - config.model.vocab_size
+    config.model.vocab_size = tokenizer.vocab_size
+    return grown
 
 
 def effective_config(config, pretrained):
@@ -267,6 +292,7 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
     pretrained = GPT.from_pretrained(config.init_from) if config.init_from else None
     config = effective_config(config, pretrained)
     tokenizer = load_tokenizer(config, pretrained)
+    grown = grow_for_added_tokens(config, tokenizer) if pretrained is not None else 0
     check_vocab(config.model.vocab_size, tokenizer)
     f, t = config.finetune, config.train
     max_len = input_length(config)
@@ -277,11 +303,16 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
             log_main(f"{encoded.truncated} of {len(encoded)} {name} examples were truncated to {max_len} tokens")
     per_epoch = math.ceil(len(train) / t.batch_size)
     total = f.epochs * per_epoch
-    runner = TaskRunner(config, task, total)
+    runner = TaskRunner(config, task, total, pad_id=tokenizer.pad_id)
     if pretrained is not None:
-        runner.load_decoder(nnx.state(pretrained.module, nnx.Param))
+        runner.load_decoder(nnx.state(pretrained.module, nnx.Param),
+                            added_from=pretrained.model_config.vocab_size if grown else None)
+        rows = ""
+        if grown:
+            names = ", ".join(sorted(tokenizer.added_tokens, key=tokenizer.added_tokens.get))
+            rows = f" and {grown} token-embedding rows ({names})"
         log_main(f"initialised the decoder from {config.init_from}; new parameters: the task head "
-             f"({config.model.d_model} x {num_outputs(task)} + bias)")
+             f"({config.model.d_model} x {num_outputs(task)} + bias){rows}")
         del pretrained
     checkpointer = checkpoint.Checkpointer(workdir)
     try:
@@ -293,7 +324,7 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
         start = loop.resume(config, workdir, runner, checkpointer)
         loop.prepare_workdir(workdir, config, start)
         if distributed.is_main():
-            tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+            tokenizer_files.save_folder(tokenizer, workdir)
         best = read_best(workdir) if start and os.path.isfile(os.path.join(workdir, "best.json")) else None
         best = None if best is not None and best["step"] > start else best  # a set-aside step is trained again
         scores = {}
@@ -330,7 +361,7 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
             meta=lambda step: {"step": step, "seed": t.seed, "task": task.name, "config": config_json, "format": 1},
             nan_message="the fine-tuning loss became {}; lower train.lr")
         result = loop.run(runner, hooks, checkpointer, workdir=workdir, start=start, total=total,
-                          tokenizer_bytes=tokenizer.serialized_model_proto(), profile_steps=t.profile_steps,
+                          tokenizer_bytes=tokenizer_files.to_bytes(tokenizer), profile_steps=t.profile_steps,
                           progress=progress and distributed.is_main())
         return {"history": result["history"], **best}
     finally:

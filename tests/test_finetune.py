@@ -61,7 +61,7 @@ def test_loss_is_task_loss_plus_half_lm_loss(pretrained, name):
     model = init_task_model(ModelConfig.from_config(config.model), ft.num_outputs(task), ft.COMBINE[task.type], 0)
     batch = ft.make_batch(enc, np.arange(5), 6)  # one padding row, which must not count
     graphdef, params = nnx.split(model, nnx.Param)
-    total, aux = ft.batch_loss(graphdef, task.type, 0.5, 0.0, params,
+    total, aux = ft.batch_loss(graphdef, task.type, 0.5, 0.0, tokenizer.pad_id, params,
                                {k: jnp.asarray(v) for k, v in batch.items()}, None)
     logits = np.asarray(model(jnp.asarray(enc.tokens[:5]), jnp.asarray(enc.extract[:5]))[0], np.float64)
     labels = enc.labels[:5]
@@ -74,7 +74,7 @@ def test_loss_is_task_loss_plus_half_lm_loss(pretrained, name):
     np.testing.assert_allclose(float(aux["task_loss"]), task_loss, rtol=1e-5)
     np.testing.assert_allclose(float(aux["lm_loss"]), lm, rtol=1e-5)
     np.testing.assert_allclose(float(total), task_loss + 0.5 * lm, rtol=1e-5)
-    off, aux_off = ft.batch_loss(graphdef, task.type, 0.0, 0.0, params,
+    off, aux_off = ft.batch_loss(graphdef, task.type, 0.0, 0.0, tokenizer.pad_id, params,
                                  {k: jnp.asarray(v) for k, v in batch.items()}, None)
     assert "lm_loss" not in aux_off and float(off) == pytest.approx(task_loss, rel=1e-5)
 

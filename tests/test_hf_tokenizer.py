@@ -363,26 +363,27 @@ def _model_folder(folders, tmp_path, kind):
     torch = pytest.importorskip("torch")
     folder = tmp_path / f"{kind}-model"
     shutil.copytree(folders[f"{kind}-json"], folder)
+    vocab = HFTokenizer.load(str(folder)).base_vocab_size  # the model's rows: the tokenizer's own ids
     torch.manual_seed(0)
     scale = 0.3 if kind == "gpt2" else 0.1  # post-LN blocks saturate sooner
     if kind == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0))
+            n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab, bos_token_id=0, eos_token_id=0))
     else:
         model = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(
-            n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB, afn="gelu"))
+            n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab, afn="gelu"))
     with torch.no_grad():  # far from the small default init, so greedy decoding does not repeat one token
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * scale + (1.0 if ".ln_" in name and name.endswith("weight") else 0.0))
     model.eval().save_pretrained(folder)
-    return torch, model, folder
+    return torch, model, folder, vocab
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "openai"])
 def test_a_model_folder_brings_its_tokenizer_and_generates_as_transformers(folders, tmp_path, kind):
     from gptjax.api import GPT
 
-    torch, model, folder = _model_folder(folders, tmp_path, kind)
+    torch, model, folder, vocab = _model_folder(folders, tmp_path, kind)
     ours = GPT.from_pretrained(str(folder))
     ref = reference(folder)
     text = "The quick brown fox jumps over the lazy dog, doesn't it?"
@@ -394,7 +395,9 @@ def test_a_model_folder_brings_its_tokenizer_and_generates_as_transformers(folde
     expected = out[0, len(prompt):].tolist()
     got = ours.generate(prompt, max_new_tokens=8, temperature=0.0)
     assert got[:len(expected)] == expected  # transformers stops early only at its eos
-    assert len(set(got)) > 1  # a continuation that moves, so agreement is not trivial
+    with torch.no_grad():  # and the scores behind the choices are the same, not just their argmax
+        ref_logits = model(torch.tensor([prompt])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours.logits([prompt])), ref_logits, atol=1e-4, rtol=1e-4)
     # Text in, text out: the continuation decoded by the folder's own tokenizer.
     continuation = ours.generate(text, max_new_tokens=8, temperature=0.0)
     assert continuation == ours.tokenizer.decode(prompt + got)[len(ours.tokenizer.decode(prompt)):] or \
@@ -406,7 +409,7 @@ def test_convert_carries_the_tokenizer_both_ways(folders, tmp_path, kind):
     from gptjax import cli
     from gptjax.api import GPT
 
-    _, _, folder = _model_folder(folders, tmp_path, kind)
+    _, _, folder, vocab = _model_folder(folders, tmp_path, kind)
     workdir, export = tmp_path / "workdir", tmp_path / "export"
     assert cli.main(["convert", "--from-hf", str(folder), "--to", str(workdir)]) == 0
     assert (workdir / "tokenizer.json").is_file()
@@ -419,4 +422,74 @@ def test_convert_carries_the_tokenizer_both_ways(folders, tmp_path, kind):
     control = [again.convert_tokens_to_ids(t) for t in CONTROL_SYMBOLS]
     assert control == [HFTokenizer.load(str(folder)).added_tokens[t] for t in CONTROL_SYMBOLS]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(export))
-    assert loaded.config.vocab_size == VOCAB
+    assert loaded.config.vocab_size == vocab
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's recipe on a released model: added token rows, the head, fine-tune and eval.
+
+@pytest.mark.parametrize("kind", ["gpt2", "openai"])
+def test_added_tokens_grow_the_embedding_and_task_logits_equal_transformers(folders, tmp_path, kind):
+    from flax import nnx
+
+    from gptjax import checkpoint, finetune as ft
+    from gptjax.api import GPT
+    from gptjax.config import load_config
+    from gptjax.tasks import get_task, synthetic_split, transforms
+
+    torch, model, folder, vocab = _model_folder(folders, tmp_path, kind)
+    pretrained = GPT.from_pretrained(str(folder))
+    tok = pretrained.tokenizer
+    config = ft.effective_config(load_config("configs/tiny.py", ["task=synthetic_paraphrase", "model.dtype=float32",
+                                                                 "finetune.eval_batch_size=8"]), pretrained)
+    grown = ft.grow_for_added_tokens(config, tok)
+    assert grown == len(tok.added_tokens) == tok.vocab_size - vocab and config.model.vocab_size == tok.vocab_size
+    task = get_task("synthetic_paraphrase")
+    runner = ft.TaskRunner(config, task, 1, pad_id=tok.pad_id)
+    runner.load_decoder(nnx.state(pretrained.module, nnx.Param), added_from=vocab)
+    ours = checkpoint.flatten(runner.state.params)
+    source = checkpoint.flatten(nnx.state(pretrained.module, nnx.Param))
+    for name, value in source.items():  # every pretrained number is there, bitwise
+        value, loaded = np.asarray(value), np.asarray(ours[f"decoder.{name}"])
+        if name == "wte":
+            np.testing.assert_array_equal(loaded[:vocab], value[:vocab])
+            added = loaded[vocab:vocab + grown]
+            assert added.std() == pytest.approx(config.model.init_std, rel=0.5) and np.abs(added).min() > 0
+        else:
+            np.testing.assert_array_equal(loaded, value)
+    assert sorted(k for k in ours if not k.startswith("decoder.")) == ["head_bias", "head_kernel"]
+
+    # The hand computation in transformers: the resized model with our added rows, its final hidden
+    # state at each extract position, times W_y plus b, summed over the two orders of the pair.
+    enc = transforms.encode(task, synthetic_split(task, "validation", size=8), tok, 64)
+    model.resize_token_embeddings(tok.vocab_size)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[vocab:] = torch.tensor(np.asarray(ours["decoder.wte"])[vocab:tok.vocab_size])
+        tokens = torch.tensor(enc.tokens.reshape(-1, enc.tokens.shape[-1]), dtype=torch.long)
+        hidden = model(tokens, output_hidden_states=True).hidden_states[-1].numpy()
+    states = hidden[np.arange(len(tokens)), enc.extract.reshape(-1)].reshape(*enc.extract.shape, -1)
+    w, b = np.asarray(ours["head_kernel"]), np.asarray(ours["head_bias"])
+    expected = (states @ w + b).sum(1)
+    np.testing.assert_allclose(runner.logits(enc), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "openai"])
+def test_finetune_then_eval_from_a_model_folder_through_the_cli(folders, tmp_path, kind, capsys):
+    from gptjax import cli
+
+    _, _, folder, vocab = _model_folder(folders, tmp_path, kind)
+    run = tmp_path / "run"
+    common = ["--config", "configs/glue.py", "--config.task=synthetic_sentiment", "--workdir", str(run),
+              "--config.finetune.eval_batch_size=8", "--config.model.dtype=float32"]
+    assert cli.main(["finetune", *common, f"--config.init_from={folder}", "--no-progress",
+                     "--config.finetune.max_examples=32", "--config.finetune.epochs=1",
+                     "--config.train.batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    added = HFTokenizer.load(str(folder)).added_tokens
+    assert f"and {len(added)} token-embedding rows (<start>, <delim>, <extract>" in out
+    assert (run / "tokenizer.json").is_file() and not (run / "tokenizer.model").exists()
+    assert cli.main(["eval", *common]) == 0
+    metrics = json.loads((run / "eval" / "synthetic_sentiment" / "metrics.json").read_text())
+    best = json.loads((run / "best.json").read_text())
+    # eval reloads the run (its tokenizer.json, its grown embedding) and scores what training scored
+    assert metrics["splits"]["validation"]["scores"] == best["scores"]["validation"]

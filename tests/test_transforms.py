@@ -22,6 +22,8 @@ def tok(tmp_path_factory):
 class WordTok:
     """Each whitespace-separated word is its own id ("101 102" -> [101, 102]): known lengths."""
 
+    pad_id, start_id, delim_id, extract_id = PAD_ID, START_ID, DELIM_ID, EXTRACT_ID
+
     def __init__(self):
         self.batch_calls = 0
 

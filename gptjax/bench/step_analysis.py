@@ -88,7 +88,7 @@ def compile_train_step(config, devices=None, kind: str = "pretrain"):
         train_cfg = ft.schedule_config(config, max(t.steps, 1))
         tx = make_optimizer(train_cfg)
         f = config.finetune
-        loss = partial(ft.batch_loss, graphdef, "classification", f.lm_weight, f.clf_dropout)
+        loss = partial(ft.batch_loss, graphdef, "classification", f.lm_weight, f.clf_dropout, 0)
         step = partial(train_step, loss, tx, lr_schedule(train_cfg), 1, t.seed)
         batch_sharding = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
         b, length = t.batch_size, config.finetune.max_len or config.model.max_len

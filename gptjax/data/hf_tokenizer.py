@@ -46,7 +46,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from gptjax.data.tokenizer import CONTROL_SYMBOLS, Tokenizer, _write_atomic
+from gptjax.data.tokenizer import CONTROL_SYMBOLS, Tokenizer, write_atomic
 from gptjax.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -153,6 +153,7 @@ class HFTokenizer:
     delim_id = property(lambda self: self._control_ids[1])
     extract_id = property(lambda self: self._control_ids[2])
     backend = property(lambda self: self._tok, doc="the underlying tokenizers.Tokenizer")
+    special_token_names = property(lambda self: dict(self._names), doc="eos_token, pad_token, unk_token")
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -183,7 +184,7 @@ class HFTokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        _write_atomic(path, self._tok.to_str(pretty=True).encode("utf-8"))
+        write_atomic(path, self._tok.to_str(pretty=True).encode("utf-8"))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for AutoTokenizer."""
@@ -206,7 +207,7 @@ class HFTokenizer:
             "clean_up_tokenization_spaces": False,
         }
         for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
-            _write_atomic(folder / name, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+            write_atomic(folder / name, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
     def __repr__(self) -> str:
         return (f"HFTokenizer(path={self._path!r}, vocab_size={self._vocab_size}, "

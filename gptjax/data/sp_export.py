@@ -46,7 +46,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, normalizers
 from tokenizers.models import BPE
 
-from gptjax.data.tokenizer import CONTROL_SYMBOLS, EOS_ID, PAD_ID, UNK_ID, Tokenizer, _write_atomic
+from gptjax.data.tokenizer import CONTROL_SYMBOLS, EOS_ID, PAD_ID, UNK_ID, Tokenizer, write_atomic
 from gptjax.errors import UserError
 
 SPACE = "\u2581"
@@ -137,7 +137,7 @@ def save_pretrained(tok: Tokenizer, folder: str | os.PathLike) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for AutoTokenizer."""
     hf = to_hf_tokenizer(tok)
     folder = Path(folder)
-    _write_atomic(folder / "tokenizer.json", hf.to_str(pretty=True).encode("utf-8"))
+    write_atomic(folder / "tokenizer.json", hf.to_str(pretty=True).encode("utf-8"))
     piece = hf.id_to_token
     # The model has no bos (documents are separated by eos alone); gptjax's Hugging Face model
     # configs give eos as bos, and the tokenizer says the same.
@@ -156,4 +156,4 @@ def save_pretrained(tok: Tokenizer, folder: str | os.PathLike) -> None:
         "clean_up_tokenization_spaces": False,
     }
     for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
-        _write_atomic(folder / name, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        write_atomic(folder / name, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))

@@ -110,7 +110,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model so that plain sentencepiece.SentencePieceProcessor can load it."""
-        _write_atomic(Path(path), self.serialized_model_proto())
+        write_atomic(Path(path), self.serialized_model_proto())
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={self._path!r}, vocab_size={self.vocab_size})"
@@ -135,7 +135,7 @@ def check_vocab(model_vocab_size: int, tokenizer: Tokenizer) -> None:
                         f"{-(-n // 128) * 128} runs faster on accelerators)")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     # A crash mid-write must not leave a truncated model that later fails to load mysteriously.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -250,9 +250,9 @@ def train_tokenizer(texts_or_files, vocab_size: int, output_prefix: str | os.Pat
         raise
     prefix = Path(output_prefix)
     model_path = prefix.with_name(prefix.name + ".model")
-    _write_atomic(model_path, writer.getvalue())
+    write_atomic(model_path, writer.getvalue())
     tok = Tokenizer.load(model_path, num_threads)
     sp = tok._sp
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(tok.vocab_size))
-    _write_atomic(prefix.with_name(prefix.name + ".vocab"), vocab.encode("utf-8"))
+    write_atomic(prefix.with_name(prefix.name + ".vocab"), vocab.encode("utf-8"))
     return tok

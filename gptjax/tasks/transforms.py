@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gptjax.data.tokenizer import DELIM_ID, EXTRACT_ID, PAD_ID, START_ID, Tokenizer
+from gptjax.data.tokenizer import Tokenizer
 from gptjax.errors import UserError
 from gptjax.tasks.example import Example
 from gptjax.tasks.task import Task
@@ -25,7 +25,7 @@ from gptjax.tasks.task import Task
 
 @dataclasses.dataclass
 class Encoded:
-    tokens: np.ndarray  # int32 [N, S, T]; PAD_ID after each sequence's extract token
+    tokens: np.ndarray  # int32 [N, S, T]; the tokenizer's pad id after each sequence's extract token
     extract: np.ndarray  # int32 [N, S]; position of the extract token in each sequence
     labels: np.ndarray  # int32 [N] (-1: no label) or, for regression, float32 [N] (nan: no label)
     idx: np.ndarray  # int64 [N]; the examples' idx, which GLUE submissions are keyed by
@@ -57,12 +57,12 @@ def _fit(lengths: list[int], budget: int) -> list[int]:
     return lengths
 
 
-def _join(fields: Sequence[list[int]]) -> list[int]:
+def _join(fields: Sequence[list[int]], tokenizer: Tokenizer) -> list[int]:
     # s f0 $ f1 $ ... e; only code emits the control ids, so text can never fake them.
-    out = [START_ID]
+    out = [tokenizer.start_id]
     for i, f in enumerate(fields):
-        out += ([DELIM_ID] if i else []) + f
-    return out + [EXTRACT_ID]
+        out += ([tokenizer.delim_id] if i else []) + f
+    return out + [tokenizer.extract_id]
 
 
 def encode(task: Task, examples: Sequence[Example], tokenizer: Tokenizer, max_len: int,
@@ -104,12 +104,12 @@ def encode(task: Task, examples: Sequence[Example], tokenizer: Tokenizer, max_le
         truncated += cut
         if task.type in ("similarity", "regression"):
             groups.append(groups[0][::-1])
-        seqs.append([_join(g) for g in groups])
+        seqs.append([_join(g, tokenizer) for g in groups])
 
     S = sequences_per_example(task)
     longest = max((len(s) for ex in seqs for s in ex), default=1)
     T = min(-(-longest // pad_multiple) * pad_multiple, max_len)
-    tokens = np.full((len(seqs), S, T), PAD_ID, np.int32)
+    tokens = np.full((len(seqs), S, T), tokenizer.pad_id, np.int32)
     extract = np.zeros((len(seqs), S), np.int32)
     for n, ex in enumerate(seqs):
         for s, seq in enumerate(ex):
