@@ -493,3 +493,19 @@ def test_finetune_then_eval_from_a_model_folder_through_the_cli(folders, tmp_pat
     best = json.loads((run / "best.json").read_text())
     # eval reloads the run (its tokenizer.json, its grown embedding) and scores what training scored
     assert metrics["splits"]["validation"]["scores"] == best["scores"]["validation"]
+
+
+def test_a_tokenizer_larger_than_the_model_is_one_error(folders, tmp_path, capsys):
+    """A vocabulary the model never had (not just the added tokens) stops fine-tuning up front."""
+    from gptjax import cli
+
+    folder = tmp_path / "small-model"
+    shutil.copytree(folders["gpt2-json"], folder)
+    base = HFTokenizer.load(str(folder)).base_vocab_size
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=base - 10)).save_pretrained(folder)
+    capsys.readouterr()
+    code = cli.main(["finetune", "--config", "configs/glue.py", "--config.task=synthetic_sentiment",
+                     f"--config.init_from={folder}", "--workdir", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"model.vocab_size is {base - 10} but the tokenizer" in err[0], err
