@@ -14,6 +14,7 @@ from gptjax.finetune import finetune
 from gptjax.tasks import get_task, read_tsv_split, synthetic_split
 from gptjax.tasks.scores import task_scores
 from gptjax.train import pretrain
+from glue_folder import glue_folder
 
 FT = ["model.n_layer=2", "model.dtype=float32", "train.batch_size=16", "finetune.max_examples=64",
       "finetune.epochs=1", "train.lr=1e-3", "finetune.eval_batch_size=24"]
@@ -90,25 +91,8 @@ def test_splits_cover_mnli_halves():
         task_splits(get_task("rte"), "dev")
 
 
-def _glue_folder(root, test_size):
-    folder = os.path.join(root, "WNLI")
-    os.makedirs(folder)
-    rng = np.random.default_rng(0)
-    words = ["the cat sleeps .", "anna loved the film .", "he walks .", "i hated it ."]
-    def rows(n, labelled):
-        out = ["index\tsentence1\tsentence2" + ("\tlabel" if labelled else "")]
-        for i in range(n):
-            a, b = rng.choice(words, 2)
-            out.append(f"{i}\t{a}\t{b}" + (f"\t{int(a == b)}" if labelled else ""))
-        return "\n".join(out) + "\n"
-    for name, n, labelled in (("train.tsv", 48, True), ("dev.tsv", 20, True), ("test.tsv", test_size, False)):
-        with open(os.path.join(folder, name), "w") as f:
-            f.write(rows(n, labelled))
-    return root
-
-
 def test_glue_task_from_tsv_writes_the_submission_file(pretrained, tmp_path, capsys):
-    glue = _glue_folder(str(tmp_path / "glue"), 146)  # WNLI's official test size
+    glue = glue_folder(str(tmp_path / "glue"), 146)  # WNLI's official test size
     run = str(tmp_path / "wnli")
     args = ["--config", "configs/tiny.py", "--workdir", run, "--no-progress", "--config.task=wnli",
             f"--config.source=tsv:{glue}", f"--config.init_from={pretrained}", *[f"--config.{o}" for o in FT]]
@@ -127,7 +111,7 @@ def test_glue_task_from_tsv_writes_the_submission_file(pretrained, tmp_path, cap
 
 
 def test_partial_test_split_is_refused_for_submission(pretrained, tmp_path):
-    glue = _glue_folder(str(tmp_path / "glue"), 10)
+    glue = glue_folder(str(tmp_path / "glue"), 10)
     run = str(tmp_path / "wnli")
     config = load_config("configs/tiny.py", [*FT, "task=wnli", f"source=tsv:{glue}", f"init_from={pretrained}"])
     finetune(config, run, progress=False)

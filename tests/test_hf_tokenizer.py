@@ -474,25 +474,30 @@ def test_added_tokens_grow_the_embedding_and_task_logits_equal_transformers(fold
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "openai"])
-def test_finetune_then_eval_from_a_model_folder_through_the_cli(folders, tmp_path, kind, capsys):
+def test_finetune_then_eval_from_a_model_folder_on_a_glue_tsv_folder(folders, tmp_path, kind, capsys):
+    from glue_folder import glue_folder
+
     from gptjax import cli
 
     _, _, folder, vocab = _model_folder(folders, tmp_path, kind)
+    glue = glue_folder(str(tmp_path / "glue"), 146)  # WNLI's official test size
     run = tmp_path / "run"
-    common = ["--config", "configs/glue.py", "--config.task=synthetic_sentiment", "--workdir", str(run),
-              "--config.finetune.eval_batch_size=8", "--config.model.dtype=float32"]
+    common = ["--config", "configs/glue.py", "--config.task=wnli", f"--config.source=tsv:{glue}",
+              "--workdir", str(run), "--config.finetune.eval_batch_size=8", "--config.model.dtype=float32"]
+    capsys.readouterr()
     assert cli.main(["finetune", *common, f"--config.init_from={folder}", "--no-progress",
-                     "--config.finetune.max_examples=32", "--config.finetune.epochs=1",
-                     "--config.train.batch_size=8"]) == 0
+                     "--config.finetune.epochs=1", "--config.train.batch_size=8"]) == 0
     out = capsys.readouterr().out
     added = HFTokenizer.load(str(folder)).added_tokens
     assert f"and {len(added)} token-embedding rows (<start>, <delim>, <extract>" in out
     assert (run / "tokenizer.json").is_file() and not (run / "tokenizer.model").exists()
     assert cli.main(["eval", *common]) == 0
-    metrics = json.loads((run / "eval" / "synthetic_sentiment" / "metrics.json").read_text())
+    metrics = json.loads((run / "eval" / "wnli" / "metrics.json").read_text())
     best = json.loads((run / "best.json").read_text())
     # eval reloads the run (its tokenizer.json, its grown embedding) and scores what training scored
     assert metrics["splits"]["validation"]["scores"] == best["scores"]["validation"]
+    submission = (run / "eval" / "glue_submission" / "WNLI.tsv").read_text().splitlines()
+    assert submission[0] == "index\tprediction" and len(submission) == 147
 
 
 def test_a_tokenizer_larger_than_the_model_is_one_error(folders, tmp_path, capsys):
