@@ -514,3 +514,14 @@ def test_a_tokenizer_larger_than_the_model_is_one_error(folders, tmp_path, capsy
                      f"--config.init_from={folder}", "--workdir", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"model.vocab_size is {base - 10} but the tokenizer" in err[0], err
+
+
+@pytest.mark.parametrize("name", ["gpt2-json", "gpt2-json/tokenizer.json"])
+def test_pretraining_on_a_hugging_face_tokenizer_is_one_clear_error(folders, tmp_path, capsys, name):
+    from gptjax import cli
+
+    path = folders["gpt2-json"] / name.partition("/")[2] if "/" in name else folders[name]
+    code = cli.main(["pretrain", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), "--no-progress",
+                     f"--config.data.tokenizer={path}", "--config.train.steps=1", "--config.model.n_layer=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is a Hugging Face tokenizer; pretraining reads SentencePiece" in err[0]

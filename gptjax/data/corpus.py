@@ -50,6 +50,11 @@ def workdir_tokenizer(config, workdir: str, corpus: dict | None = None) -> Token
     """WORKDIR/tokenizer.model: copied from data.tokenizer, or trained on the corpus once."""
     target = os.path.join(workdir, "tokenizer.model")
     if config.data.tokenizer:
+        path = config.data.tokenizer
+        if os.path.isdir(path) or path.endswith(".json"):
+            raise UserError(f"data.tokenizer={path} is a Hugging Face tokenizer; pretraining reads SentencePiece "
+                            f"models only (fine-tuning, eval and generation take Hugging Face tokenizers): give "
+                            f"a SentencePiece .model, or leave data.tokenizer empty to train one")
         if not os.path.isfile(config.data.tokenizer):
             raise UserError(f"data.tokenizer={config.data.tokenizer} does not exist; give the path of a "
                             f"SentencePiece .model or leave it empty to train one")
