@@ -525,3 +525,17 @@ def test_pretraining_on_a_hugging_face_tokenizer_is_one_clear_error(folders, tmp
                      f"--config.data.tokenizer={path}", "--config.train.steps=1", "--config.model.n_layer=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "is a Hugging Face tokenizer; pretraining reads SentencePiece" in err[0]
+
+
+def test_bench_data_times_both_backends_on_the_same_documents(folders, tmp_path, capsys):
+    from gptjax.bench import cli as bench
+
+    assert bench.main(["data", "--config", "configs/tiny.py", "--workdir", str(tmp_path), "--steps", "2",
+                       "--hf-tokenizer", str(folders["gpt2-json"]), "--config.data.num_documents=200",
+                       "--config.train.batch_size=4", "--config.train.seq_len=64"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {k.strip(): float(v.split()[0].replace(",", "")) for k, v in
+            (line.rsplit(": ", 1) for line in out if ": " in line and "tokens/s" in line)}
+    names = ["loader from prepared files", "on-the-fly tokenization", "Hugging Face tokenizers (HFTokenizer)",
+             "transformers fast tokenizer"]
+    assert set(names) <= set(rows) and all(rows[name] > 0 for name in names), out

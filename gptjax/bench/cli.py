@@ -63,11 +63,11 @@ def _run(args, overrides: list[str]) -> None:
 
     config = config_for(batches[0])
     if args.what == "data":
-        rows = overheads.bench_data(config, args.workdir, args.steps)
+        rows = overheads.bench_data(config, args.workdir, args.steps, args.hf_tokenizer)
         print(f"{config.name}: batch {config.train.batch_size} x {config.train.seq_len}, "
               f"document_mask={config.data.document_mask}, num_workers={config.data.num_workers}")
         for name, rate in rows:
-            print(f"{name:>28}: {rate:,.0f} tokens/s")
+            print(f"{name:>38}: {rate:,.0f} tokens/s")
         return
     print(_describe(config))
     if args.what in ("checkpoint", "loop"):
@@ -114,7 +114,9 @@ def main(argv=None) -> int:
                           "holds, memory plan and logits buffers", 0, batches=True)
     p.add_argument("--kinds", default="pretrain,finetune", help="steps to compile: pretrain, finetune or both")
     command("loop", "what the pretraining loop adds to the bare step", 200, workdir=True)
-    command("data", "time the input pipeline", 200, workdir=True)
+    p = command("data", "time the input pipeline", 200, workdir=True)
+    p.add_argument("--hf-tokenizer", default="", help="a Hugging Face tokenizer folder or tokenizer.json: also "
+                                                       "time it (and transformers' fast tokenizer) on the corpus")
     command("checkpoint", "time saving the train state", 5, workdir=True)
     sub.add_parser("attention", add_help=False, help="attention kernels alone: TFLOP/s of the Pallas kernel, cuDNN, "
                                                      "XLA and JAX's bundled kernel (--help for its options)")

@@ -67,18 +67,29 @@ def bench_loop(config, workdir: str, steps: int) -> list[tuple[str, float]]:
             ("loop overhead % of the bare step", 100 * total / bare_ms)]
 
 
-def bench_data(config, workdir: str, steps: int) -> list[tuple[str, float]]:
-    """Loader tokens/s from prepared token files, and the on-the-fly tokenization rate."""
+def bench_data(config, workdir: str, steps: int, hf_tokenizer: str = "") -> list[tuple[str, float]]:
+    """Loader tokens/s from prepared token files, and the on-the-fly tokenization rate of each
+    tokenizer backend on the same documents (each counting its own tokens)."""
     from gptjax.data import corpus
     from gptjax.data.loader import Loader
     from gptjax.data.sources import parse_sources
 
     tokenizer = corpus.workdir_tokenizer(config, workdir)
     documents = corpus.corpus_documents(config.data)
-    start = time.perf_counter()
-    tokens = sum(len(ids) + 1 for spec in parse_sources(config.data.source)
-                 for ids in tokenizer.encode_batch(documents[spec][0]))
-    fly = tokens / (time.perf_counter() - start)
+    texts = [text for spec in parse_sources(config.data.source) for text in documents[spec][0]]
+    rates = [("on-the-fly tokenization", _encode_rate(tokenizer.encode_batch, texts))]
+    if hf_tokenizer:
+        from gptjax.data.hf_tokenizer import HFTokenizer
+        rates.append(("Hugging Face tokenizers (HFTokenizer)", _encode_rate(HFTokenizer.load(hf_tokenizer).encode_batch,
+                                                                            texts)))
+        try:
+            import transformers
+        except ImportError:
+            pass
+        else:
+            fast = transformers.AutoTokenizer.from_pretrained(hf_tokenizer)
+            rates.append(("transformers fast tokenizer",
+                          _encode_rate(lambda batch: fast(batch, add_special_tokens=False)["input_ids"], texts)))
     corpus.prepare(config, workdir, tokenizer)
     batches, _ = corpus.pretraining_batches(config, tokenizer, workdir)
     loader = Loader(batches, steps + 1, num_workers=config.data.num_workers)
@@ -88,7 +99,14 @@ def bench_data(config, workdir: str, steps: int) -> list[tuple[str, float]]:
         batch = next(loader)
     jax.block_until_ready(batch)
     prepared = steps * config.train.batch_size * config.train.seq_len / (time.perf_counter() - start)
-    return [("loader from prepared files", prepared), ("on-the-fly tokenization", fly)]
+    return [("loader from prepared files", prepared), *rates]
+
+
+def _encode_rate(encode_batch, texts: list[str]) -> float:
+    """Tokens per second of one batch encoding of `texts` (plus one end-of-document per text)."""
+    start = time.perf_counter()
+    tokens = sum(len(ids) + 1 for ids in encode_batch(texts))
+    return tokens / (time.perf_counter() - start)
 
 
 def bench_checkpoint(config, workdir: str, steps: int) -> list[tuple[str, float]]:
