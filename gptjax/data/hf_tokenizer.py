@@ -188,30 +188,36 @@ class HFTokenizer:
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for AutoTokenizer."""
-        folder = Path(folder)
-        self.save(folder / "tokenizer.json")
-        names = self._names
-        special_map = {"bos_token": names["eos_token"], "eos_token": names["eos_token"],
-                       "unk_token": names["unk_token"], "pad_token": names["pad_token"],
-                       "additional_special_tokens": list(CONTROL_SYMBOLS)}
-        decoder = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
-                            "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
-                   for i, t in sorted(self._tok.get_added_tokens_decoder().items())}
-        config = {
-            # The generic class loads tokenizer.json as is; a model-specific class such as
-            # GPT2Tokenizer would rebuild the pipeline and take only vocab and merges from it.
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **special_map,
-            "added_tokens_decoder": decoder,
-            "split_special_tokens": True,
-            "clean_up_tokenization_spaces": False,
-        }
-        for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
-            write_atomic(folder / name, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        write_pretrained(self._tok, folder, **self._names)
 
     def __repr__(self) -> str:
         return (f"HFTokenizer(path={self._path!r}, vocab_size={self._vocab_size}, "
                 f"base_vocab_size={self._base_vocab_size})")
+
+
+def write_pretrained(tok: tokenizers.Tokenizer, folder: str | os.PathLike, *, eos_token: str, unk_token: str,
+                     pad_token: str) -> None:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json that transformers'
+    AutoTokenizer loads with the same ids, gptjax's control tokens included. There is no bos:
+    documents are separated by eos alone, and gptjax's model configs give eos as bos too."""
+    folder = Path(folder)
+    write_atomic(folder / "tokenizer.json", tok.to_str(pretty=True).encode("utf-8"))
+    special_map = {"bos_token": eos_token, "eos_token": eos_token, "unk_token": unk_token, "pad_token": pad_token,
+                   "additional_special_tokens": list(CONTROL_SYMBOLS)}
+    decoder = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                        "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
+               for i, t in sorted(tok.get_added_tokens_decoder().items())}
+    config = {
+        # The generic class loads tokenizer.json as is; a model-specific class (GPT2Tokenizer,
+        # LlamaTokenizerFast) would rebuild the pipeline and keep only part of tokenizer.json.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special_map,
+        "added_tokens_decoder": decoder,
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+    }
+    for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
+        write_atomic(folder / name, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def load_any(path: str | os.PathLike, num_threads: int | None = None) -> Tokenizer | HFTokenizer:

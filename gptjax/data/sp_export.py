@@ -38,15 +38,14 @@ Known differences:
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import tokenizers
 from tokenizers import AddedToken, decoders, normalizers
 from tokenizers.models import BPE
 
-from gptjax.data.tokenizer import CONTROL_SYMBOLS, EOS_ID, PAD_ID, UNK_ID, Tokenizer, write_atomic
+from gptjax.data.hf_tokenizer import write_pretrained
+from gptjax.data.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from gptjax.errors import UserError
 
 SPACE = "\u2581"
@@ -136,24 +135,5 @@ def to_hf_tokenizer(tok: Tokenizer) -> tokenizers.Tokenizer:
 def save_pretrained(tok: Tokenizer, folder: str | os.PathLike) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for AutoTokenizer."""
     hf = to_hf_tokenizer(tok)
-    folder = Path(folder)
-    write_atomic(folder / "tokenizer.json", hf.to_str(pretty=True).encode("utf-8"))
     piece = hf.id_to_token
-    # The model has no bos (documents are separated by eos alone); gptjax's Hugging Face model
-    # configs give eos as bos, and the tokenizer says the same.
-    special_map = {"bos_token": piece(EOS_ID), "eos_token": piece(EOS_ID), "unk_token": piece(UNK_ID),
-                   "pad_token": piece(PAD_ID), "additional_special_tokens": list(CONTROL_SYMBOLS)}
-    decoder = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
-                        "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
-               for i, t in sorted(hf.get_added_tokens_decoder().items())}
-    config = {
-        # The generic class loads tokenizer.json as is; a SentencePiece-specific class such as
-        # LlamaTokenizerFast would rebuild parts of the pipeline with its own settings.
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special_map,
-        "added_tokens_decoder": decoder,
-        "split_special_tokens": True,
-        "clean_up_tokenization_spaces": False,
-    }
-    for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
-        write_atomic(folder / name, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_pretrained(hf, folder, eos_token=piece(EOS_ID), unk_token=piece(UNK_ID), pad_token=piece(PAD_ID))
