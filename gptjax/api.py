@@ -18,8 +18,9 @@ from gptjax import checkpoint, config as config_lib
 from gptjax.data import tokenizer_files
 from gptjax.errors import UserError
 from gptjax.generate import generate_tokens
-from gptjax.model import Decoder, init_decoder
+from gptjax.model import Decoder, init_decoder, init_task_model
 from gptjax.model_config import ModelConfig
+from gptjax.tasks import get_task
 
 
 def _apply_kwargs(config, overrides: dict) -> None:
@@ -32,10 +33,19 @@ def _apply_kwargs(config, overrides: dict) -> None:
             config_lib.set_value(config, key, value)
 
 
-def _load_decoder(model_config: ModelConfig, path: str, step: int | None = None) -> Decoder:
-    """The decoder of `model_config` holding the params saved at `path` (a workdir or one checkpoint)."""
+def _load_decoder(config, path: str, step: int | None = None) -> Decoder:
+    """The decoder of `config`'s run holding the params saved at `path` (a workdir or one
+    checkpoint). A fine-tuning run saves its task model; its decoder is taken and the head left."""
+    model_config = ModelConfig.from_config(config.model)
+    task = get_task(config.task) if config.get("task") else None
+
+    def build():
+        if task is None:
+            return init_decoder(model_config, 0)
+        return init_task_model(model_config, task.head_outputs, task.combine, 0)
+
     # Build the structure without spending time on a random init that is overwritten.
-    graphdef, like = nnx.split(nnx.eval_shape(lambda: init_decoder(model_config, 0)), nnx.Param)
+    graphdef, like = nnx.split(nnx.eval_shape(build), nnx.Param)
     if jax.process_count() > 1:
         # Without a target sharding Orbax reads into the saved layout, whose devices may all belong
         # to another process (a run saved on one device): every process reads a full copy instead.
@@ -43,7 +53,8 @@ def _load_decoder(model_config: ModelConfig, path: str, step: int | None = None)
                                                 jax.sharding.PartitionSpec())
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere), like)
     params, _ = checkpoint.load_params(path, like, step)
-    return nnx.merge(graphdef, params)
+    module = nnx.merge(graphdef, params)
+    return module if task is None else module.decoder
 
 
 class GPT:
@@ -73,7 +84,8 @@ class GPT:
     def from_pretrained(cls, path: str, step: int | None = None) -> "GPT":
         """Parameters (never optimizer state) from a gptjax workdir, or a Hugging Face GPT-2 /
         openai-gpt folder (config.json with a `model_type`), or one checkpoint of a run,
-        WORKDIR/checkpoints/<step>. The tokenizer beside it is loaded too."""
+        WORKDIR/checkpoints/<step>. The tokenizer beside it is loaded too. From a fine-tuning
+        run: its decoder (the task head left out), at its best epoch unless `step` is given."""
         directory, checkpoint_step = checkpoint.checkpoint_dir(path)
         if checkpoint_step is not None:
             return cls._from_checkpoint(directory, checkpoint_step)
@@ -89,7 +101,10 @@ class GPT:
             config, module = hf.load_hf(path)
         else:
             config = config_lib.config_from_dict(values)
-            module = _load_decoder(ModelConfig.from_config(config.model), path, step)
+            best = os.path.join(path, "best.json")
+            if step is None and config.get("task") and os.path.isfile(best):
+                step = config_lib.read_json(best)["step"]  # a fine-tuning run: its best epoch, as eval scores
+            module = _load_decoder(config, path, step)
         return cls(config, module, tokenizer_files.load_folder(path))
 
     @classmethod
@@ -110,7 +125,7 @@ class GPT:
         if config is None:
             return cls.from_pretrained(workdir, step)
         tokenizer = None if tokenizer_bytes is None else tokenizer_files.from_bytes(tokenizer_bytes)
-        module = _load_decoder(ModelConfig.from_config(config.model), os.path.join(directory, str(step)))
+        module = _load_decoder(config, os.path.join(directory, str(step)))
         return cls(config, module, tokenizer)
 
     def num_params(self) -> int:

@@ -100,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     _field(c, "data.tfds_data_dir", "", "tfds: sources: the prepared TFDS folder (empty = TFDS_DATA_DIR or the TFDS default)")
     _field(c, "data.tfds_text_field", "", "tfds: sources: the text feature (empty = 'text' or the only text feature)")
     _field(c, "data.document_mask", False, "restart positions and mask attention at document boundaries inside a row")
-    _field(c, "data.tokenizer", "", "path of a SentencePiece .model; empty = train one on the corpus into WORKDIR/tokenizer.model")
+    _field(c, "data.tokenizer", "", "a SentencePiece .model, or a Hugging Face tokenizer folder or tokenizer.json (GPT-2's vocabulary); empty = train a SentencePiece model on the corpus into WORKDIR/tokenizer.model")
     _field(c, "data.tokenizer_vocab_size", 512, "vocabulary size when the tokenizer is trained here")
     _field(c, "data.tokenizer_documents", 200_000, "documents (shared between sources) the tokenizer is trained on")
     _field(c, "data.num_documents", 20000, "synthetic corpus: documents generated")

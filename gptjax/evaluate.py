@@ -132,8 +132,9 @@ def evaluate(config, workdir: str) -> dict:
         from gptjax.api import GPT
         lm = GPT.from_pretrained(config.init_from or workdir)
         if lm.tokenizer is None:
-            raise UserError(f"{config.init_from or workdir} has no tokenizer.model; zero/few-shot scoring needs "
-                            f"the model's SentencePiece tokenizer beside it")
+            raise UserError(f"{config.init_from or workdir} has no tokenizer; zero/few-shot scoring needs the "
+                            f"model's tokenizer beside it (tokenizer.model, or a Hugging Face tokenizer.json "
+                            f"or vocab.json + merges.txt)")
         for task in tasks:
             reason = zero_shot.unsupported(task, config.shots)
             if reason:

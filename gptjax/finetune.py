@@ -37,15 +37,9 @@ from gptjax.tasks import get_task, transforms
 from gptjax.tasks.scores import main_score, task_scores
 from gptjax.tasks.splits import read_split
 
-COMBINE = {"classification": "single", "pair": "single", "similarity": "sum", "regression": "sum",
-           "multiple_choice": "choice"}
 # Model fields a fine-tuning config sets itself; every other model.* field (the shape) comes from
 # the pretrained model.
 OWN_MODEL_FIELDS = ("dropout", "attn_dropout", "dtype", "attention", "remat", "loss_chunk_len")
-
-
-def num_outputs(task) -> int:
-    return 1 if task.type in ("regression", "multiple_choice") else len(task.label_names)
 
 
 def task_loss_sum(task_type: str, logits, labels, weights):
@@ -103,8 +97,7 @@ class TaskPredictor:
         if batch_size % rows:
             raise UserError(f"finetune.eval_batch_size ({batch_size}) must be divisible "
                             f"by the {rows} devices the batch is split over (mesh.data x mesh.fsdp)")
-        make = partial(init_task_model, model_config, num_outputs(task),
-                       COMBINE[task.type], config.train.seed)
+        make = partial(init_task_model, model_config, task.head_outputs, task.combine, config.train.seed)
         _, self.graphdef, self.params, self.param_shardings = loop.params_on_mesh(make, mesh)
         self.rows_sharding = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
         self._predict = jax.jit(partial(predict_step, self.graphdef), out_shardings=sharding.replicated(mesh))
@@ -129,7 +122,7 @@ class TaskPredictor:
                 out.append(np.asarray(self._predict(params, self.to_mesh(
                     {"tokens": batch["tokens"], "extract": batch["extract"]})))[:len(rows)])
         if not out:
-            return np.zeros((0, num_outputs(self.task)), np.float32)
+            return np.zeros((0, self.task.head_outputs), np.float32)
         return np.concatenate(out)
 
 
@@ -312,7 +305,7 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
             names = ", ".join(sorted(tokenizer.added_tokens, key=tokenizer.added_tokens.get))
             rows = f" and {grown} token-embedding rows ({names})"
         log_main(f"initialised the decoder from {config.init_from}; new parameters: the task head "
-             f"({config.model.d_model} x {num_outputs(task)} + bias){rows}")
+             f"({config.model.d_model} x {task.head_outputs} + bias){rows}")
         del pretrained
     checkpointer = checkpoint.Checkpointer(workdir)
     try:

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax import checkpoint, config as config_lib, distributed, loop, sharding
+from gptjax.data import tokenizer_files
 from gptjax.data.loader import Loader
 from gptjax.distributed import log_main
 from gptjax.errors import UserError
@@ -109,8 +110,7 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
         distributed.barrier("tokenizer")
         if not main:
             tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
-        with open(os.path.join(workdir, "tokenizer.model"), "rb") as f:
-            tokenizer_bytes = f.read()
+        tokenizer_bytes = tokenizer_files.to_bytes(tokenizer)
         batches, eval_batches = corpus.pretraining_batches(config, tokenizer, workdir, documents)
         loader = Loader(batches, t.steps, start=start, num_workers=config.data.num_workers,
                         sharding=trainer.batch_sharding)

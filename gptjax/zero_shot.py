@@ -10,7 +10,9 @@ most likely. GPT-1's zero-shot heuristics are the special cases for SST-2 and Co
     evaluate               a task's examples -> (scores, predicted label ids)
 
 Every context starts with the tokenizer's eos: pretraining packs documents as `doc eos doc eos`,
-so eos is the state in which the model has seen a document begin.
+so eos is the state in which the model has seen a document begin. A released model whose tokenizer
+had no eos (openai-gpt: gptjax adds one past its embedding rows) never saw that state; its contexts
+start with their own first token, which is then conditioning only.
 """
 
 from __future__ import annotations
@@ -149,16 +151,27 @@ def build_prompts(task, examples, *, shots: int = 0, train_examples=None, seed: 
     return out
 
 
-def _encode_pair(tokenizer, context: str, continuation: str, context_ids=None):
-    """(eos + context ids, continuation ids). The whole string is tokenised at once, as in the
-    training text, and split where the context's own tokens stop matching: a piece merged across
-    the boundary counts as continuation (lm-evaluation-harness splits the same way)."""
+def document_start(model) -> list[int]:
+    """The ids every context starts with: [eos], or none when eos is not one of the model's rows."""
+    decoder = getattr(model, "module", model)
+    vocab = getattr(decoder, "decoder", decoder).vocab_size
+    eos = model.tokenizer.eos_id
+    return [eos] if eos < vocab else []
+
+
+def _encode_pair(tokenizer, context: str, continuation: str, context_ids=None, start=None):
+    """(start + context ids, continuation ids), start being [eos] unless given. The whole string is
+    tokenised at once, as in the training text, and split where the context's own tokens stop
+    matching: a piece merged across the boundary counts as continuation (lm-evaluation-harness
+    splits the same way)."""
+    start = [tokenizer.eos_id] if start is None else start
     ctx = tokenizer.encode(context) if context_ids is None else context_ids
     whole = tokenizer.encode(context + continuation)
     n = 0
     while n < min(len(ctx), len(whole) - 1) and ctx[n] == whole[n]:
         n += 1
-    return [tokenizer.eos_id] + whole[:n], whole[n:]
+    n = max(n, 0 if start else 1)  # a context needs one token to condition on
+    return start + whole[:n], whole[n:]
 
 
 def _mcc(tp, tn, fp, fn):
@@ -238,11 +251,12 @@ def evaluate(model, task, examples, *, mode: str = "zero_shot", shots: int = 0, 
         return _acceptability(model, task, examples, train, labels, batch_size)
     prompts = build_prompts(task, examples, shots=shots, train_examples=train, seed=seed)
     k = len(task.label_names)
+    start = document_start(model)
     contexts, continuations, chars = [], [], []
     for prompt, choices in prompts:
         prompt_ids = tokenizer.encode(prompt)
         for choice in choices:
-            ctx, cont = _encode_pair(tokenizer, prompt, choice, prompt_ids)
+            ctx, cont = _encode_pair(tokenizer, prompt, choice, prompt_ids, start)
             contexts.append(ctx)
             continuations.append(cont)
             chars.append(len(choice))
@@ -260,18 +274,26 @@ def evaluate(model, task, examples, *, mode: str = "zero_shot", shots: int = 0, 
 def _acceptability(model, task, examples, train, labels, batch_size):
     tokenizer = model.tokenizer
     sentences = [ex.texts[0] for ex in examples] + [ex.texts[0] for ex in train]
-    ids = [tokenizer.encode(s) or [tokenizer.eos_id] for s in sentences]
-    logp, counts = continuation_logprobs(model, [[tokenizer.eos_id]] * len(ids), ids, batch_size)
-    mean = logp / counts
+    start = document_start(model)
+    ids = [tokenizer.encode(s) for s in sentences]
+    if start:
+        pairs = [(start, t or start) for t in ids]
+    else:  # the first token conditions the rest; a sentence of one token has nothing scored
+        pairs = [(t[:1], t[1:]) for t in ids if len(t) > 1]
+    logp, counts = continuation_logprobs(model, [c for c, _ in pairs], [t for _, t in pairs], batch_size)
+    mean = np.full(len(ids), np.nan)
+    mean[[i for i, t in enumerate(ids) if start or len(t) > 1]] = logp / counts
     ours, theirs = mean[:len(examples)], mean[len(examples):]
     positive = task.label_names.index("acceptable")
     if train:
         if any(ex.label is None for ex in train):
             raise UserError("fitting the acceptability threshold needs labelled train examples")
-        threshold = fit_threshold(theirs, [ex.label == positive for ex in train])
+    scored = ~np.isnan(theirs)
+    if scored.any():
+        threshold = fit_threshold(theirs[scored], [ex.label == positive for ex, ok in zip(train, scored) if ok])
     else:
-        threshold = float(np.median(ours)) if len(ours) else 0.0
-    preds = np.where(ours > threshold, positive, 1 - positive)
+        threshold = float(np.nanmedian(ours)) if np.any(~np.isnan(ours)) else 0.0
+    preds = np.where(ours > threshold, positive, 1 - positive)  # unscored sentences: not acceptable
     if labels is None:
         return {}, preds
     return task_scores(task, labels, preds), preds

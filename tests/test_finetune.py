@@ -58,7 +58,7 @@ def test_loss_is_task_loss_plus_half_lm_loss(pretrained, name):
     config = _config(pretrained, name)
     tokenizer = GPT.from_pretrained(pretrained).tokenizer
     enc = transforms.encode(task, synthetic_split(task, "train", size=6), tokenizer, 128)
-    model = init_task_model(ModelConfig.from_config(config.model), ft.num_outputs(task), ft.COMBINE[task.type], 0)
+    model = init_task_model(ModelConfig.from_config(config.model), task.head_outputs, task.combine, 0)
     batch = ft.make_batch(enc, np.arange(5), 6)  # one padding row, which must not count
     graphdef, params = nnx.split(model, nnx.Param)
     total, aux = ft.batch_loss(graphdef, task.type, 0.5, 0.0, tokenizer.pad_id, params,
@@ -85,8 +85,9 @@ def test_heads_read_the_extract_states(pretrained):
     config = _config(pretrained, "synthetic_paraphrase")
     for name, combine in (("synthetic_paraphrase", "sum"), ("synthetic_choice", "choice")):
         task = get_task(name)
+        assert (task.combine, task.head_outputs) == (combine, 2 if combine == "sum" else 1)
         enc = transforms.encode(task, synthetic_split(task, "validation", size=3), tokenizer, 128)
-        model = init_task_model(ModelConfig.from_config(config.model), ft.num_outputs(task), combine, 1)
+        model = init_task_model(ModelConfig.from_config(config.model), task.head_outputs, combine, 1)
         logits, _ = model(jnp.asarray(enc.tokens), jnp.asarray(enc.extract))
         w, b = np.asarray(model.head_kernel[...]), np.asarray(model.head_bias[...])
         for i in range(3):
@@ -197,7 +198,7 @@ def _like(workdir):
     config = config_from_dict(json.load(open(os.path.join(workdir, "config.json"))))
     task = get_task(config.task)
     model_config = ModelConfig.from_config(config.model)
-    model = nnx.eval_shape(lambda: init_task_model(model_config, ft.num_outputs(task), ft.COMBINE[task.type], 0))
+    model = nnx.eval_shape(lambda: init_task_model(model_config, task.head_outputs, task.combine, 0))
     return nnx.split(model, nnx.Param)[1]
 
 

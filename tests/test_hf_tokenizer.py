@@ -499,6 +499,74 @@ def test_finetune_then_eval_from_a_model_folder_on_a_glue_tsv_folder(folders, tm
     submission = (run / "eval" / "glue_submission" / "WNLI.tsv").read_text().splitlines()
     assert submission[0] == "index\tprediction" and len(submission) == 147
 
+    # The fine-tuned decoder (best epoch, head left out) exports with its grown embedding and tokenizer.
+    torch = pytest.importorskip("torch")
+    from gptjax import checkpoint
+    from gptjax.api import GPT
+    from gptjax.config import load_config
+    from gptjax.evaluate import FinetunedPredictor
+
+    export = tmp_path / "export"
+    assert cli.main(["convert", "--from", str(run), "--to-hf", str(export)]) == 0
+    tok = HFTokenizer.load(str(folder))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(export)).eval()
+    assert loaded.config.vocab_size == tok.vocab_size == vocab + len(added)
+    best = FinetunedPredictor(str(run), load_config("configs/glue.py", ["task=wnli"])).predictor.params
+    trained = np.asarray(checkpoint.flatten(best)["decoder.wte"])[:tok.vocab_size]
+    np.testing.assert_array_equal(loaded.get_input_embeddings().weight.detach().numpy(), trained)
+    again = transformers.AutoTokenizer.from_pretrained(str(export))
+    text = "The quick brown fox jumps over the lazy dog"
+    assert ref_ids(again, text) == ref_ids(reference(folder), text)
+    assert [again.convert_tokens_to_ids(t) for t in CONTROL_SYMBOLS] == [added[t] for t in CONTROL_SYMBOLS]
+    ids = [added["<start>"], *ref_ids(again, text), added["<extract>"]]
+    with torch.no_grad():
+        theirs = loaded(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(GPT.from_pretrained(str(run)).logits([ids])), theirs, atol=1e-4, rtol=1e-4)
+    step = json.loads((run / "best.json").read_text())["step"]
+    np.testing.assert_array_equal(np.asarray(GPT.from_pretrained(str(run / "checkpoints" / str(step))).module.wte[...])
+                                  [:tok.vocab_size], trained)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "openai"])
+def test_zero_and_few_shot_scoring_from_a_model_folder(folders, tmp_path, kind, capsys):
+    """Continuation log-probabilities equal transformers' on the same split of each prompt. GPT-2's
+    contexts start with its eos; openai-gpt has no eos among its rows, so its contexts start with
+    their own first token."""
+    from gptjax import cli, zero_shot
+    from gptjax.api import GPT
+    from gptjax.tasks import get_task, synthetic_split
+
+    torch, model, folder, vocab = _model_folder(folders, tmp_path, kind)
+    ours, ref = GPT.from_pretrained(str(folder)), reference(folder)
+    start = [ref.eos_token_id] if kind == "gpt2" else []
+    assert zero_shot.document_start(ours) == start
+    task = get_task("synthetic_sentiment")
+    examples, train = synthetic_split(task, "validation", size=6), synthetic_split(task, "train", size=8)
+    _, preds = zero_shot.evaluate(ours, task, examples, mode="few_shot", shots=2, train_examples=train, batch_size=4)
+    contexts, continuations, expected = [], [], []
+    for prompt, choices in zero_shot.build_prompts(task, examples, shots=2, train_examples=train):
+        for choice in choices:
+            head, whole = ref_ids(ref, prompt), ref_ids(ref, prompt + choice)
+            n = next(i for i in range(len(whole)) if i >= len(head) or head[i] != whole[i] or i == len(whole) - 1)
+            n = max(n, 0 if start else 1)
+            context, continuation = start + whole[:n], whole[n:]
+            context = context[max(0, len(context) + len(continuation) - 64):]  # the model's 64 positions
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([context + continuation])).logits[0].double(), -1)
+            expected.append(sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(continuation)))
+            contexts.append(context)
+            continuations.append(continuation)
+    got, _ = zero_shot.continuation_logprobs(ours, contexts, continuations, batch_size=4)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert preds.tolist() == np.reshape(expected, (6, 2)).argmax(1).tolist()
+
+    capsys.readouterr()  # and end to end through the CLI, from the folder alone
+    assert cli.main(["eval", "--config", "configs/glue.py", "--config.mode=zero_shot", "--config.task=synthetic_choice",
+                     f"--config.init_from={folder}", "--config.finetune.splits=validation",
+                     "--workdir", str(tmp_path / "scores")]) == 0
+    metrics = json.loads((tmp_path / "scores" / "eval" / "synthetic_choice" / "metrics.json").read_text())
+    assert set(metrics["splits"]["validation"]["scores"]) == {"accuracy", "acc_norm"}
+
 
 def test_a_tokenizer_larger_than_the_model_is_one_error(folders, tmp_path, capsys):
     """A vocabulary the model never had (not just the added tokens) stops fine-tuning up front."""
@@ -516,15 +584,86 @@ def test_a_tokenizer_larger_than_the_model_is_one_error(folders, tmp_path, capsy
     assert code == 2 and len(err) == 1 and f"model.vocab_size is {base - 10} but the tokenizer" in err[0], err
 
 
-@pytest.mark.parametrize("name", ["gpt2-json", "gpt2-json/tokenizer.json"])
-def test_pretraining_on_a_hugging_face_tokenizer_is_one_clear_error(folders, tmp_path, capsys, name):
+# ---------------------------------------------------------------------------------------------
+# Pretraining with a Hugging Face vocabulary (data.tokenizer = a folder or a tokenizer.json).
+
+@pytest.mark.parametrize("name", ["gpt2-files", "openai-json/tokenizer.json"])
+def test_pretraining_with_a_hugging_face_vocabulary(folders, tmp_path, name):
+    """Documents are packed with the tokenizer's own ids and an eos after each; the workdir keeps
+    the tokenizer, a resumed run leaves it as it is, and the model exports with it."""
+    torch = pytest.importorskip("torch")
+    from gptjax import cli
+    from gptjax.api import GPT
+    from gptjax.data import token_files
+
+    kind, _, file = name.partition("/")
+    path = folders[kind] / file if file else folders[kind]
+    ref = reference(folders[kind])
+    tok = HFTokenizer.load(str(path))
+    docs = corpus(150, seed=1)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    workdir = tmp_path / "run"
+    settings = ["--config", "configs/tiny.py", "--workdir", str(workdir), f"--config.data.source=jsonl:{source}",
+                f"--config.data.tokenizer={path}", "--config.data.eval_fraction=0", "--config.model.vocab_size=640",
+                "--config.model.n_layer=1", "--config.model.dtype=float32", "--config.train.batch_size=4",
+                "--config.train.seq_len=32", "--config.train.log_every=5", "--config.train.warmup_steps=2"]
+    assert cli.main(["prepare", *settings]) == 0
+    (prepared,) = [d for d in (workdir / "data").iterdir() if d.name.endswith("-train")]
+    meta = json.loads((prepared / "meta.json").read_text())
+    rows = token_files.TokenRows(token_files.read_prepared(str(prepared), meta), 32, tok.pad_id)
+    stream = rows[np.arange(len(rows))].reshape(-1)
+    expected = [t for d in docs for t in (*ref_ids(ref, d), tok.eos_id)]
+    assert stream[:len(expected)].tolist() == expected and set(stream[len(expected):]) <= {tok.pad_id}
+
+    assert cli.main(["pretrain", *settings, "--no-progress", "--config.train.steps=20"]) == 0
+    losses = [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in r]
+    assert losses[-1] < losses[0]
+    kept = workdir / "tokenizer.json"
+    assert kept.is_file() and not (workdir / "tokenizer.model").exists()
+    written = kept.stat().st_mtime_ns
+    assert cli.main(["pretrain", *settings, "--no-progress", "--config.train.steps=22"]) == 0  # resumes
+    assert kept.stat().st_mtime_ns == written
+
+    text = "The café owner counts 42 tokens, doesn't she?"
+    model = GPT.from_pretrained(str(workdir))
+    assert model.tokenizer.encode(text) == ref_ids(ref, text)
+    assert GPT.from_pretrained(str(workdir / "checkpoints" / "22")).tokenizer.encode(text) == ref_ids(ref, text)
+    assert isinstance(model.generate(text, max_new_tokens=4, temperature=0.0), str)
+    export = tmp_path / "export"
+    assert cli.main(["convert", "--from", str(workdir), "--to-hf", str(export)]) == 0
+    assert ref_ids(transformers.AutoTokenizer.from_pretrained(str(export)), text) == ref_ids(ref, text)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(export)).eval()
+    ids = [tok.start_id, *ref_ids(ref, text), tok.eos_id]
+    with torch.no_grad():
+        theirs = loaded(torch.tensor([ids])).logits.numpy()[..., :640]
+    np.testing.assert_allclose(np.asarray(model.logits([ids])), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_pretraining_with_a_hugging_face_vocabulary_refuses_what_cannot_work(folders, sentencepiece_model,
+                                                                              tmp_path, capsys):
     from gptjax import cli
 
-    path = folders["gpt2-json"] / name.partition("/")[2] if "/" in name else folders[name]
-    code = cli.main(["pretrain", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), "--no-progress",
-                     f"--config.data.tokenizer={path}", "--config.train.steps=1", "--config.model.n_layer=1"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "is a Hugging Face tokenizer; pretraining reads SentencePiece" in err[0]
+    def one_line(workdir, *extra):
+        capsys.readouterr()
+        code = cli.main(["pretrain", "--config", "configs/tiny.py", "--workdir", str(workdir), "--no-progress",
+                         "--config.train.steps=1", "--config.model.n_layer=1", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        return err[0]
+
+    folder = folders["gpt2-json"]
+    size = HFTokenizer.load(str(folder)).vocab_size
+    # configs/tiny.py has model.vocab_size=512: too small for the tokenizer and its added tokens
+    assert f"model.vocab_size is 512 but the tokenizer {folder} has {size} tokens" in \
+        one_line(tmp_path / "a", f"--config.data.tokenizer={folder}")
+    held = tmp_path / "b"
+    held.mkdir()
+    shutil.copy(sentencepiece_model, held / "tokenizer.model")
+    assert "holds the SentencePiece tokenizer of an earlier run" in one_line(
+        held, f"--config.data.tokenizer={folder}", "--config.model.vocab_size=640")
+    assert "does not exist; give a SentencePiece .model, a Hugging Face tokenizer folder" in \
+        one_line(tmp_path / "c", f"--config.data.tokenizer={tmp_path / 'nothing'}")
 
 
 def test_bench_data_times_both_backends_on_the_same_documents(folders, tmp_path, capsys):

@@ -52,6 +52,11 @@ def test_registry_matches_paper_facts(name):
     assert (task.metrics, dict(task.submission_files), task.splits) == (metrics, submissions, splits)
     assert (task.tfds_name, task.prediction_format) == (f"glue/{name}", fmt)
     assert task.num_labels == (len(labels) or 1)
+    # The paper's heads: one output per class; a similarity adds both orders' states; a score is one output.
+    assert (task.head_outputs, task.combine) == {"classification": (len(labels), "single"),
+                                                 "pair": (len(labels), "single"),
+                                                 "similarity": (len(labels), "sum"),
+                                                 "regression": (1, "sum")}[type_]
     assert {f.split for f in task.tsv_files} == set(splits)
     assert dict(task.num_examples).keys() == set(splits)
     for split, file in submissions.items():

@@ -115,7 +115,7 @@ def stub_model(monkeypatch, logprob_of, seen=None):
         return (np.array([logprob_of(*t) for t in texts], np.float64),
                 np.array([len(k) for k in continuations], np.int64))
     monkeypatch.setattr(zero_shot, "continuation_logprobs", fake)
-    return SimpleNamespace(tokenizer=CharTokenizer())
+    return SimpleNamespace(tokenizer=CharTokenizer(), module=SimpleNamespace(vocab_size=0x110000))  # every char a row
 
 
 def choice_example(idx, answers, label):
@@ -205,6 +205,30 @@ def test_acceptability_uses_the_train_threshold_or_the_median(monkeypatch):
     assert preds.tolist() == [1, 0, 1]  # threshold -2.5 from the train data
     assert scores["accuracy"] == pytest.approx(1 / 3) and scores["matthews"] == pytest.approx(-0.5)
     _, preds = zero_shot.evaluate(model, "cola", examples)  # the median, -2.0: strictly above it
+    assert preds.tolist() == [1, 0, 0]
+
+
+def test_a_model_without_an_eos_row_conditions_on_the_first_token(monkeypatch):
+    """openai-gpt's eos is added past its embedding rows: contexts start with their own first token,
+    and an acceptability sentence's first token only conditions the rest (one token: unscored)."""
+    seen = []
+
+    def fake(model, contexts, continuations, batch_size=32):
+        seen.extend((list(c), list(k)) for c, k in zip(contexts, continuations))
+        return np.array([-float(len(k)) ** 2 for k in continuations]), np.array([len(k) for k in continuations])
+
+    monkeypatch.setattr(zero_shot, "continuation_logprobs", fake)
+    tok = CharTokenizer()
+    model = SimpleNamespace(tokenizer=tok, module=SimpleNamespace(vocab_size=tok.eos_id))  # eos is no row
+    assert zero_shot.document_start(model) == []
+    zero_shot.evaluate(model, "synthetic_sentiment", [Example(0, ("a fine film",), 1)])
+    (prompt, choices), = zero_shot.build_prompts(get_task("synthetic_sentiment"), [Example(0, ("a fine film",), 1)])
+    assert seen == [(tok.encode(prompt), tok.encode(c)) for c in choices]
+    seen.clear()
+    examples = [Example(0, ("ok",), 1), Example(1, ("x",), 0), Example(2, ("long one",), 0)]
+    _, preds = zero_shot.evaluate(model, "cola", examples)
+    assert seen == [([ord("o")], [ord("k")]), ([ord("l")], tok.encode("ong one"))]
+    # mean log-probs -1 and -7, median -4; "x" has no scored token and counts as not acceptable
     assert preds.tolist() == [1, 0, 0]
 
 

@@ -1,15 +1,16 @@
-"""The pretraining corpus of a config: its tokenizer, and its packed train / held-out batches."""
+"""The pretraining corpus of a config: its tokenizer (SentencePiece, or a Hugging Face vocabulary such
+as GPT-2's), and its packed train / held-out batches."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
 import os
-import shutil
 
 import jax
 import numpy as np
 
+from gptjax.data import tokenizer_files
 from gptjax.data.mixture import MixedBatches, quotas
 from gptjax.data.packing import RowBatches, as_batch
 from gptjax.data.sources import (is_held_out, iter_source_documents, parse_sources, parse_weights,
@@ -46,24 +47,40 @@ def _filled(cache: dict | None, data_cfg) -> dict:
     return cache
 
 
-def workdir_tokenizer(config, workdir: str, corpus: dict | None = None) -> Tokenizer:
-    """WORKDIR/tokenizer.model: copied from data.tokenizer, or trained on the corpus once."""
-    target = os.path.join(workdir, "tokenizer.model")
+def _given_tokenizer(path: str):
+    """data.tokenizer: a SentencePiece model file, or a Hugging Face tokenizer folder or tokenizer.json."""
+    if not os.path.exists(path):
+        raise UserError(f"data.tokenizer={path} does not exist; give a SentencePiece .model, a Hugging Face "
+                        f"tokenizer folder or tokenizer.json, or leave it empty to train one")
+    if os.path.isdir(path) or path.endswith(".json"):
+        from gptjax.data.hf_tokenizer import HFTokenizer
+        return HFTokenizer.load(path)
+    return Tokenizer.load(path)
+
+
+def _keep_in_workdir(tokenizer, workdir: str) -> None:
+    """Writes the run's tokenizer into WORKDIR unless the same one is there (so that processes
+    after the first, and resumed runs, write nothing)."""
+    held = tokenizer_files.load_folder(workdir)
+    if held is not None and tokenizer_files.to_bytes(held) == tokenizer_files.to_bytes(tokenizer):
+        return
+    if held is not None and type(held) is not type(tokenizer):
+        kind = "SentencePiece" if isinstance(held, Tokenizer) else "Hugging Face"
+        raise UserError(f"{workdir} holds the {kind} tokenizer of an earlier run, and data.tokenizer is another "
+                        f"kind; a run keeps one tokenizer: pass a new --workdir")
+    tokenizer_files.save_folder(tokenizer, workdir)
+
+
+def workdir_tokenizer(config, workdir: str, corpus: dict | None = None):
+    """The run's tokenizer, kept in WORKDIR: data.tokenizer (a SentencePiece .model, or a Hugging
+    Face tokenizer with gptjax's control, eos and pad tokens added) copied there, else the one
+    WORKDIR holds, else a SentencePiece model trained on the corpus once into WORKDIR/tokenizer.model."""
     if config.data.tokenizer:
-        path = config.data.tokenizer
-        if os.path.isdir(path) or path.endswith(".json"):
-            raise UserError(f"data.tokenizer={path} is a Hugging Face tokenizer; pretraining reads SentencePiece "
-                            f"models only (fine-tuning, eval and generation take Hugging Face tokenizers): give "
-                            f"a SentencePiece .model, or leave data.tokenizer empty to train one")
-        if not os.path.isfile(config.data.tokenizer):
-            raise UserError(f"data.tokenizer={config.data.tokenizer} does not exist; give the path of a "
-                            f"SentencePiece .model or leave it empty to train one")
-        tokenizer = Tokenizer.load(config.data.tokenizer)
-        if os.path.abspath(config.data.tokenizer) != os.path.abspath(target):
-            shutil.copyfile(config.data.tokenizer, target)
-    elif os.path.isfile(target):
-        tokenizer = Tokenizer.load(target)
-        if tokenizer.vocab_size != config.data.tokenizer_vocab_size:
+        tokenizer = _given_tokenizer(config.data.tokenizer)
+        _keep_in_workdir(tokenizer, workdir)
+    elif (tokenizer := tokenizer_files.load_folder(workdir)) is not None:
+        if isinstance(tokenizer, Tokenizer) and tokenizer.vocab_size != config.data.tokenizer_vocab_size:
+            target = os.path.join(workdir, "tokenizer.model")
             raise UserError(f"{target} has {tokenizer.vocab_size} pieces but data.tokenizer_vocab_size is "
                             f"{config.data.tokenizer_vocab_size}; delete it to train a new one, or set "
                             f"data.tokenizer_vocab_size={tokenizer.vocab_size}")
@@ -81,7 +98,7 @@ def _prepared_meta(config, tokenizer: Tokenizer, spec: str, split: str) -> dict:
     """What a prepared source must have been made with to be used by this config."""
     d = config.data
     meta = {"source": spec, "split": split, "eval_fraction": d.eval_fraction,
-            "tokenizer_sha1": hashlib.sha1(tokenizer.serialized_model_proto()).hexdigest()}
+            "tokenizer_sha1": hashlib.sha1(tokenizer_files.to_bytes(tokenizer)).hexdigest()}
     if spec == "synthetic":
         meta.update(num_documents=d.num_documents, data_seed=d.seed)
     meta["files_sha1"] = source_fingerprint(spec, d)

@@ -24,6 +24,8 @@ METRICS = ("matthews", "accuracy", "f1", "pearson", "spearman")
 # label_name: the label's name (MNLI, AX, QNLI, RTE); label_id: 0/1; float: a clipped score.
 PREDICTION_FORMATS = ("label_name", "label_id", "float")
 SUBMISSION_HEADER = "index\tprediction"
+_COMBINE = {"classification": "single", "pair": "single", "similarity": "sum", "regression": "sum",
+            "multiple_choice": "choice"}
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,19 @@ class Task:
 
     @property
     def num_labels(self) -> int:
-        """Outputs of the task head: one per class, or one score."""
+        """Label ids 0..num_labels-1 (classes, or answers of a multiple choice); 1 for a score."""
         return 1 if self.is_regression else len(self.label_names)
+
+    @property
+    def head_outputs(self) -> int:
+        """Outputs of the task head W_y: one per class, or one score (a regression, or each
+        candidate of a multiple choice)."""
+        return 1 if self.type in ("regression", "multiple_choice") else len(self.label_names)
+
+    @property
+    def combine(self) -> str:
+        """How the head reads the extract states of an example's sequences (model.TaskModel)."""
+        return _COMBINE[self.type]
 
     def check_split(self, split: str) -> str:
         if split not in self.splits:
