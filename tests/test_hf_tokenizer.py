@@ -380,7 +380,7 @@ def _model_folder(folders, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "openai"])
-def test_a_model_folder_brings_its_tokenizer_and_generates_as_transformers(folders, tmp_path, kind):
+def test_a_model_folder_brings_its_tokenizer_and_generates_as_transformers(folders, tmp_path, kind, capsys):
     from gptjax.api import GPT
 
     torch, model, folder, vocab = _model_folder(folders, tmp_path, kind)
@@ -402,6 +402,12 @@ def test_a_model_folder_brings_its_tokenizer_and_generates_as_transformers(folde
     continuation = ours.generate(text, max_new_tokens=8, temperature=0.0)
     assert continuation == ours.tokenizer.decode(prompt + got)[len(ours.tokenizer.decode(prompt)):] or \
         ours.tokenizer.eos_id in got
+    # and `gptjax generate` on the folder prints the same continuation
+    from gptjax import cli
+    capsys.readouterr()
+    assert cli.main(["generate", "--workdir", str(folder), "--prompt", text, "--max-new-tokens", "8",
+                     "--temperature", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"prompt": text, "completion": continuation}
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "openai"])
