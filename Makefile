@@ -17,9 +17,10 @@ install: $(BIN)/gptjax
 demo: install
 	$(BIN)/gptjax demo --workdir $(WORKDIR)
 
-# The tests also load models in transformers (PyTorch on CPU) to check Hugging Face parity.
+# The tests also load models in transformers (PyTorch on CPU) to check Hugging Face parity, and run
+# lm-evaluation-harness on local tasks.
 $(VENV)/.hf-installed: $(BIN)/gptjax
-	$(BIN)/pip install --quiet 'torch==2.13.0' && $(BIN)/pip install --quiet -e '.[test,hf]'
+	$(BIN)/pip install --quiet 'torch==2.13.0' && $(BIN)/pip install --quiet -e '.[test,hf,eval]'
 	touch $@
 
 # Two workers, one per core; each test file stays on one worker, so its module fixtures are built once.
