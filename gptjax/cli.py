@@ -132,6 +132,20 @@ def cmd_convert(args, extra):
         raise UserError("convert takes --from-hf DIR --to WORKDIR, or --from WORKDIR --to-hf DIR")
 
 
+def cmd_harness(args, extra):
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    try:
+        from gptjax import harness
+    except ImportError as e:
+        raise UserError(f"gptjax harness needs lm-evaluation-harness ({e.name or e} is missing): "
+                        f"pip install 'gptjax[eval]'") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    harness.run(args.model, tasks, args.output, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                limit=args.limit, batch_size=args.batch_size)
+    print(f"wrote {args.output}")
+
+
 def cmd_demo(args, extra):
     from gptjax.demo import run_demo
     config_path = args.config or os.path.join(REPO_CONFIGS, "tiny.py")
@@ -196,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-hf", metavar="DIR", help="writes config.json + model.safetensors (pre-LN as GPT-2, post-LN as openai-gpt)")
     p.add_argument("--step", type=int, help="with --from: the checkpoint step (default: newest)")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("harness", parents=[common], help="lm-evaluation-harness tasks on a model, in process")
+    p.add_argument("--model", required=True, help="a gptjax workdir or checkpoint, or a Hugging Face folder")
+    p.add_argument("--tasks", required=True, help="comma-separated harness task names")
+    p.add_argument("--include-path", help="a folder of extra task YAMLs")
+    p.add_argument("--num-fewshot", type=int, help="demonstrations per prompt (default: each task's own)")
+    p.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    p.add_argument("--output", required=True, help="the harness's results JSON")
+    p.set_defaults(fn=cmd_harness)
 
     p = sub.add_parser("demo", parents=[common], help="synthetic corpus -> tokenizer -> pretrain -> samples, on CPU in minutes")
     p.add_argument("--workdir", default="runs/demo")

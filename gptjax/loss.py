@@ -13,7 +13,7 @@ of a GPT by far (GPT-2 small, batch 32 x 1024: 3.3 GB in bf16, 6.6 GB in float32
   logits is alive: for large models on one card, where activation memory decides the batch.
 
 Both return (sum of token losses, number of counted tokens), not the mean, so callers can weight
-microbatches and hosts by tokens. `projected_target_logprobs` gives zero/few-shot scoring the same
+microbatches and hosts by tokens. `projected_target_scores` gives zero/few-shot scoring the same
 per-token terms under the same chunks, so scoring a batch costs no more memory than training on it.
 """
 
@@ -109,8 +109,19 @@ def projected_lm_loss(hidden, project, targets, loss_mask, vocab_size: int, chun
     return total, jnp.sum(mask)
 
 
-def projected_target_logprobs(hidden, project, targets, vocab_size: int, chunk_len: int = 0):
-    """log p(targets) as float32 [B, T]: the loss's per-token terms, negated, for scoring.
+def _target_scores(logits, targets, vocab_size: int):
+    """(log p(target) float32 [B, T], whether the target is the most likely token bool [B, T])."""
+    nll, _ = _token_losses(logits, targets, vocab_size)
+    x = logits
+    if logits.shape[-1] > vocab_size:
+        x = jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) < vocab_size, x, -jnp.inf)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return -nll, target_logit >= jnp.max(x, axis=-1)
+
+
+def projected_target_scores(hidden, project, targets, vocab_size: int, chunk_len: int = 0):
+    """(log p(targets) float32 [B, T], targets that are the argmax bool [B, T]): the loss's
+    per-token terms, negated, for scoring, and greedy decoding's agreement with the targets.
 
     The arguments are projected_lm_loss's, and so is the chunking: at most one chunk of logits,
     [B, chunk_len, V_padded] in the compute dtype, is alive at a time. No gradient flows here,
@@ -118,7 +129,7 @@ def projected_target_logprobs(hidden, project, targets, vocab_size: int, chunk_l
     """
     t = hidden.shape[1]
     if not chunk_len or chunk_len >= t:
-        return -_token_losses(project(hidden), targets, vocab_size)[0]
+        return _target_scores(project(hidden), targets, vocab_size)
     chunks = -(-t // chunk_len)
     pad = chunks * chunk_len - t
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -126,7 +137,7 @@ def projected_target_logprobs(hidden, project, targets, vocab_size: int, chunk_l
 
     def body(carry, xs):
         h, tgt = xs
-        return carry, -_token_losses(project(h), tgt, vocab_size)[0]
+        return carry, _target_scores(project(h), tgt, vocab_size)
 
-    _, logp = jax.lax.scan(body, None, (_split(hidden, chunk_len), _split(targets, chunk_len)))
-    return jnp.moveaxis(logp, 0, 1).reshape(hidden.shape[0], chunks * chunk_len)[:, :t]
+    _, scores = jax.lax.scan(body, None, (_split(hidden, chunk_len), _split(targets, chunk_len)))
+    return tuple(jnp.moveaxis(x, 0, 1).reshape(hidden.shape[0], chunks * chunk_len)[:, :t] for x in scores)

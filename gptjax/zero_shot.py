@@ -5,6 +5,7 @@ candidate answer is a continuation of a prompt, and the prediction is the candid
 most likely. GPT-1's zero-shot heuristics are the special cases for SST-2 and CoLA.
 
     continuation_logprobs  summed log p(continuation | context) for token ids, batched and jitted
+    continuation_scores    the same, and whether greedy decoding gives each continuation
     build_prompts          a task's examples -> (prompt text, candidate continuations), demos included
     fit_threshold          the Matthews-optimal threshold of the acceptability heuristic
     evaluate               a task's examples -> (scores, predicted label ids)
@@ -24,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax.errors import UserError
-from gptjax.loss import projected_target_logprobs
+from gptjax.loss import projected_target_scores
 from gptjax.tasks.registry import get_task
 from gptjax.tasks.scores import task_scores
 
@@ -47,19 +48,41 @@ def _chunk_len(decoder, batch_size: int) -> int:
 
 
 @partial(jax.jit, static_argnums=(0, 4))
-def _token_logprobs(graphdef, state, tokens, targets, chunk_len: int):
-    """log p(targets[b, t] | tokens[b, :t+1]) as float32 [B, T], by the training loss's own terms
-    (loss.py): one chunk of logits at a time, in the compute dtype, never a float32 copy."""
+def _token_scores(graphdef, state, tokens, targets, chunk_len: int):
+    """(log p(targets[b, t] | tokens[b, :t+1]) float32 [B, T], whether each target is the argmax),
+    by the training loss's own terms (loss.py): one chunk of logits at a time, in the compute
+    dtype, never a float32 copy."""
     m = nnx.merge(graphdef, state)
-    return projected_target_logprobs(m(tokens), m.lm_logits, targets, m.vocab_size, chunk_len)
+    return projected_target_scores(m(tokens), m.lm_logits, targets, m.vocab_size, chunk_len)
+
+
+def _on_devices(state, batch_size: int):
+    """(state replicated, sharding of [rows, T] inputs split by rows, rows per batch) over the
+    local devices; one device keeps the arrays where they are."""
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return state, None, batch_size
+    mesh = jax.sharding.Mesh(np.array(devices), ("rows",))
+    everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+    return jax.device_put(state, everywhere), rows, -(-batch_size // len(devices)) * len(devices)
 
 
 def continuation_logprobs(model, contexts, continuations, batch_size: int = 32):
     """(summed log-probability float64 [n], continuation token counts int64 [n]) of each
-    continuation given its context. `model` is a GPT or a Decoder; both lists hold token ids.
+    continuation given its context. `model` is a GPT or a Decoder; both lists hold token ids."""
+    sums, counts, _ = continuation_scores(model, contexts, continuations, batch_size)
+    return sums, counts
+
+
+def continuation_scores(model, contexts, continuations, batch_size: int = 32):
+    """(summed log-probability float64 [n], continuation token counts int64 [n], whether greedy
+    decoding from the context gives the continuation bool [n]) of each continuation given its
+    context. `model` is a GPT or a Decoder; both lists hold token ids.
 
     A context too long for the model loses tokens from its left, the ones furthest from the
-    continuation; the continuation itself is never cut."""
+    continuation; the continuation itself is never cut. Each batch is one forward pass, its rows
+    split over the local devices."""
     decoder = getattr(model, "module", model)
     decoder = getattr(decoder, "decoder", decoder)  # a fine-tuned TaskModel scores with its LM
     vocab, max_len = decoder.vocab_size, decoder.max_len
@@ -73,37 +96,44 @@ def continuation_logprobs(model, contexts, continuations, batch_size: int = 32):
         if not ctx or not cont:
             raise UserError("every context and continuation needs at least one token "
                             "(start contexts with the tokenizer's eos id)")
-        if len(cont) >= max_len:
+        if len(cont) > max_len:
             raise UserError(f"a continuation of {len(cont)} tokens leaves no room for context in the "
                             f"model's {max_len} positions")
-        ctx = ctx[max(0, len(ctx) + len(cont) - max_len):]
+        # The last token is only a target, so a row may be one longer than the model's positions.
+        ctx = ctx[max(0, len(ctx) + len(cont) - max_len - 1):]
         if min(ctx + cont) < 0 or max(ctx + cont) >= vocab:
             raise UserError(f"token ids must be in [0, {vocab})")
         rows.append(ctx + cont)
         starts.append(len(ctx))
     counts = np.array([len(r) - s for r, s in zip(rows, starts)], np.int64)
     sums = np.zeros(len(rows), np.float64)
+    greedy = np.zeros(len(rows), bool)
     if not rows:
-        return sums, counts
+        return sums, counts, greedy
     graphdef, state = nnx.split(decoder)
-    chunk = _chunk_len(decoder, batch_size)
+    state, row_sharding, padded_rows = _on_devices(state, batch_size)
+    chunk = _chunk_len(decoder, padded_rows)
     # Longest first, so each batch holds rows of similar length and little padding.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        length = min(max_len, -(-len(rows[idx[0]]) // _LENGTH_MULTIPLE) * _LENGTH_MULTIPLE)
-        # The last batch is padded to batch_size rows too, so every batch has one shape per length.
-        tokens = np.zeros((batch_size, length), np.int32)
+        length = min(max_len, -(-(len(rows[idx[0]]) - 1) // _LENGTH_MULTIPLE) * _LENGTH_MULTIPLE)
+        # The last batch is padded to a whole batch too, so every batch has one shape per length.
+        tokens = np.zeros((padded_rows, length), np.int32)
         targets = np.zeros_like(tokens)
         mask = np.zeros(tokens.shape, bool)
         for j, i in enumerate(idx):
             row = rows[i]
-            tokens[j, :len(row)] = row
+            tokens[j, :len(row) - 1] = row[:-1]
             targets[j, :len(row) - 1] = row[1:]
             mask[j, starts[i] - 1:len(row) - 1] = True  # position t predicts token t + 1
-        logp = np.asarray(_token_logprobs(graphdef, state, tokens, targets, chunk), np.float64)
+        if row_sharding is not None:
+            tokens, targets = jax.device_put(tokens, row_sharding), jax.device_put(targets, row_sharding)
+        logp, top = _token_scores(graphdef, state, tokens, targets, chunk)
+        logp, top = np.asarray(logp, np.float64), np.asarray(top)
         sums[idx] = np.where(mask, logp, 0.0).sum(axis=1)[:len(idx)]
-    return sums, counts
+        greedy[idx] = np.all(top | ~mask, axis=1)[:len(idx)]
+    return sums, counts, greedy
 
 
 def _render(task, texts) -> tuple[str, list[str]]:
@@ -159,7 +189,7 @@ def document_start(model) -> list[int]:
     return [eos] if eos < vocab else []
 
 
-def _encode_pair(tokenizer, context: str, continuation: str, context_ids=None, start=None):
+def encode_pair(tokenizer, context: str, continuation: str, context_ids=None, start=None):
     """(start + context ids, continuation ids), start being [eos] unless given. The whole string is
     tokenised at once, as in the training text, and split where the context's own tokens stop
     matching: a piece merged across the boundary counts as continuation (lm-evaluation-harness
@@ -256,7 +286,7 @@ def evaluate(model, task, examples, *, mode: str = "zero_shot", shots: int = 0, 
     for prompt, choices in prompts:
         prompt_ids = tokenizer.encode(prompt)
         for choice in choices:
-            ctx, cont = _encode_pair(tokenizer, prompt, choice, prompt_ids, start)
+            ctx, cont = encode_pair(tokenizer, prompt, choice, prompt_ids, start)
             contexts.append(ctx)
             continuations.append(cont)
             chars.append(len(choice))

@@ -556,9 +556,10 @@ def test_zero_and_few_shot_scoring_from_a_model_folder(folders, tmp_path, kind, 
             n = next(i for i in range(len(whole)) if i >= len(head) or head[i] != whole[i] or i == len(whole) - 1)
             n = max(n, 0 if start else 1)
             context, continuation = start + whole[:n], whole[n:]
-            context = context[max(0, len(context) + len(continuation) - 64):]  # the model's 64 positions
+            # The model's 64 positions hold every token but the last, which is only predicted.
+            context = context[max(0, len(context) + len(continuation) - 65):]
             with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([context + continuation])).logits[0].double(), -1)
+                logp = torch.log_softmax(model(torch.tensor([(context + continuation)[:-1]])).logits[0].double(), -1)
             expected.append(sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(continuation)))
             contexts.append(context)
             continuations.append(continuation)

@@ -8,7 +8,7 @@ import pytest
 
 from gptjax.bench import step_analysis
 from gptjax.config import load_config
-from gptjax.loss import lm_loss, projected_lm_loss, projected_target_logprobs
+from gptjax.loss import lm_loss, projected_lm_loss, projected_target_scores
 
 VOCAB, PADDED = 100, 128
 
@@ -81,16 +81,20 @@ def test_chunked_projection_equals_the_whole_one(chunk_len):
 
 
 @pytest.mark.parametrize("chunk_len", [0, 7, 19])
-def test_target_logprobs_are_the_loss_terms(chunk_len):
+def test_target_scores_are_the_loss_terms_and_the_argmax(chunk_len):
     hidden, embedding, targets, mask = projection_inputs(3)
 
     def project(x):
         return jnp.einsum("btd,vd->btv", x, embedding)
 
-    logp = projected_target_logprobs(hidden, project, targets, VOCAB, chunk_len)
-    assert logp.shape == targets.shape and logp.dtype == jnp.float32
     log_softmax = jax.nn.log_softmax(project(hidden)[..., :VOCAB])  # padding columns take no mass
+    # Every other target is the most likely real token, so both answers of the greedy flag occur.
+    targets = jnp.where(jnp.arange(targets.shape[1]) % 2 == 0, jnp.argmax(log_softmax, -1), targets)
+    logp, greedy = projected_target_scores(hidden, project, targets, VOCAB, chunk_len)
+    assert logp.shape == greedy.shape == targets.shape and logp.dtype == jnp.float32 and greedy.dtype == jnp.bool_
     np.testing.assert_allclose(logp, jnp.take_along_axis(log_softmax, targets[..., None], -1)[..., 0], rtol=1e-5)
+    np.testing.assert_array_equal(greedy, jnp.argmax(log_softmax, -1) == targets)
+    assert 0 < int(greedy.sum()) < greedy.size
     total, _ = projected_lm_loss(hidden, project, targets, mask, VOCAB, chunk_len)
     np.testing.assert_allclose(-float(jnp.sum(logp * mask)), float(total), rtol=1e-6)
 

@@ -29,8 +29,9 @@ def model():
 
 def direct_logprob(model, context, continuation):
     """The unbatched reference: one row through GPT.logits, log-softmax in float64."""
-    row = (list(context) + list(continuation))[-MAX_LEN:]
-    logits = np.asarray(model.logits(np.array([row])), np.float64)[0]
+    # The model's positions hold every token but the last, which is only predicted.
+    row = (list(context) + list(continuation))[-(MAX_LEN + 1):]
+    logits = np.asarray(model.logits(np.array([row[:-1]])), np.float64)[0]
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     start = len(row) - len(continuation)
@@ -52,12 +53,23 @@ def test_continuation_logprobs_match_a_direct_computation(model):
     again, _ = zero_shot.continuation_logprobs(model.module, contexts, continuations, batch_size=8)
     np.testing.assert_allclose(again, logp, rtol=1e-5)
     # Left truncation keeps the context nearest the continuation: only the last tokens matter.
-    cut, _ = zero_shot.continuation_logprobs(model, [contexts[5][-(MAX_LEN - 4):]], [continuations[5]])
+    cut, _ = zero_shot.continuation_logprobs(model, [contexts[5][-(MAX_LEN + 1 - 4):]], [continuations[5]])
     np.testing.assert_allclose(cut, logp[5:6], rtol=1e-5)
     # Logits built 16 positions at a time, the last chunk of the 40 positions padded: the same sums.
     chunked = GPT.from_config("configs/tiny.py", seed=1, **SMALL, **{"model.loss_chunk_len": 16})
     again, _ = zero_shot.continuation_logprobs(chunked, contexts[5:], continuations[5:])
     np.testing.assert_allclose(again, expected[5:], rtol=1e-5)
+
+
+def test_greedy_flags_say_whether_greedy_decoding_gives_the_continuation(model):
+    rng = np.random.default_rng(4)
+    contexts = [list(map(int, rng.integers(0, 97, n))) for n in (3, 8, 15)]
+    greedy = [model.generate(c, max_new_tokens=k, temperature=0.0) for c, k in zip(contexts, (1, 4, 6))]
+    changed = greedy[1][:2] + [(greedy[1][2] + 1) % 97] + greedy[1][3:]  # one token off the greedy path
+    sums, _, flags = zero_shot.continuation_scores(model, contexts + contexts[1:2], greedy + [changed], batch_size=2)
+    assert flags.tolist() == [True, True, True, False]
+    expected = [direct_logprob(model, c, k) for c, k in zip(contexts + contexts[1:2], greedy + [changed])]
+    np.testing.assert_allclose(sums, expected, rtol=1e-5)
 
 
 def full_logits_logprobs(graphdef, state, tokens, targets):
@@ -77,12 +89,12 @@ def test_scoring_never_holds_the_batch_of_float32_logits():
     tokens, targets = (rng.integers(0, vocab, (batch, length)).astype(np.int32) for _ in range(2))
     chunk = zero_shot._chunk_len(gpt.module, batch)
     assert chunk < length
-    scorer = zero_shot._token_logprobs.lower(graphdef, state, tokens, targets, chunk).compile()
+    scorer = zero_shot._token_scores.lower(graphdef, state, tokens, targets, chunk).compile()
     old = jax.jit(full_logits_logprobs, static_argnums=0).lower(graphdef, state, tokens, targets).compile()
     # Half of one float32 copy of the batch's logits (16 MiB): the whole-logits scorer needs all of it.
     budget = batch * length * vocab * 4 // 2
     assert scorer.memory_analysis().temp_size_in_bytes < budget <= old.memory_analysis().temp_size_in_bytes
-    np.testing.assert_allclose(scorer(state, tokens, targets), old(state, tokens, targets), rtol=1e-5)
+    np.testing.assert_allclose(scorer(state, tokens, targets)[0], old(state, tokens, targets), rtol=1e-5)
 
 
 def test_continuation_logprobs_errors(model):
@@ -91,7 +103,9 @@ def test_continuation_logprobs_errors(model):
     with pytest.raises(UserError, match="at least one token"):
         zero_shot.continuation_logprobs(model, [[]], [[3]])
     with pytest.raises(UserError, match="leaves no room for context"):
-        zero_shot.continuation_logprobs(model, [[1]], [[3] * MAX_LEN])
+        zero_shot.continuation_logprobs(model, [[1]], [[3] * (MAX_LEN + 1)])
+    whole, _ = zero_shot.continuation_logprobs(model, [[1]], [[3] * MAX_LEN])  # fills every position
+    np.testing.assert_allclose(whole, [direct_logprob(model, [1], [3] * MAX_LEN)], rtol=1e-5)
     with pytest.raises(UserError, match=r"token ids must be in \[0, 97\)"):
         zero_shot.continuation_logprobs(model, [[1]], [[97]])
     empty, counts = zero_shot.continuation_logprobs(model, [], [])
@@ -264,7 +278,7 @@ def trained(tmp_path_factory):
 
 def test_split_tokenises_the_whole_string(trained):
     tok = trained.tokenizer
-    ctx, cont = zero_shot._encode_pair(tok, "the film was very", " positive")
+    ctx, cont = zero_shot.encode_pair(tok, "the film was very", " positive")
     assert ctx[0] == tok.eos_id and tok.decode(ctx[1:] + cont) == "the film was very positive"
     assert tok.decode(cont).strip() == "positive"
 
@@ -284,6 +298,6 @@ def test_evaluate_end_to_end_on_a_tiny_model(trained, name, shots):
     assert all(np.isfinite(v) for v in scores.values())
     if name == "synthetic_sentiment":  # the predictions are the argmax of the two continuations
         prompts = zero_shot.build_prompts(task, examples, shots=shots, train_examples=train)
-        pairs = [zero_shot._encode_pair(trained.tokenizer, p, c) for p, cs in prompts for c in cs]
+        pairs = [zero_shot.encode_pair(trained.tokenizer, p, c) for p, cs in prompts for c in cs]
         logp, _ = zero_shot.continuation_logprobs(trained, *zip(*pairs))
         assert preds.tolist() == logp.reshape(5, 2).argmax(1).tolist()
