@@ -62,7 +62,8 @@ def choice_task(tmp_path_factory):
         "doc_to_choice: '{{choices}}'\n"
         "doc_to_target: '{{label}}'\n"
         "target_delimiter: ''\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
     return folder, examples
 
 

@@ -6,6 +6,7 @@
     python -m gptjax.bench memory --config configs/gpt2_xl.py --config.mesh.fsdp=8 --batches 8
     python -m gptjax.bench loop --config configs/gpt2_small.py --workdir runs/bench-loop --steps 300
     python -m gptjax.bench attention --seq-lens 1024,2048,4096,8192 --head-dims 64,128
+    python -m gptjax.bench harness --config configs/tiny.py --workdir runs/bench-harness --items 1000
     python -m gptjax.bench data --config configs/gpt2_small.py --workdir runs/bench-data
     python -m gptjax.bench checkpoint --config configs/gpt2_small.py --workdir runs/bench-ckpt \
         --config.train.batch_size=1 --config.train.seq_len=128
@@ -120,7 +121,12 @@ def main(argv=None) -> int:
     command("checkpoint", "time saving the train state", 5, workdir=True)
     sub.add_parser("attention", add_help=False, help="attention kernels alone: TFLOP/s of the Pallas kernel, cuDNN, "
                                                      "XLA and JAX's bundled kernel (--help for its options)")
+    sub.add_parser("harness", add_help=False, help="lm-evaluation-harness items/s on a local multiple-choice task "
+                                                   "(--help for its options)")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["harness"]:
+        from gptjax.bench import harness_speed
+        return harness_speed.main(argv[1:])
     if argv[:1] == ["attention"]:
         # Imported here: the other commands have no use for the Pallas kernels it loads.
         from gptjax.bench import attention as attention_bench
