@@ -3,10 +3,11 @@
     load_hf("path/to/gpt2")                  -> (config, Decoder) with the folder's weights
     save_hf(model_config, decoder, "out/")   -> config.json + model.safetensors that transformers loads
 
-A folder is `config.json` plus `model.safetensors` (read here with numpy, no PyTorch), sharded
-safetensors with their `.index.json`, or `pytorch_model.bin` (needs PyTorch). Pre-LN gptjax
-models export as GPT-2, post-LN ones as openai-gpt: the two architectures differ exactly where
-`model.block` does. Both use the tanh GELU, the same LayerNorm and 1/sqrt(head_dim) scaling.
+A folder is `config.json` plus `model.safetensors` (read with the safetensors library's numpy
+API, no PyTorch), sharded safetensors with their `.index.json`, or `pytorch_model.bin` (needs
+PyTorch). Pre-LN gptjax models export as GPT-2, post-LN ones as openai-gpt: the two architectures
+differ exactly where `model.block` does. Both use the tanh GELU, the same LayerNorm and
+1/sqrt(head_dim) scaling.
 
 Hugging Face's Conv1D keeps weights as [in, out], the orientation of our kernels, so the mapping
 is reshapes only: c_attn [d, 3d] -> qkv_kernel [d, 3, heads, head_dim] because the 3d outputs are
@@ -17,12 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-import struct
+from collections import ChainMap
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from gptjax import checkpoint, config as config_lib
 from gptjax.errors import UserError
@@ -33,65 +37,66 @@ MODEL_TYPES = ("gpt2", "openai-gpt")
 # Activations that compute the tanh form of GELU, which is what our MLP uses.
 TANH_GELUS = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 
-# safetensors dtype names; bfloat16 comes from ml_dtypes through JAX (numpy has none).
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
-
-
 # ---------------------------------------------------------------------------------------------
-# safetensors: 8-byte little-endian header length, a JSON header, then the raw tensor bytes.
+# safetensors, through the safetensors library's numpy API. It reads BF16 tensors as the numpy
+# dtype named "bfloat16", which exists once ml_dtypes is imported, as importing jax.numpy above
+# does; so bfloat16 checkpoints need no special case here.
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """name -> array, memory-mapped so a multi-GB file is only read as tensors are converted."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
-        if n > size - 8:
-            raise UserError(f"{path} is not a safetensors file (header length {n} exceeds the file)")
+def _not_safetensors(path: str, error: Exception) -> UserError:
+    reason = " ".join(str(error).split())  # one line whatever the library's message holds
+    return UserError(f"{path} is not a safetensors file, or is truncated or corrupt ({reason})")
+
+
+class _SafetensorsFile(Mapping):
+    """name -> np.ndarray of one safetensors file, each tensor read when it is looked up.
+
+    Reading tensor by tensor keeps a multi-GB checkpoint from being in memory whole next to the
+    converted model. The file is opened per lookup rather than held mapped: the header is small,
+    and a file truncated or rewritten while mapped can kill the process (SIGBUS) on a later read
+    instead of raising.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:  # safe_open checks the header and that the tensors cover the file exactly
+            with safe_open(path, framework="numpy") as f:
+                self._names = dict.fromkeys(f.keys())
+        except SafetensorError as e:
+            raise _not_safetensors(path, e) from None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{path} is not a safetensors file (its header is not a JSON object)")
-    header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
-    tensors = {}
-    for name, info in header.items():
-        try:
-            dtype = np.dtype(_DTYPES[info["dtype"]])
-            start, end = info["data_offsets"]
-            shape = tuple(int(x) for x in info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: tensor '{name}' has an unreadable header entry {info!r} "
-                            f"(dtypes gptjax reads: {', '.join(_DTYPES)})") from None
-        if not 0 <= start <= end <= len(data) or end - start != dtype.itemsize * int(np.prod(shape)):
-            raise UserError(f"{path} is truncated or corrupt: tensor '{name}' {shape} {info['dtype']} does "
-                            f"not fit bytes {start}..{end} of {len(data)}")
-        tensors[name] = data[start:end].view(dtype).reshape(shape)
-    return tensors
+            with safe_open(self.path, framework="numpy") as f:
+                return f.get_tensor(name)
+        except SafetensorError as e:
+            raise _not_safetensors(self.path, e) from None
+        except AttributeError:  # a dtype the numpy API has no type for, e.g. the float8 ones
+            with safe_open(self.path, framework="numpy") as f:
+                dtype = f.get_slice(name).get_dtype()
+            raise UserError(f"{self.path}: tensor '{name}' has dtype {dtype}, which gptjax cannot read") from None
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def read_safetensors(path: str) -> Mapping[str, np.ndarray]:
+    """name -> array of a safetensors file; a file that is not one is a UserError here, at once."""
+    return _SafetensorsFile(path)
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    # The format stores little-endian, C-order bytes (a no-op conversion on x86 and ARM).
-    arrays = {k: np.ascontiguousarray(v, dtype=np.dtype(v.dtype).newbyteorder("<")) for k, v in tensors.items()}
-    header, offset = {}, 0
-    for name, a in arrays.items():
-        if a.dtype not in _NAMES:
-            raise UserError(f"cannot write tensor '{name}' of dtype {a.dtype} as safetensors")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned, as the format asks
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a in arrays.values():
-            f.write(a.tobytes())
+    # The library copies each array's buffer as it lies in memory, so a transposed or sliced view
+    # would be written scrambled unless made contiguous first.
+    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    try:
+        save_file(arrays, path, metadata=metadata)
+    except SafetensorError as e:  # e.g. a dtype the format has no name for
+        raise UserError(f"cannot write {path} as safetensors: {' '.join(str(e).split())}") from None
 
 
 def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
@@ -108,7 +113,7 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "float")}
 
 
-def read_weights(path: str) -> dict[str, np.ndarray]:
+def read_weights(path: str) -> Mapping[str, np.ndarray]:
     """All tensors of a Hugging Face folder: single-file or sharded, safetensors preferred."""
     for name, reader in (("model.safetensors", read_safetensors), ("pytorch_model.bin", _read_torch_bin)):
         if os.path.isfile(os.path.join(path, name)):
@@ -117,10 +122,8 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
         if os.path.isfile(index):
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
-            tensors = {}
-            for shard in shards:
-                tensors.update(reader(os.path.join(path, shard)))
-            return tensors
+            # A view over the shards, so safetensors shards are still read tensor by tensor.
+            return ChainMap(*(reader(os.path.join(path, shard)) for shard in shards))
     raise UserError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin "
                     f"(or their sharded .index.json)")
 
@@ -245,15 +248,16 @@ def load_hf(path: str):
     m = ModelConfig.from_config(config.model)
     # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model "h.0...": accept both. Buffers
     # (attn.bias, attn.masked_bias) and the tied lm_head.weight are simply never looked up.
-    tensors = {k.removeprefix("transformer."): v for k, v in read_weights(path).items()}
+    tensors = read_weights(path)
+    names = {k.removeprefix("transformer."): k for k in tensors}
     graphdef, like = _abstract(m)
     ours_shapes = {k: v.shape for k, v in checkpoint.flatten(like).items()}
     flat = {}
     for hf_name, ours, shape in _layer_map(m):
-        if hf_name not in tensors:
+        if hf_name not in names:
             raise UserError(f"{path} lacks the weight '{hf_name}' that a {hf['model_type']} model with "
                             f"{m.n_layer} layers has; is the folder complete?")
-        value = np.asarray(tensors[hf_name], np.float32)
+        value = np.asarray(tensors[names[hf_name]], np.float32)
         if value.shape != shape:
             raise UserError(f"{path}: weight '{hf_name}' has shape {value.shape} but config.json implies {shape}")
         if ours == "wte":  # our embedding has extra rows up to a multiple of vocab_pad_multiple

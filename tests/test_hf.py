@@ -62,9 +62,11 @@ def test_reader_follows_the_safetensors_format(tmp_path):
 def test_writer_round_trip_and_layout(tmp_path):
     import jax.numpy as jnp
     rng = np.random.default_rng(1)
+    square = rng.normal(size=(4, 6)).astype(np.float32)
     tensors = {"w": rng.normal(size=(3, 5)).astype(np.float32), "h": rng.normal(size=(7,)).astype(np.float16),
                "bf": rng.normal(size=(2, 2)).astype(jnp.bfloat16), "i": np.arange(3, dtype=np.int64),
-               "empty": np.zeros((0, 4), np.float32)}
+               "empty": np.zeros((0, 4), np.float32),
+               "transposed": square.T, "strided": square[:, ::2]}  # views, not contiguous buffers
     path = tmp_path / "w.safetensors"
     hf.write_safetensors(str(path), tensors, {"format": "pt"})
     raw = path.read_bytes()
@@ -72,23 +74,45 @@ def test_writer_round_trip_and_layout(tmp_path):
     assert n % 8 == 0, "tensor data should start 8-byte aligned"
     header = json.loads(raw[8:8 + n])
     assert header["__metadata__"] == {"format": "pt"}
-    assert header["w"] == {"dtype": "F32", "shape": [3, 5], "data_offsets": [0, 60]}
+    assert header["w"]["dtype"] == "F32" and header["w"]["shape"] == [3, 5]
+    assert header["bf"]["dtype"] == "BF16" and header["transposed"]["shape"] == [6, 4]
     assert len(raw) == 8 + n + sum(a.nbytes for a in tensors.values())
     back = hf.read_safetensors(str(path))
+    assert sorted(back) == sorted(tensors)
     for name, value in tensors.items():
         assert back[name].dtype == value.dtype and back[name].shape == value.shape
         np.testing.assert_array_equal(np.asarray(back[name], np.float64), np.asarray(value, np.float64))
+
+
+def test_our_file_reads_in_pytorch(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    import jax.numpy as jnp
+    w = np.random.default_rng(2).normal(size=(3, 4)).astype(np.float32)
+    path = str(tmp_path / "w.safetensors")
+    hf.write_safetensors(path, {"w": w, "wt": w.T, "bf": np.array([1.0, -2.5], jnp.bfloat16)}, {"format": "pt"})
+    back = load_file(path)
+    np.testing.assert_array_equal(back["w"].numpy(), w)
+    np.testing.assert_array_equal(back["wt"].numpy(), w.T)
+    assert back["bf"].dtype == torch.bfloat16 and back["bf"].float().tolist() == [1.0, -2.5]
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}  # transformers refuses a file without it
 
 
 def test_truncated_or_foreign_files_are_user_errors(tmp_path):
     path = tmp_path / "w.safetensors"
     hf.write_safetensors(str(path), {"w": np.ones((4, 4), np.float32)})
     path.write_bytes(path.read_bytes()[:-8])
-    with pytest.raises(UserError, match="truncated or corrupt: tensor 'w'"):
+    with pytest.raises(UserError, match="is not a safetensors file, or is truncated or corrupt") as truncated:
         hf.read_safetensors(str(path))
     path.write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
-    with pytest.raises(UserError, match="not a safetensors file"):
+    with pytest.raises(UserError, match="is not a safetensors file") as foreign:
         hf.read_safetensors(str(path))
+    for error in (truncated, foreign):
+        assert "\n" not in str(error.value) and str(path) in str(error.value)
+    with pytest.raises(UserError, match="cannot write .* as safetensors"):
+        hf.write_safetensors(str(tmp_path / "c.safetensors"), {"c": np.zeros(2, np.complex128)})
 
 
 # --- export -> import, no PyTorch --------------------------------------------------------------
@@ -116,6 +140,22 @@ def test_export_then_import_gives_back_the_same_model(tmp_path, block, model_typ
             assert not b[name][99:].any()
         else:
             np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+    np.testing.assert_array_equal(np.asarray(again.logits(TOKENS)), np.asarray(model.logits(TOKENS)))
+
+
+def test_sharded_safetensors_folder(tmp_path):
+    model = ours("pre_ln", seed=3)
+    hf.save_hf(model.model_config, model.module, str(tmp_path))
+    whole = tmp_path / "model.safetensors"
+    tensors = {k: np.array(v) for k, v in hf.read_safetensors(str(whole)).items()}
+    whole.unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        hf.write_safetensors(str(tmp_path / shard), {k: tensors[k] for k in keys}, {"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    again = GPT.from_pretrained(str(tmp_path))
     np.testing.assert_array_equal(np.asarray(again.logits(TOKENS)), np.asarray(model.logits(TOKENS)))
 
 
