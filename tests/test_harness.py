@@ -46,37 +46,27 @@ def request(kind, *args):
 @pytest.fixture(scope="module")
 def choice_task(tmp_path_factory):
     """synthetic_choice's items as a local harness task: gptjax's own prompts and candidates."""
+    from gptjax.bench.harness_speed import write_choice_task
+
     folder = tmp_path_factory.mktemp("tasks")
-    task = get_task("synthetic_choice")
-    examples = synthetic_split(task, "validation", size=24)
-    with open(folder / "items.jsonl", "w") as f:
-        for ex, (prompt, choices) in zip(examples, zero_shot.build_prompts(task, examples)):
-            f.write(json.dumps({"context": prompt, "choices": choices, "label": ex.label}) + "\n")
-    (folder / "gptjax_choice.yaml").write_text(
-        "task: gptjax_choice\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    validation: {folder / 'items.jsonl'}\n"
-        "validation_split: validation\n"
-        "output_type: multiple_choice\n"
-        "doc_to_text: '{{context}}'\n"
-        "doc_to_choice: '{{choices}}'\n"
-        "doc_to_target: '{{label}}'\n"
-        "target_delimiter: ''\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
-    return folder, examples
+    return folder, write_choice_task(str(folder), 24)
 
 
-def test_multiple_choice_scores_equal_gptjax_zero_shot(model_dir, choice_task, tmp_path, monkeypatch, capsys):
+def test_multiple_choice_scores_equal_gptjax_zero_shot(model_dir, tmp_path, monkeypatch, capsys):
+    """Through `python -m gptjax.bench harness`, which writes the task, runs `gptjax harness`'s
+    model on it and times both scorers."""
+    from gptjax.bench import cli as bench
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    folder, examples = choice_task
-    out = tmp_path / "results.json"
     capsys.readouterr()
-    assert cli.main(["harness", "--model", model_dir, "--tasks", "gptjax_choice", "--include-path", str(folder),
-                     "--batch-size", "4", "--output", str(out)]) == 0
+    assert bench.main(["harness", "--model", model_dir, "--workdir", str(tmp_path), "--items", "24",
+                       "--batch-size", "4"]) == 0
     printed = capsys.readouterr().out
-    assert "gptjax_choice" in printed and "acc_norm" in printed
-    results = json.loads(out.read_text())["results"]["gptjax_choice"]
+    assert "bench_choice" in printed and "acc_norm" in printed
+    rates = [float(line.split(": ")[1].split()[0]) for line in printed.splitlines() if "items/s" in line]
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    results = json.loads((tmp_path / "results.json").read_text())["results"]["bench_choice"]
+    examples = synthetic_split(get_task("synthetic_choice"), "validation", size=24)
     ours, _ = zero_shot.evaluate(GPT.from_pretrained(model_dir), "synthetic_choice", examples, batch_size=4)
     assert results["acc,none"] == pytest.approx(ours["accuracy"], abs=1e-12)
     assert results["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-12)
@@ -160,10 +150,10 @@ def test_bad_harness_inputs_are_one_line(model_dir, choice_task, tmp_path, capsy
         assert code == 2 and len(err) == 1, err
         return err[0]
 
-    assert "unknown harness task 'gptjax_choise'; did you mean gptjax_choice" in one_line(
-        "--model", model_dir, "--tasks", "gptjax_choise", "--include-path", str(folder))
+    assert "unknown harness task 'bench_choise'; did you mean bench_choice" in one_line(
+        "--model", model_dir, "--tasks", "bench_choise", "--include-path", str(folder))
     assert "--model {} does not exist".format(tmp_path / "nothing") in one_line(
-        "--model", str(tmp_path / "nothing"), "--tasks", "gptjax_choice", "--include-path", str(folder))
+        "--model", str(tmp_path / "nothing"), "--tasks", "bench_choice", "--include-path", str(folder))
     (tmp_path / "empty").mkdir()  # a folder that holds no model: the loader's own one-line error
     with pytest.raises(UserError, match="is not a gptjax workdir") as e:
         HarnessLM.from_path(str(tmp_path / "empty"))
@@ -171,4 +161,4 @@ def test_bad_harness_inputs_are_one_line(model_dir, choice_task, tmp_path, capsy
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-evaluation-harness were not installed
     monkeypatch.delitem(sys.modules, "gptjax.harness", raising=False)
     monkeypatch.delattr(gptjax, "harness", raising=False)
-    assert "pip install 'gptjax[eval]'" in one_line("--model", model_dir, "--tasks", "gptjax_choice")
+    assert "pip install 'gptjax[eval]'" in one_line("--model", model_dir, "--tasks", "bench_choice")
