@@ -93,10 +93,13 @@ def base_config() -> ml_collections.ConfigDict:
            "fsdp and tensor then stay inside each group")
 
     c.data = ml_collections.ConfigDict()
-    _field(c, "data.source", "synthetic", "pretraining text: synthetic, text:<glob>, jsonl:<glob>, tfds:<name>[/<config>][:<split>]; several separated by commas")
+    _field(c, "data.source", "synthetic", "pretraining text: synthetic, text:<glob>, jsonl:<glob>, parquet:<glob>, "
+           "hf:<save_to_disk folder, data files or Hub name>[:<split>], tfds:<name>[/<config>][:<split>]; "
+           "several separated by commas")
     _field(c, "data.weights", "", "comma-separated share of each batch per data.source entry (empty = equal)")
     _field(c, "data.text_documents", "file", "text: sources: one document per file, or per blank_line-separated block")
-    _field(c, "data.jsonl_field", "text", "jsonl: sources: the field holding a document's text")
+    _field(c, "data.text_field", "text", "jsonl:, parquet: and hf: sources: the field (column) holding a document's text")
+    _field(c, "data.jsonl_field", "text", "older name of data.text_field, honoured while data.text_field is left at 'text'")
     _field(c, "data.tfds_data_dir", "", "tfds: sources: the prepared TFDS folder (empty = TFDS_DATA_DIR or the TFDS default)")
     _field(c, "data.tfds_text_field", "", "tfds: sources: the text feature (empty = 'text' or the only text feature)")
     _field(c, "data.document_mask", False, "restart positions and mask attention at document boundaries inside a row")
@@ -332,6 +335,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _check(0.0 <= config.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")
+    _check(bool(d.text_field.strip()), "data.text_field is empty; set it to the column holding the text")
+    _check("text" in (d.jsonl_field, d.text_field) or d.jsonl_field == d.text_field,
+           f"data.jsonl_field='{d.jsonl_field}' and data.text_field='{d.text_field}' disagree; data.jsonl_field is "
+           f"the older name of data.text_field (the text column of jsonl:, parquet: and hf: sources): set "
+           f"data.text_field alone")
     _check(config.data.text_documents in ("file", "blank_line"),
            f"data.text_documents must be file or blank_line, got '{config.data.text_documents}'")
     f = config.finetune

@@ -68,8 +68,9 @@ def bench_loop(config, workdir: str, steps: int) -> list[tuple[str, float]]:
 
 
 def bench_data(config, workdir: str, steps: int, hf_tokenizer: str = "") -> list[tuple[str, float]]:
-    """Loader tokens/s from prepared token files, and the on-the-fly tokenization rate of each
-    tokenizer backend on the same documents (each counting its own tokens)."""
+    """Loader tokens/s from prepared token files, the on-the-fly tokenization rate of each
+    tokenizer backend on the same documents (each counting its own tokens), and the rate at which
+    the same documents stream from JSONL, Parquet and a datasets save_to_disk folder."""
     from gptjax.data import corpus
     from gptjax.data.loader import Loader
     from gptjax.data.sources import parse_sources
@@ -99,7 +100,62 @@ def bench_data(config, workdir: str, steps: int, hf_tokenizer: str = "") -> list
         batch = next(loader)
     jax.block_until_ready(batch)
     prepared = steps * config.train.batch_size * config.train.seq_len / (time.perf_counter() - start)
-    return [("loader from prepared files", prepared), *rates]
+    return [("loader from prepared files", prepared), *rates,
+            *_format_rates(config.data, os.path.join(workdir, "formats"), tokenizer, texts)]
+
+
+def _write_formats(folder: str, texts: list[str], field: str) -> list[tuple[str, str]]:
+    """The same documents as one JSONL file, four Parquet files and a save_to_disk folder:
+    (label, data.source) of each."""
+    import json
+    import shutil
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(os.path.join(folder, "parquet"))
+    with open(os.path.join(folder, "docs.jsonl"), "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({field: text}, ensure_ascii=False) + "\n")
+    cut = -(-len(texts) // 4)
+    for number in range(4):
+        pq.write_table(pa.table({field: texts[number * cut:(number + 1) * cut]}),
+                       os.path.join(folder, "parquet", f"part-{number}.parquet"), row_group_size=8192)
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_dict({field: texts}).save_to_disk(os.path.join(folder, "hf"))
+    return [("JSONL", f"jsonl:{folder}/docs.jsonl"), ("Parquet", f"parquet:{folder}/parquet/*.parquet"),
+            ("datasets folder", f"hf:{folder}/hf")]
+
+
+def _format_rates(data_cfg, folder: str, tokenizer, texts: list[str]) -> list[tuple[str, float]]:
+    """Per format: reading alone, and reading with tokenization in chunks as `gptjax prepare` does,
+    as documents/s (in the row's name) and tokens/s (the corpus's tokens over the time taken)."""
+    import itertools
+
+    from gptjax.data.sources import iter_source_documents, text_field
+
+    rows = []
+    for label, spec in _write_formats(folder, texts, text_field(data_cfg)):
+        start = time.perf_counter()
+        tokens = 0
+        stream = iter_source_documents(spec, data_cfg)
+        while chunk := list(itertools.islice(stream, 4096)):
+            tokens += sum(len(ids) + 1 for ids in tokenizer.encode_batch(chunk))
+        tokenized_s = time.perf_counter() - start
+        # Reading alone takes milliseconds on a small corpus; the best of three passes is the one
+        # least disturbed by whatever else the machine runs.
+        read_s = min(_seconds(lambda: sum(1 for _ in iter_source_documents(spec, data_cfg))) for _ in range(3))
+        rows += [(f"{label} read ({len(texts) / read_s:,.0f} documents/s)", tokens / read_s),
+                 (f"{label} read + tokenize ({len(texts) / tokenized_s:,.0f} documents/s)", tokens / tokenized_s)]
+    return rows
+
+
+def _seconds(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 def _encode_rate(encode_batch, texts: list[str]) -> float:

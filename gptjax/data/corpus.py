@@ -14,7 +14,7 @@ from gptjax.data import tokenizer_files
 from gptjax.data.mixture import MixedBatches, quotas
 from gptjax.data.packing import RowBatches, as_batch
 from gptjax.data.sources import (is_held_out, iter_source_documents, parse_sources, parse_weights,
-                                 source_documents, source_fingerprint)
+                                 source_documents, source_fingerprint, text_field)
 from gptjax.data.token_files import ShardWriter, TokenRows, read_prepared, source_dir
 from gptjax.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
 from gptjax.errors import UserError
@@ -105,7 +105,10 @@ def _prepared_meta(config, tokenizer: Tokenizer, spec: str, split: str) -> dict:
     if spec.startswith("text:"):
         meta["text_documents"] = d.text_documents
     if spec.startswith("jsonl:"):
-        meta["jsonl_field"] = d.jsonl_field
+        # Under its older key, so that JSONL shards prepared before data.text_field stay valid.
+        meta["jsonl_field"] = text_field(d)
+    if spec.startswith(("parquet:", "hf:")):
+        meta["text_field"] = text_field(d)
     if spec.startswith("tfds:"):
         meta["tfds_text_field"] = d.tfds_text_field
     return meta

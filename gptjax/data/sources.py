@@ -1,8 +1,15 @@
 """Pretraining text sources named by `data.source`: synthetic, text:<glob>, jsonl:<glob>,
-tfds:<name>[/<config>][:<split>].
+parquet:<glob>, hf:<folder, file or Hub name>[:<split>], tfds:<name>[/<config>][:<split>].
 
 `data.source` may list several comma-separated sources; `data.weights` then says what share of
-every batch each one fills (see mixture.py).
+every batch each one fills (see mixture.py). jsonl:, parquet: and hf: sources take a document's
+text from the column `data.text_field`. Every source streams its documents one at a time, so
+`gptjax prepare` handles corpora larger than memory.
+
+This module parses `data.source` and `data.weights`, reads the synthetic, text: and jsonl: sources
+itself and hands each other kind to its own module: parquet_source.py (pyarrow),
+hf_datasets_source.py (datasets) and tfds_source.py (tensorflow_datasets). It imports those inside
+functions, so importing it loads none of those packages.
 """
 
 from __future__ import annotations
@@ -16,19 +23,30 @@ import re
 from gptjax.data import synthetic
 from gptjax.errors import UserError
 
-KINDS = ("synthetic", "text", "jsonl", "tfds")
+KINDS = ("synthetic", "text", "jsonl", "parquet", "hf", "tfds")
+USAGE = ("synthetic, text:<glob>, jsonl:<glob>, parquet:<glob>, hf:<folder, file or Hub name>[:<split>] "
+         "or tfds:<name>[/<config>][:<split>]")
+DEFAULT_TEXT_FIELD = "text"
 
 
 def parse_sources(spec: str) -> list[str]:
     specs = [s.strip() for s in spec.split(",") if s.strip()]
     if not specs:
-        raise UserError("data.source is empty; use synthetic, text:<glob>, jsonl:<glob> or tfds:<name>[/<config>][:<split>]")
+        raise UserError(f"data.source is empty; use {USAGE}")
     for s in specs:
-        kind = s.split(":", 1)[0]
-        if kind not in KINDS or (kind != "synthetic" and ":" not in s):
-            raise UserError(f"data.source '{s}' is not understood; use synthetic, text:<glob>, jsonl:<glob> or tfds:<name>[/<config>][:<split>] "
-                            f"(several separated by commas)")
+        kind, _, arg = s.partition(":")
+        if kind not in KINDS or (kind != "synthetic" and not arg.strip()):
+            raise UserError(f"data.source '{s}' is not understood; use {USAGE} (several separated by commas)")
     return specs
+
+
+def text_field(data_cfg) -> str:
+    """The column holding a document's text in jsonl:, parquet: and hf: sources. data.jsonl_field is
+    its older name, honoured while data.text_field keeps its default so that earlier configs and
+    saved runs read the same column (config.validate refuses the two set to different columns)."""
+    if data_cfg.text_field != DEFAULT_TEXT_FIELD:
+        return data_cfg.text_field
+    return data_cfg.jsonl_field
 
 
 def parse_weights(text: str, count: int) -> list[float]:
@@ -89,7 +107,7 @@ def iter_jsonl_documents(pattern: str, field: str):
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                    raise UserError(f"{path}:{number}: no string field '{field}' (set data.jsonl_field)")
+                    raise UserError(f"{path}:{number}: no string field '{field}' (set data.text_field)")
                 if record[field].strip():
                     yield record[field]
 
@@ -98,13 +116,28 @@ def jsonl_documents(pattern: str, field: str) -> list[str]:
     return list(iter_jsonl_documents(pattern, field))
 
 
+def _source_files(kind: str, arg: str) -> list[str]:
+    """The local files behind a source, in a fixed order ([] when it has none to check)."""
+    if kind in ("text", "jsonl"):
+        return _files(arg, kind)
+    if kind == "parquet":
+        from gptjax.data.parquet_source import parquet_files
+        return parquet_files(arg)
+    if kind == "hf":
+        from gptjax.data.hf_datasets_source import hf_local_files
+        return hf_local_files(arg)
+    return []
+
+
 def source_fingerprint(spec: str, data_cfg) -> str:
-    """Changes when the files behind a text:/jsonl: source change (names, sizes, times)."""
+    """Changes when the local files behind a text:, jsonl:, parquet: or hf: source change (names,
+    sizes, times); empty for the others (synthetic, tfds:, a Hub name)."""
     kind, _, arg = spec.partition(":")
-    if kind not in ("text", "jsonl"):
+    files = _source_files(kind, arg)
+    if not files:
         return ""
     digest = hashlib.sha1()
-    for path in _files(arg, kind):
+    for path in files:
         stat = os.stat(path)
         digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -118,7 +151,13 @@ def iter_source_documents(spec: str, data_cfg):
     if kind == "text":
         return iter_text_documents(arg, data_cfg.text_documents)
     if kind == "jsonl":
-        return iter_jsonl_documents(arg, data_cfg.jsonl_field)
+        return iter_jsonl_documents(arg, text_field(data_cfg))
+    if kind == "parquet":
+        from gptjax.data.parquet_source import iter_parquet_documents
+        return iter_parquet_documents(arg, text_field(data_cfg))
+    if kind == "hf":
+        from gptjax.data.hf_datasets_source import iter_hf_documents
+        return iter_hf_documents(arg, text_field(data_cfg))
     from gptjax.data.tfds_source import iter_tfds_documents
     return iter_tfds_documents(arg, data_cfg.tfds_data_dir or None, data_cfg.tfds_text_field)
 
