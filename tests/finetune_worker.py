@@ -17,7 +17,7 @@ MESHES = ["single", "data=8", "data=2,fsdp=2,tensor=2", "data=1,fsdp=4,tensor=2"
 
 def run(pretrained: str, arg: str) -> dict:
     overrides = [f"mesh.{kv}" for kv in arg.split(",") if kv != "single"]
-    config = load_config("configs/tiny.py", ["model.n_layer=2", "model.dtype=float32", "train.batch_size=16",
+    config = load_config("configs/tiny.py", ["model.n_layer=1", "model.dtype=float32", "train.batch_size=16",
                                              "train.lr=1e-3", "task=synthetic_paraphrase", *overrides])
     source = GPT.from_pretrained(pretrained)
     config = ft.effective_config(config, source)

@@ -22,7 +22,7 @@ STEPS = 10
 def losses(arg: str) -> dict:
     overrides = [f"mesh.{kv}" for kv in arg.split(",") if kv and kv != "single"]
     config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "train.seq_len=32",
-                                             "model.n_layer=2", "train.warmup_steps=2", *overrides])
+                                             "model.n_layer=1", "train.warmup_steps=2", *overrides])
     mesh = None
     if arg == "single":
         config.mesh.data = 1
@@ -87,7 +87,7 @@ def layouts(meshes: list[str]) -> dict:
     out = {}
     for arg in meshes:
         trainer = _trainer(arg)
-        config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "model.n_layer=2",
+        config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "model.n_layer=1",
                                                  "task=synthetic_sentiment",
                                                  *[f"mesh.{kv}" for kv in arg.split(",")]])
         runner = ft.TaskRunner(config, get_task(config.task), total_steps=4)
@@ -125,7 +125,7 @@ def collectives(trainer) -> dict:
 def _trainer(arg: str) -> Trainer:
     overrides = [f"mesh.{kv}" for kv in arg.split(",") if kv and kv != "single"]
     config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "train.seq_len=32",
-                                             "model.n_layer=2", *overrides])
+                                             "model.n_layer=1", *overrides])
     if arg == "single":
         config.mesh.data = 1
         return Trainer(config, mesh=sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))

@@ -11,13 +11,15 @@ from gptjax.tasks import get_task, synthetic_split
 
 
 def test_demo_writes_the_three_columns(tmp_path, monkeypatch, capsys):
-    # Two of the four tasks (one of two sequences per example, one of four) keep it under 2 minutes.
+    # Two of the four tasks (one of two sequences per example, one of four) and a one-layer model keep
+    # it to about 90 s on 2 cores, most of it compiling: each run and each evaluation compiles its own
+    # init, step and predict programs, about 60 in all.
     tasks = {name: ["finetune.max_examples=32"] for name in ("synthetic_coherence", "synthetic_choice")}
     monkeypatch.setattr(demo, "TASKS", tasks)
-    monkeypatch.setattr(demo, "FINETUNE", [*demo.FINETUNE, "finetune.epochs=1", "model.n_layer=2",
+    monkeypatch.setattr(demo, "FINETUNE", [*demo.FINETUNE, "finetune.epochs=1", "model.n_layer=1",
                                            "finetune.max_len=32"])
     workdir = str(tmp_path / "demo")
-    overrides = ["train.steps=10", "data.num_documents=300", "train.eval_every=0", "model.n_layer=2"]
+    overrides = ["train.steps=10", "data.num_documents=300", "train.eval_every=0", "model.n_layer=1"]
     demo.run_demo("configs/tiny.py", overrides, workdir)
     out = capsys.readouterr().out
     results = json.load(open(os.path.join(workdir, "results.json")))

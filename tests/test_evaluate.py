@@ -16,14 +16,15 @@ from gptjax.tasks.scores import task_scores
 from gptjax.train import pretrain
 from glue_folder import glue_folder
 
-FT = ["model.n_layer=2", "model.dtype=float32", "train.batch_size=16", "finetune.max_examples=64",
+# One layer: these tests check files and scores, not what the model learns.
+FT = ["model.n_layer=1", "model.dtype=float32", "train.batch_size=16", "finetune.max_examples=64",
       "finetune.epochs=1", "train.lr=1e-3", "finetune.eval_batch_size=24"]
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pre"))
-    pretrain(load_config("configs/tiny.py", ["model.n_layer=2", "train.steps=20", "data.num_documents=400",
+    pretrain(load_config("configs/tiny.py", ["model.n_layer=1", "train.steps=20", "data.num_documents=400",
                                              "train.eval_every=0", "model.dtype=float32"]), workdir, progress=False)
     return workdir
 

@@ -22,14 +22,14 @@ from gptjax.model_config import ModelConfig
 from gptjax.tasks import get_task, synthetic_split, transforms
 from gptjax.train import pretrain
 
-SMALL = ["model.n_layer=2", "model.dtype=float32", "train.batch_size=16", "finetune.max_examples=96",
+SMALL = ["model.n_layer=1", "model.dtype=float32", "train.batch_size=16", "finetune.max_examples=96",
          "finetune.epochs=2", "train.lr=1e-3", "train.log_every=1", "finetune.eval_batch_size=32"]
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pre"))
-    config = load_config("configs/tiny.py", ["model.n_layer=2", "train.steps=20", "data.num_documents=400",
+    config = load_config("configs/tiny.py", ["model.n_layer=1", "train.steps=20", "data.num_documents=400",
                                              "train.eval_every=0", "model.dtype=float32"])
     pretrain(config, workdir, progress=False)
     return workdir
@@ -158,7 +158,7 @@ def test_finetune_run_learns_and_keeps_the_best_epoch(pretrained, sentiment_run)
     assert best["score"] == max(r["eval_score"] for r in epochs)
     assert best["step"] in checkpoint.Checkpointer(workdir, read_only=True).steps()
     saved = json.load(open(os.path.join(workdir, "config.json")))
-    assert saved["task"] == "synthetic_sentiment" and saved["model"]["n_layer"] == 2
+    assert saved["task"] == "synthetic_sentiment" and saved["model"]["n_layer"] == 1
     again = ft.finetune(_config(pretrained, "synthetic_sentiment"), workdir, progress=False)
     assert again["finished_before"] and again["step"] == best["step"]
 

@@ -144,7 +144,7 @@ def test_gradient_accumulation_matches_the_full_batch():
     losses = {}
     for accum in (1, 4):
         config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "train.seq_len=32",
-                                                 "model.n_layer=2", f"train.grad_accum={accum}"])
+                                                 "model.n_layer=1", f"train.grad_accum={accum}"])
         trainer = Trainer(config)
         rng = np.random.default_rng(0)
         out = []
