@@ -72,6 +72,46 @@ def test_greedy_flags_say_whether_greedy_decoding_gives_the_continuation(model):
     np.testing.assert_allclose(sums, expected, rtol=1e-5)
 
 
+_ON_FOUR_DEVICES = """
+import json, sys
+import jax, numpy as np
+from gptjax import GPT, zero_shot
+from flax import nnx
+args = json.loads(sys.argv[1])
+model = GPT.from_config("configs/tiny.py", seed=1, **args["small"])
+state, rows, padded = zero_shot._on_devices(nnx.split(model.module)[1], 3)
+tokens = jax.device_put(np.zeros((padded, 16), np.int32), rows)
+leaf = jax.tree.leaves(state)[0]
+sums, _, greedy = zero_shot.continuation_scores(model, args["contexts"], args["continuations"], batch_size=3)
+print(json.dumps({"padded": padded, "shard": list(tokens.sharding.shard_shape(tokens.shape)),
+                  "devices": len(tokens.sharding.device_set), "param_replicated": leaf.sharding.is_fully_replicated,
+                  "sums": sums.tolist(), "greedy": greedy.tolist()}))
+"""
+
+
+def test_scoring_splits_each_batch_over_the_local_devices(model):
+    """On 4 devices a batch of 3 rows is padded to 4, one row per device, the parameters replicated;
+    the scores equal one device's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(2)
+    contexts = [list(map(int, rng.integers(0, 97, n))) for n in (2, 9, 30, 5, 17)]
+    continuations = [list(map(int, rng.integers(0, 97, n))) for n in (3, 1, 8, 12, 2)]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    args = json.dumps({"small": SMALL, "contexts": contexts, "continuations": continuations})
+    run = subprocess.run([sys.executable, "-c", _ON_FOUR_DEVICES, args], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (out["padded"], out["shard"], out["devices"], out["param_replicated"]) == (4, [1, 16], 4, True)
+    sums, _, greedy = zero_shot.continuation_scores(model, contexts, continuations, batch_size=3)
+    np.testing.assert_allclose(out["sums"], sums, rtol=1e-5)
+    assert out["greedy"] == greedy.tolist()
+
+
 def full_logits_logprobs(graphdef, state, tokens, targets):
     """The scorer as it was: the whole batch's logits in float32, then a log-sum-exp."""
     m = nnx.merge(graphdef, state)
