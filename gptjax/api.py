@@ -171,13 +171,16 @@ class GPT:
                               vocab_size=self.model_config.vocab_size)
         if all(isinstance(p, str) for p in batch):
             # Decode prompt and continuation together so the space between them survives.
-            texts = []
-            for prompt_ids, row in zip(ids, out):
-                prefix = self.tokenizer.decode(prompt_ids)
-                texts.append(self.tokenizer.decode(prompt_ids + self._until_eos(row))[len(prefix):])
+            texts = [self.continuation_text(prompt_ids, row) for prompt_ids, row in zip(ids, out)]
             return texts[0] if single else texts
         rows = [list(map(int, row)) for row in out]
         return rows[0] if single else rows
+
+    def continuation_text(self, prompt_ids, row) -> str:
+        """The text of generated ids `row` up to eos, decoded together with the prompt so the space
+        between them survives, then cut off it."""
+        prefix = self.tokenizer.decode(prompt_ids)
+        return self.tokenizer.decode(list(prompt_ids) + self._until_eos(row))[len(prefix):]
 
     def _until_eos(self, row) -> list[int]:
         row = list(map(int, row))

@@ -108,19 +108,12 @@ class HarnessLM(LM):
                 rows = self.model.generate(prompts, max_new_tokens=new, temperature=temperature,
                                            seed=int(kwargs.get("seed", 0)))
                 for n, prompt, row in zip(batch, prompts, rows):
-                    out[n] = _cut(self._continuation(prompt, row), until)
+                    out[n] = _cut(self.model.continuation_text(prompt, row), until)
         return out
 
     def _prompt(self, context: str, new_tokens: int) -> list[int]:
         ids = self.tokenizer.encode(context) or list(self.start) or [0]
         return ids[-(self.max_len - new_tokens):]
-
-    def _continuation(self, prompt: list[int], row) -> str:
-        # Decoded together with the prompt, so the space between them survives, then cut off it.
-        row = [int(t) for t in row]
-        eos = self.tokenizer.eos_id
-        row = row[:row.index(eos)] if eos in row else row
-        return self.tokenizer.decode(prompt + row)[len(self.tokenizer.decode(prompt)):]
 
 
 def _cut(text: str, until: list[str]) -> str:
