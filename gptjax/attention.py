@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from gptjax import sharding
 from gptjax.dropout import attention_keep, seed_of
 from gptjax.errors import UserError
 
@@ -134,7 +135,8 @@ def xla_attention(q, k, v, *, q_offset=0, segment_ids=None, kv_valid=None,
         # The Pallas kernel's draw for the same key: row (b * heads + h) * Tq + query, column key.
         # Global indices: on a mesh XLA splits these iotas like the probabilities they number.
         b, h, tq, tk = probs.shape
-        rows = (jnp.arange(b)[:, None, None] * h + jnp.arange(h)[None, :, None]) * tq + jnp.arange(tq)
+        block, _ = sharding.batch_block()  # inside the per-device gradient program, rows count from its block
+        rows = ((jnp.arange(b) + block * b)[:, None, None] * h + jnp.arange(h)[None, :, None]) * tq + jnp.arange(tq)
         keep = attention_keep(seed_of(dropout_key), rows[..., None], jnp.arange(tk), dropout_rate)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
@@ -149,16 +151,21 @@ def per_device(kernel, q, k, v, segment_ids, seed=None):
     mesh the step traces with. A Pallas call is opaque to XLA's partitioner, which would otherwise
     gather q, k and v whole onto every device. Shapes the mesh does not divide run unsplit.
     start (int32 [2]) is the (batch row, head) of the device's block in the whole batch: dropout
-    counts from it, so every device draws its part of the one mask of the unsplit batch."""
-    from gptjax.sharding import spec
-
+    counts from it, so every device draws its part of the one mask of the unsplit batch.
+    Inside the per-device gradient program the batch axes are already split; only the axes
+    still left to XLA (tensor) are split here, and start counts the rows of both."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel(q, k, v, segment_ids, seed, None)
-    qkv, rows = spec(("batch", "length", "heads", "head_dim")), spec(("batch", "length"))
+    manual = sharding.manual_axes(mesh)
+    qkv = sharding.only(sharding.spec(("batch", "length", "heads", "head_dim")), set(mesh.axis_names) - manual)
+    rows = sharding.only(sharding.spec(("batch", "length")), set(mesh.axis_names) - manual)
     axes = [() if a is None else (a,) if isinstance(a, str) else a for a in qkv]
     if any(n % math.prod(mesh.shape[x] for x in names) for n, names in zip(q.shape, axes)):
-        return kernel(q, k, v, segment_ids, seed, None)
+        if not manual:
+            return kernel(q, k, v, segment_ids, seed, None)
+        qkv, rows, axes = PartitionSpec(), PartitionSpec(), [()] * 4  # this device's block, unsplit
+    batch_axes = [n for n in sharding.BATCH_AXES if n in manual] + list(axes[0])
 
     def first(names, block):
         # Over several mesh axes, the first one is the slowest-varying (as in a PartitionSpec).
@@ -168,11 +175,14 @@ def per_device(kernel, q, k, v, segment_ids, seed=None):
         return index * block
 
     def local(q, k, v, segment_ids, seed):
-        start = jnp.asarray([first(axes[0], q.shape[0]), first(axes[2], q.shape[2])], jnp.int32)
+        start = jnp.asarray([first(batch_axes, q.shape[0]), first(axes[2], q.shape[2])], jnp.int32)
         return kernel(q, k, v, segment_ids, seed, start)
 
+    split = {name for names in axes for name in names}
+    if not split:
+        return local(q, k, v, segment_ids, seed)
     in_specs = (qkv,) * 3 + (None if segment_ids is None else rows, None if seed is None else PartitionSpec())
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv, check_vma=False)(
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv, axis_names=split, check_vma=False)(
         q, k, v, segment_ids, seed)
 
 

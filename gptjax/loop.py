@@ -10,7 +10,9 @@ A loss function is `loss_fn(params, batch, dropout_key) -> (value, aux)`, `aux` 
 scalars. Where `aux` has "count", `value` is a sum over the batch: the step adds value, aux and
 gradients over microbatches and divides the gradient and `value` by the summed count, so a batch
 weighs by its target tokens however it was split. Without "count", `value` is the loss as it is
-and the batch cannot be split into microbatches (grad_accum must be 1).
+and the batch cannot be split into microbatches (grad_accum must be 1). On a mesh that splits the
+batch, the loss function sees one device's rows (gradients.py): its value and aux must add up over
+devices, so a mean divides by the whole batch's count (`sharding.batch_sum`).
 
 Resume policy (`train.resume`): latest (the newest readable checkpoint, falling back past
 damaged ones), <step> (that one), none (refuse a workdir that holds checkpoints). Checkpoints
@@ -36,7 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib, distributed, sharding
+from gptjax import checkpoint, config as config_lib, distributed, gradients, sharding
 from gptjax.distributed import log_main
 from gptjax.errors import Preempted, UserError
 from gptjax.metrics import MetricsWriter
@@ -61,29 +63,11 @@ def params_on_mesh(make, mesh):
     return abstract, graphdef, params, shardings
 
 
-def microbatches(batch: dict, count: int) -> dict:
-    # Microbatch j takes rows j, j + count, ...: every device holds part of every microbatch,
-    # so splitting a data-sharded batch moves nothing between devices.
-    return jax.tree.map(lambda x: x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1), batch)
-
-
 def train_step(loss_fn, tx, schedule, grad_accum, seed, state: TrainState, batch):
     # The dropout key is a function of the seed and step alone, so any step can be replayed exactly.
     # Made inside the step: a key array closed over would be pinned to one device.
     key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if grad_accum == 1:
-        (value, aux), grads = grad_fn(state.params, batch, key)
-    else:
-        def accumulate(carry, inputs):
-            index, micro = inputs
-            out = grad_fn(state.params, micro, jax.random.fold_in(key, index))
-            return jax.tree.map(jnp.add, carry, out), None
-
-        micro = microbatches(batch, grad_accum)
-        shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), key)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        ((value, aux), grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+    (value, aux), grads = gradients.batch_gradients(loss_fn, state.params, batch, key, grad_accum)
     count = aux.pop("count", None)
     if grad_accum > 1 and count is None:
         raise ValueError("a loss without aux['count'] is a mean and cannot be summed over microbatches")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib, distributed, loop, sharding
+from gptjax import checkpoint, config as config_lib, distributed, gradients, loop, sharding
 from gptjax.data import tokenizer_files
 from gptjax.data.loader import Loader
 from gptjax.distributed import log_main
@@ -48,7 +48,7 @@ def eval_step(graphdef, grad_accum, params, batch):
         return (carry[0] + total, carry[1] + count), None
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    return jax.lax.scan(accumulate, zeros, loop.microbatches(batch, grad_accum))[0]
+    return jax.lax.scan(accumulate, zeros, gradients.microbatches(batch, grad_accum))[0]
 
 
 class Trainer(loop.StepRunner):

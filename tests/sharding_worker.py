@@ -19,12 +19,18 @@ from gptjax.train import Trainer
 STEPS = 10
 
 
+# Words an argument may carry besides mesh sizes: the model settings they stand for.
+MODEL_WORDS = {"dropout": ["model.dropout=0.1", "model.attn_dropout=0.1"], "pallas": ["model.attention=pallas"]}
+
+
 def losses(arg: str) -> dict:
-    overrides = [f"mesh.{kv}" for kv in arg.split(",") if kv and kv != "single"]
+    words = [kv for kv in arg.split(",") if kv in MODEL_WORDS]
+    overrides = [f"mesh.{kv}" for kv in arg.split(",") if kv and kv != "single" and kv not in MODEL_WORDS]
+    overrides += [setting for word in words for setting in MODEL_WORDS[word]]
     config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "train.seq_len=32",
                                              "model.n_layer=1", "train.warmup_steps=2", *overrides])
     mesh = None
-    if arg == "single":
+    if arg.split(",")[0] == "single":
         config.mesh.data = 1
         mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     trainer = Trainer(config, mesh=mesh)
@@ -94,7 +100,7 @@ def layouts(meshes: list[str]) -> dict:
         out[arg] = {"mesh": dict(trainer.mesh.shape),
                     "pretrain": account(trainer.state.params, trainer.state.opt_state),
                     "finetune": account(runner.state.params, runner.state.opt_state)}
-        if arg == "data=1,fsdp=8":
+        if trainer.mesh.shape["tensor"] == 1:
             out[arg]["hlo"] = collectives(trainer)
     return out
 
@@ -119,6 +125,7 @@ def collectives(trainer) -> dict:
     params = checkpoint.flatten(trainer.state.params)
     return {"ops": [[op, [[int(d) for d in s.split(",") if d] for s in shapes]] for op, shapes in ops],
             "weights": {n: list(x.shape) for n, x in params.items() if x.ndim >= 2},
+            "params": {n: [list(x.shape), list(x.sharding.shard_shape(x.shape))] for n, x in params.items()},
             "opt_shards": shards, "backend": jax.default_backend()}
 
 

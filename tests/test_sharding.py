@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import types
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -18,9 +19,14 @@ from gptjax.train import Trainer
 MESHES = ["data=8", "data=1,fsdp=8", "data=2,fsdp=2,tensor=2", "data=2,tensor=4"]
 
 
+# Dropout on (residual, embedding and attention), through XLA attention and the Pallas kernel.
+DROPOUT_RUNS = ["single,dropout", "data=1,fsdp=8,dropout", "data=2,fsdp=4,dropout",
+                "single,dropout,pallas", "data=2,fsdp=4,dropout,pallas"]
+
+
 @pytest.fixture(scope="module")
 def runs():
-    out, stderr = _worker("single", *MESHES)
+    out, stderr = _worker("single", *MESHES, *DROPOUT_RUNS)
     # XLA's warning that a layout change fell back to replicating a tensor on every device.
     assert "Involuntary full rematerialization" not in stderr
     return out
@@ -43,6 +49,15 @@ def test_sharded_training_matches_one_device(runs, mesh):
     sizes = dict(kv.split("=") for kv in mesh.split(","))
     assert runs[mesh]["mesh"] == {"data": int(sizes.get("data", 1)), "fsdp": int(sizes.get("fsdp", 1)),
                                   "tensor": int(sizes.get("tensor", 1))}
+
+
+@pytest.mark.parametrize("run", [r for r in DROPOUT_RUNS if not r.startswith("single")])
+def test_sharded_dropout_drops_what_one_device_drops(runs, run):
+    """Each device numbers its rows from where its block sits in the whole batch, so the sharded
+    step draws the one mask of the unsharded step: the losses agree as closely as without dropout."""
+    base = np.array(runs["single,dropout" + (",pallas" if run.endswith("pallas") else "")]["losses"])
+    assert np.abs(base - np.array(runs["single"]["losses"])).max() > 1e-3  # dropout changes the losses
+    np.testing.assert_allclose(runs[run]["losses"], base, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -105,33 +120,41 @@ def test_parameters_and_optimizer_state_are_split_across_devices(layouts, mesh, 
     assert len(mirrored) == 2 * len([n for n in mirrored if ".mu." in n])
 
 
-def test_the_fsdp_step_gathers_weights_and_updates_shards(layouts):
-    hlo = layouts["data=1,fsdp=8"]["hlo"]
-    gathered = [shape for op, shapes in hlo["ops"] if op == "all-gather" for shape in shapes]
-    # Every weight matrix is gathered whole for use (in the forward pass and again in the
-    # backward, since the gathered copy is not kept).
+@pytest.mark.parametrize("mesh", ["data=1,fsdp=8", "data=2,fsdp=4"])
+def test_the_fsdp_step_gathers_weights_and_updates_shards(layouts, mesh):
+    hlo, fsdp = layouts[mesh]["hlo"], layouts[mesh]["mesh"]["fsdp"]
+    gathered = [tuple(shape) for op, shapes in hlo["ops"] if op == "all-gather" for shape in shapes]
+    # Every weight matrix is gathered whole for use.
     for name, shape in hlo["weights"].items():
         if not name.endswith("bias"):  # the fused QKV bias is not split over fsdp
-            assert gathered.count(shape) >= 1, (name, shape)
+            assert tuple(shape) in gathered, (name, shape)
     # The optimizer update reads and writes each device's shard only: every moment of a weight
-    # split over fsdp enters and leaves the step as 1/8 of it.
+    # split over fsdp enters and leaves the step as 1/fsdp of it.
     for name, (full, taken, returned) in hlo["opt_shards"].items():
         if name.endswith(("bias",)) or not full:
             continue
-        assert taken == returned and np.prod(taken) * 8 == np.prod(full), (name, full, taken)
+        assert taken == returned and np.prod(taken) * fsdp == np.prod(full), (name, full, taken)
 
 
-def test_fsdp_gradients_leave_by_reduce_scatter(layouts):
-    hlo = layouts["data=1,fsdp=8"]["hlo"]
-    if hlo["backend"] == "cpu":
-        pytest.skip("XLA on CPU has no pass that forms reduce-scatter (its fsdp gradients leave by all-reduce, "
-                    "then a slice); this holds on 8 GPU or TPU devices")
-    scattered = [tuple(shape) for op, shapes in hlo["ops"] if op == "reduce-scatter" for shape in shapes]
-    reduced = [tuple(shape) for op, shapes in hlo["ops"] if op == "all-reduce" for shape in shapes]
-    for name, shape in hlo["weights"].items():
-        if not name.endswith("bias"):
-            assert tuple(shape) not in reduced, name  # no full-size gradient all-reduce
-    assert len(scattered) >= len(hlo["weights"])
+@pytest.mark.parametrize("mesh", ["data=1,fsdp=8", "data=2,fsdp=4"])
+def test_fsdp_gradients_leave_by_reduce_scatter(layouts, mesh):
+    """Each weight's gradient leaves the device by reduce-scatter into the 1/fsdp shard the weight
+    lives in; only that shard is then summed over data; no gradient is all-reduced whole."""
+    hlo, sizes = layouts[mesh]["hlo"], layouts[mesh]["mesh"]
+    scattered = Counter(tuple(shape) for op, shapes in hlo["ops"] if op == "reduce-scatter" for shape in shapes)
+    reduced = Counter(tuple(shape) for op, shapes in hlo["ops"] if op == "all-reduce" for shape in shapes)
+    params = {name: (tuple(shape), tuple(shard)) for name, (shape, shard) in hlo["params"].items()}
+    split = {name: shard for name, (shape, shard) in params.items() if shard != shape}
+    # Everything but the two biases the rules leave whole (QKV's and the MLP's first) is split.
+    assert set(params) - set(split) == {"blocks.0.attn.qkv_bias", "blocks.0.mlp.fc_bias"}
+    for name, shard in split.items():
+        shape = params[name][0]
+        assert np.prod(shape) == np.prod(shard) * sizes["fsdp"], name
+        assert scattered[shard] >= Counter(split.values())[shard], (name, shard)
+        assert shape not in reduced, name  # no gradient is all-reduced whole
+        assert (shard in reduced) == (sizes["data"] > 1), name  # the shard's sum over data
+    for name in set(params) - set(split):
+        assert params[name][0] in reduced, name  # an unsplit gradient is summed where it is
 
 
 def test_logical_rules():
