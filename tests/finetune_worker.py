@@ -12,7 +12,7 @@ from gptjax.api import GPT
 from gptjax.config import load_config
 from gptjax.tasks import get_task, synthetic_split, transforms
 
-MESHES = ["single", "data=8", "data=1,fsdp=8", "data=2,fsdp=2,tensor=2", "data=1,fsdp=4,tensor=2"]
+MESHES = ["single", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2", "data=1,fsdp=4,tensor=2"]
 
 
 def run(pretrained: str, arg: str) -> dict:

@@ -20,8 +20,7 @@ MESHES = ["data=8", "data=1,fsdp=8", "data=2,fsdp=2,tensor=2", "data=2,tensor=4"
 
 
 # Dropout on (residual, embedding and attention), through XLA attention and the Pallas kernel.
-DROPOUT_RUNS = ["single,dropout", "data=1,fsdp=8,dropout", "data=2,fsdp=4,dropout",
-                "single,dropout,pallas", "data=2,fsdp=4,dropout,pallas"]
+DROPOUT_RUNS = ["single,dropout", "data=1,fsdp=8,dropout", "single,dropout,pallas", "data=2,fsdp=4,dropout,pallas"]
 
 
 @pytest.fixture(scope="module")
