@@ -12,7 +12,7 @@ The caller's optimizer update then runs on each device's slice only.
 
 Written by hand because XLA's partitioner, given the same step, sums a split weight's gradient
 whole over the batch devices and then slices it; XLA's GPU and TPU pipelines fuse those two into
-a reduce-scatter, its CPU pipeline does not. Here the program says what it does on every backend.
+a reduce-scatter, its CPU pipeline does not. Here the program writes the collectives itself.
 When the tensor axis splits too, the step is left to the partitioner: a hand-written collective
 over the batch axes makes XLA first gather a tensor-split weight whole over tensor.
 

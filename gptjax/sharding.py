@@ -156,7 +156,7 @@ def constrain(x, axes):
     Active while tracing under `jax.set_mesh` (the Trainer's steps); elsewhere (generation, the
     API, tests of the bare model) there is no mesh and this returns `x` unchanged. Without these
     pins XLA may pick a layout from one weight's sharding and pay for it with extra collectives.
-    Inside the per-device gradient program (fsdp.py) the batch axes are already split by hand,
+    Inside the per-device gradient program (gradients.py) the batch axes are already split by hand,
     so only the axes XLA still partitions (tensor) are pinned."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
