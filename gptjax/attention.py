@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from gptjax import sharding
+from gptjax import sharding, targets
 from gptjax.dropout import attention_keep, seed_of
 from gptjax.errors import UserError
 
@@ -40,7 +40,8 @@ HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def on_nvidia_gpu() -> bool:
-    return jax.default_backend() == "gpu" and "nvidia" in jax.devices()[0].device_kind.lower()
+    """Whether the code being traced is for an NVIDIA GPU (the host's, or a compile target's)."""
+    return targets.current().nvidia
 
 
 def cudnn_applies(dtype, head_dim: int) -> bool:
@@ -66,7 +67,7 @@ def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, need
     needs_mask: a mask only XLA takes (the KV cache's query offset or key padding).
     segments: packed-document segment ids (XLA, pallas and splash take them).
     seq_len: the sequence length where known (splash needs a multiple of 128)."""
-    backend = jax.default_backend()
+    backend = targets.current().name
     if implementation == "xla":
         return "xla"
     if implementation == "auto":
@@ -87,8 +88,8 @@ def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, need
                         f"use model.attention=auto or xla")
     if implementation == "cudnn":
         if not on_nvidia_gpu():
-            raise UserError(f"model.attention=cudnn needs an NVIDIA GPU, but JAX runs on "
-                            f"'{jax.default_backend()}'; use model.attention=auto or xla")
+            raise UserError(f"model.attention=cudnn needs an NVIDIA GPU, but the step is for "
+                            f"'{backend}'; use model.attention=auto or xla")
         if not cudnn_applies(dtype, head_dim):
             raise UserError(f"model.attention=cudnn needs bfloat16/float16 compute and a head dim that is a "
                             f"multiple of 8 up to 128 (got {jnp.dtype(dtype).name}, {head_dim}); "
@@ -135,8 +136,7 @@ def xla_attention(q, k, v, *, q_offset=0, segment_ids=None, kv_valid=None,
         # The Pallas kernel's draw for the same key: row (b * heads + h) * Tq + query, column key.
         # Global indices: on a mesh XLA splits these iotas like the probabilities they number.
         b, h, tq, tk = probs.shape
-        block, _ = sharding.batch_block()  # inside the per-device gradient program, rows count from its block
-        rows = ((jnp.arange(b) + block * b)[:, None, None] * h + jnp.arange(h)[None, :, None]) * tq + jnp.arange(tq)
+        rows = (jnp.arange(b)[:, None, None] * h + jnp.arange(h)[None, :, None]) * tq + jnp.arange(tq)
         keep = attention_keep(seed_of(dropout_key), rows[..., None], jnp.arange(tk), dropout_rate)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
@@ -151,21 +151,15 @@ def per_device(kernel, q, k, v, segment_ids, seed=None):
     mesh the step traces with. A Pallas call is opaque to XLA's partitioner, which would otherwise
     gather q, k and v whole onto every device. Shapes the mesh does not divide run unsplit.
     start (int32 [2]) is the (batch row, head) of the device's block in the whole batch: dropout
-    counts from it, so every device draws its part of the one mask of the unsplit batch.
-    Inside the per-device gradient program the batch axes are already split; only the axes
-    still left to XLA (tensor) are split here, and start counts the rows of both."""
+    counts from it, so every device draws its part of the one mask of the unsplit batch."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel(q, k, v, segment_ids, seed, None)
-    manual = sharding.manual_axes(mesh)
-    qkv = sharding.only(sharding.spec(("batch", "length", "heads", "head_dim")), set(mesh.axis_names) - manual)
-    rows = sharding.only(sharding.spec(("batch", "length")), set(mesh.axis_names) - manual)
+    qkv = sharding.spec(("batch", "length", "heads", "head_dim"))
+    rows = sharding.spec(("batch", "length"))
     axes = [() if a is None else (a,) if isinstance(a, str) else a for a in qkv]
     if any(n % math.prod(mesh.shape[x] for x in names) for n, names in zip(q.shape, axes)):
-        if not manual:
-            return kernel(q, k, v, segment_ids, seed, None)
-        qkv, rows, axes = PartitionSpec(), PartitionSpec(), [()] * 4  # this device's block, unsplit
-    batch_axes = [n for n in sharding.BATCH_AXES if n in manual] + list(axes[0])
+        return kernel(q, k, v, segment_ids, seed, None)
 
     def first(names, block):
         # Over several mesh axes, the first one is the slowest-varying (as in a PartitionSpec).
@@ -175,14 +169,11 @@ def per_device(kernel, q, k, v, segment_ids, seed=None):
         return index * block
 
     def local(q, k, v, segment_ids, seed):
-        start = jnp.asarray([first(batch_axes, q.shape[0]), first(axes[2], q.shape[2])], jnp.int32)
+        start = jnp.asarray([first(axes[0], q.shape[0]), first(axes[2], q.shape[2])], jnp.int32)
         return kernel(q, k, v, segment_ids, seed, start)
 
-    split = {name for names in axes for name in names}
-    if not split:
-        return local(q, k, v, segment_ids, seed)
     in_specs = (qkv,) * 3 + (None if segment_ids is None else rows, None if seed is None else PartitionSpec())
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv, axis_names=split, check_vma=False)(
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv, check_vma=False)(
         q, k, v, segment_ids, seed)
 
 
@@ -190,11 +181,13 @@ def pallas_attention(q, k, v, segment_ids=None, seed=None, start=None, dropout_r
                      heads: int | None = None):
     """The Pallas kernel; `start` and `heads` place q's block in the whole batch (see per_device)."""
     from gptjax.kernels.flash_attention import flash_attention  # Pallas loads only when used
+    # Decided here, for the platform being traced for, not inside the kernel's jit: its cache
+    # would hand a CPU-traced (interpret mode) kernel to a later GPU compile of the same shapes.
     return flash_attention(q, k, v, segment_ids=segment_ids, causal=True, dropout_rate=dropout_rate,
-                           dropout_seed=seed, dropout_start=start, dropout_heads=heads)
+                           dropout_seed=seed, dropout_start=start, dropout_heads=heads,
+                           interpret=targets.current().name == "cpu")
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(heads: int, length: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
@@ -203,10 +196,10 @@ def _splash_kernel(heads: int, length: int, interpret: bool):
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * heads)
-    # Cached across traces, so its mask tables must be concrete arrays, not values of the trace
-    # that happened to build it first.
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    # Built in the trace that uses it, its mask tables constants of that trace: made eagerly (to
+    # be cached across traces) they would be computed on the mesh's devices, which a step
+    # compiled for a TPU slice from another host does not have.
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q, k, v, segment_ids=None, seed=None, start=None):
@@ -215,7 +208,7 @@ def splash_attention(q, k, v, segment_ids=None, seed=None, start=None):
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     _, t, h, d = q.shape
-    kernel = _splash_kernel(h, t, jax.default_backend() != "tpu")
+    kernel = _splash_kernel(h, t, targets.current().name != "tpu")
     q = q * jnp.asarray(1.0 / d ** 0.5, q.dtype)  # splash leaves the scaling to its caller
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # it wants [heads, time, head_dim] per row
     if segment_ids is None:

@@ -2,6 +2,8 @@
 
 Config overrides are `--config.section.key=value` (or `--config.section.key value`). Mistakes a
 user can fix end in one `error:` line and exit code 2; `--debug` shows the traceback instead.
+`gptjax compile` exits 3 when a step's plan does not fit the target's memory and 1 when the
+target's compiler refuses the step.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import json
 import os
 import sys
 
-from gptjax.errors import REQUEUE_EXIT_CODE, Preempted, UserError
+from gptjax.errors import (DOES_NOT_FIT_EXIT_CODE, REQUEUE_EXIT_CODE, CompileFailed, DoesNotFit, Preempted,
+                           UserError)
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -146,6 +149,36 @@ def cmd_harness(args, extra):
     print(f"wrote {args.output}")
 
 
+def cmd_compile(args, extra):
+    from gptjax import compiled, targets
+    config = _load(args, extra)
+    kinds = compiled.KINDS if args.kind == "both" else (args.kind,)
+    target = targets.open_target(args.target)
+    too_large = []
+    for kind in kinds:
+        record = compiled.analyse(config, target, kind, args.hlo)
+        print(json.dumps(record) if args.json else compiled.format_record(record), flush=True)
+        if not record["fits"]:
+            too_large.append(compiled.advice(record))
+    if too_large:
+        raise DoesNotFit("; ".join(too_large))
+
+
+def _before_backends(args) -> None:
+    """`gptjax compile` compiles for devices it does not open: JAX runs on the host's CPU whatever
+    JAX_PLATFORMS says (a CUDA or TPU plugin would otherwise try to open a device that may not
+    be there), with as many CPU devices as a cpu:N target asks for."""
+    from gptjax import targets, xla_flags
+    if args.command != "compile" or xla_flags.backends_started():
+        return
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    count = targets.needed_host_devices(args.target)
+    present = os.environ.get("XLA_FLAGS", "")
+    if count > 1 and "xla_force_host_platform_device_count" not in present:
+        os.environ["XLA_FLAGS"] = f"{present} --xla_force_host_platform_device_count={count}".strip()
+
+
 def cmd_demo(args, extra):
     from gptjax.demo import run_demo
     config_path = args.config or os.path.join(REPO_CONFIGS, "tiny.py")
@@ -221,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the harness's results JSON")
     p.set_defaults(fn=cmd_harness)
 
+    p = sub.add_parser("compile", parents=[common], help="compile the train steps for a GPU/TPU/CPU target without "
+                                                         "the hardware: memory plan, fits or not, collectives, kernels")
+    p.add_argument("--config", required=True, help="a configs/*.py file")
+    p.add_argument("--target", required=True, help="h100, h100:8, h200:8, a TPU slice (v5e:2x2, v5p:2x2x1) or cpu:N")
+    p.add_argument("--kind", choices=("pretrain", "finetune", "both"), default="pretrain",
+                   help="which train step (default: pretrain; finetune compiles a two-class task's step)")
+    p.add_argument("--json", action="store_true", help="one JSON object per kind of step")
+    p.add_argument("--hlo", metavar="DIR", help="write the optimized HLO of each step to DIR/<kind>.hlo.txt")
+    p.set_defaults(fn=cmd_compile)
+
     p = sub.add_parser("demo", parents=[common], help="synthetic corpus -> tokenizer -> pretrain -> samples, on CPU in minutes")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--config", default=None, help="default: configs/tiny.py")
@@ -233,9 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     from gptjax import distributed, xla_flags
     try:
+        _before_backends(args)
         xla_flags.apply()  # $GPTJAX_XLA_FLAGS, before anything starts a backend
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        if args.command != "compile":
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         args.fn(args, extra)
+    except DoesNotFit as e:
+        distributed.log(f"error: {e}", sys.stderr)
+        return DOES_NOT_FIT_EXIT_CODE
+    except CompileFailed as e:
+        if args.debug:
+            raise
+        distributed.log(f"error: {e}", sys.stderr)
+        return 1
     except UserError as e:
         if args.debug:
             raise

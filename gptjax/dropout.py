@@ -19,8 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gptjax.sharding import batch_block
-
 
 def mix32(x):
     """A bijective avalanche on uint32 (the "lowbias32" integer hash): every output bit depends
@@ -53,15 +51,10 @@ def dropout(x, rate: float, key):
     """Zeroes a `rate` share of x and scales the rest by 1 / (1 - rate); identity without a key."""
     if key is None or rate == 0.0:
         return x
-    # The flat index built from per-dimension iotas, which a sharded step splits like x. Inside
-    # the per-device gradient program x holds one block of the batch's rows: counted from it.
-    block, blocks = batch_block()
+    # The flat index built from per-dimension iotas, which a sharded step splits like x.
     index, stride = jnp.zeros(x.shape, jnp.uint32), 1
     for dim in reversed(range(x.ndim)):
-        iota = jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim)
-        if dim == 0 and blocks > 1:
-            iota = iota + (block * x.shape[0]).astype(jnp.uint32)
-        index = index + iota * jnp.uint32(stride % 2 ** 32)
-        stride *= x.shape[dim] * (blocks if dim == 0 else 1)
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride % 2 ** 32)
+        stride *= x.shape[dim]
     keep = mix32(seed_of(key) ^ mix32(index)) >= _threshold(rate)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

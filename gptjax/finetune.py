@@ -56,8 +56,7 @@ def batch_loss(graphdef, task_type, lm_weight, clf_dropout, pad_id, params, batc
     model = nnx.merge(graphdef, params)
     logits, hidden = model(batch["tokens"], batch["extract"], dropout_key=dropout_key, clf_dropout=clf_dropout)
     weights = batch["weights"]
-    # Means over the whole batch, though this call may see one device's rows (gradients.py).
-    count = jnp.maximum(sharding.batch_sum(weights.sum()), 1.0)
+    count = jnp.maximum(weights.sum(), 1.0)
     task = task_loss_sum(task_type, logits, batch["labels"], weights) / count
     aux = {"task_loss": task}
     total = task
@@ -66,7 +65,7 @@ def batch_loss(graphdef, task_type, lm_weight, clf_dropout, pad_id, params, batc
         tokens = batch["tokens"].reshape(b * s, t)
         mask = (tokens[:, 1:] != pad_id) & (jnp.repeat(weights, s)[:, None] > 0)
         lm_sum, lm_count = model.decoder.lm_loss(hidden[:, :-1], tokens[:, 1:], mask)
-        aux["lm_loss"] = lm_sum / jnp.maximum(sharding.batch_sum(lm_count), 1.0)
+        aux["lm_loss"] = lm_sum / jnp.maximum(lm_count, 1.0)
         total = total + lm_weight * aux["lm_loss"]
     return total, aux
 

@@ -10,9 +10,8 @@ A loss function is `loss_fn(params, batch, dropout_key) -> (value, aux)`, `aux` 
 scalars. Where `aux` has "count", `value` is a sum over the batch: the step adds value, aux and
 gradients over microbatches and divides the gradient and `value` by the summed count, so a batch
 weighs by its target tokens however it was split. Without "count", `value` is the loss as it is
-and the batch cannot be split into microbatches (grad_accum must be 1). On a mesh that splits the
-batch, the loss function sees one device's rows (gradients.py): its value and aux must add up over
-devices, so a mean divides by the whole batch's count (`sharding.batch_sum`).
+and the batch cannot be split into microbatches (grad_accum must be 1). The loss function is
+written for the whole batch on every mesh; XLA's partitioner splits it.
 
 Resume policy (`train.resume`): latest (the newest readable checkpoint, falling back past
 damaged ones), <step> (that one), none (refuse a workdir that holds checkpoints). Checkpoints

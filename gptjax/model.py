@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax import attention
+from gptjax import attention, targets
 from gptjax.dropout import dropout
 from gptjax.loss import projected_lm_loss
 from gptjax.model_config import ModelConfig
@@ -39,8 +39,8 @@ REMAT_POLICIES = {
 
 
 def compute_dtype(name: str):
-    if name == "auto":
-        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    if name == "auto":  # for the platform the model is built for: the host's, or a compile target's
+        return jnp.bfloat16 if targets.current().name in ("gpu", "tpu") else jnp.float32
     return jnp.dtype(name).type
 
 

@@ -133,21 +133,6 @@ def spec(axes) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
-BATCH_AXES = dict(RULES)["batch"]
-
-
-def manual_axes(mesh) -> frozenset:
-    """The mesh axes the code being traced runs per device over (inside a shard_map)."""
-    return frozenset(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
-                     if kind == jax.sharding.AxisType.Manual)
-
-
-def only(partition: PartitionSpec, axes) -> PartitionSpec:
-    """`partition` with every mesh axis outside `axes` dropped."""
-    def keep(entry):
-        names = tuple(n for n in ((entry,) if isinstance(entry, str) else entry or ()) if n in axes)
-        return None if not names else names[0] if len(names) == 1 else names
-    return PartitionSpec(*(keep(entry) for entry in partition))
 
 
 def constrain(x, axes):
@@ -156,44 +141,11 @@ def constrain(x, axes):
     Active while tracing under `jax.set_mesh` (the Trainer's steps); elsewhere (generation, the
     API, tests of the bare model) there is no mesh and this returns `x` unchanged. Without these
     pins XLA may pick a layout from one weight's sharding and pay for it with extra collectives.
-    Inside the per-device gradient program (gradients.py) the batch axes are already split by hand,
-    so only the axes XLA still partitions (tensor) are pinned."""
+    Inside a kernel's own shard_map (attention.per_device) every axis is manual and nothing is pinned."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or any(kind == jax.sharding.AxisType.Manual for kind in mesh.axis_types):
         return x
-    manual = manual_axes(mesh)
-    partition = spec(axes)
-    if manual:
-        partition = only(partition, set(mesh.axis_names) - manual)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, partition))
-
-
-def _split_batch_axes(mesh) -> tuple:
-    if mesh.empty:
-        return ()
-    return tuple(n for n in BATCH_AXES if n in manual_axes(mesh) and mesh.shape[n] > 1)
-
-
-def batch_block() -> tuple:
-    """(index, count) of this device's block of the batch's leading dimension: (0, 1) except
-    inside the per-device gradient program, where each device holds one of `count` equal
-    consecutive blocks. What numbers rows globally (dropout) adds index x block rows."""
-    mesh = jax.sharding.get_abstract_mesh()
-    names = _split_batch_axes(mesh)
-    index, count = 0, 1
-    for name in names:  # the first axis varies slowest, as in a PartitionSpec
-        index = index * mesh.shape[name] + jax.lax.axis_index(name)
-        count *= mesh.shape[name]
-    return index, count
-
-
-def batch_sum(x):
-    """x summed over the whole batch: over the devices' blocks inside the per-device gradient
-    program, x itself elsewhere. For denominators (a batch's row or token count) a loss needs
-    whole while it is computed on one block."""
-    mesh = jax.sharding.get_abstract_mesh()
-    names = _split_batch_axes(mesh)
-    return jax.lax.psum(x, names) if names else x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(axes)))
 
 
 def param_specs(params: nnx.State) -> nnx.State:

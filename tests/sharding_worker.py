@@ -125,7 +125,6 @@ def collectives(trainer) -> dict:
     params = checkpoint.flatten(trainer.state.params)
     return {"ops": [[op, [[int(d) for d in s.split(",") if d] for s in shapes]] for op, shapes in ops],
             "weights": {n: list(x.shape) for n, x in params.items() if x.ndim >= 2},
-            "params": {n: [list(x.shape), list(x.sharding.shard_shape(x.shape))] for n, x in params.items()},
             "opt_shards": shards, "backend": jax.default_backend()}
 
 

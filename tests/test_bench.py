@@ -81,18 +81,18 @@ def test_parts_add_up_to_the_step(monkeypatch, capsys):
 
 
 def test_memory_compiles_without_running(monkeypatch, capsys):
-    from gptjax.bench import step_analysis
+    from gptjax import compiled
 
-    plans = _recorded(monkeypatch, step_analysis, "memory_plan")
-    saved = _recorded(monkeypatch, step_analysis, "saved_activations_gib")
+    plans = _recorded(monkeypatch, compiled, "memory_plan")
+    saved = _recorded(monkeypatch, compiled, "saved_activations_gib")
     assert cli.main(["memory", *TINY, "--batches", "2", "--config.model.dtype=bfloat16", "--kinds", "pretrain",
                        "--config.model.vocab_size=1000", "--config.model.loss_chunk_len=8"]) == 0
     (row,), (plan,), (saved_gib,) = table_rows(capsys.readouterr().out), plans, saved
-    assert row[1:3] == ["1x1x1", "pretrain"] and row[6] == "8"
+    assert row[1:4] == ["cpu:1", "1x1x1", "pretrain"] and row[7] == "8" and row[14] == "yes"
     assert plan["peak"] >= plan["arguments"] > 0 and saved_gib >= 0
-    assert row[9] == f"{plan['arguments']:.2f}" and row[12] == f"{plan['peak']:.2f}"
+    assert row[10] == f"{plan['arguments']:.2f}" and row[13] == f"{plan['peak']:.2f}"
     # With chunks of 8 positions, the logits buffers hold 2 x 8 rows, never the batch's 2 x 32.
-    shapes = [[int(d) for d in dims.split(", ")] for dims in re.findall(r"\[([0-9, ]+)\]", row[14])]
+    shapes = [[int(d) for d in dims.split(", ")] for dims in re.findall(r"\[([0-9, ]+)\]", row[16])]
     assert [2, 8, 1024] in shapes
     # Every one is a chunk's 16 rows (the embedding's [d_model, V] is not listed).
     assert {math.prod(s[:-1]) for s in shapes} == {16}
@@ -143,7 +143,7 @@ def test_cli_reads_flag_presets_from_the_environment(tmp_path):
 
 def test_saved_activations_follow_the_remat_policy():
     from gptjax.config import load_config
-    from gptjax.bench.step_analysis import saved_activations_gib
+    from gptjax.compiled import saved_activations_gib
 
     def saved(remat):
         config = load_config("configs/tiny.py", ["model.n_layer=2", "train.seq_len=32", "train.batch_size=2",
@@ -174,23 +174,23 @@ def test_the_step_benchmarks_need_no_data_packages():
             "                     '--config.train.seq_len=32', '--config.model.n_layer=1']))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "| tiny | 1x1x1 | pretrain | 2 | 32 |" in run.stdout
+    assert "| tiny | cpu:1 | 1x1x1 | pretrain | 2 | 32 |" in run.stdout
 
 
 def test_memory_accounts_per_device_on_a_mesh_of_fake_devices():
     """A fresh process asks XLA for the mesh's 8 devices itself; each holds 1/8 of the state."""
     code = ("import json, sys\n"
             "import jax\n"
-            "from gptjax.bench import cli, step_analysis\n"
-            "seen, real_compile = [], step_analysis.compile_train_step\n"
-            "def compile_train_step(config, devices, kind):\n"
-            "    compiled, seconds, state = real_compile(config, devices, kind)\n"
+            "from gptjax import compiled\nfrom gptjax.bench import cli\n"
+            "seen, real_compile = [], compiled.compile_train_step\n"
+            "def compile_train_step(config, devices, kind, platform):\n"
+            "    step, seconds, state = real_compile(config, devices, kind, platform)\n"
             "    total = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))\n"
-            "    seen.append({'kind': kind, 'devices': len(devices), 'held': step_analysis.state_gib_per_device(state),\n"
+            "    seen.append({'kind': kind, 'devices': len(devices), 'held': compiled.state_gib_per_device(state),\n"
             "                 'params': total(state.params) / 2**30, 'opt': total(state.opt_state) / 2**30,\n"
-            "                 'arguments': step_analysis.memory_plan(compiled)['arguments']})\n"
-            "    return compiled, seconds, state\n"
-            "step_analysis.compile_train_step = compile_train_step\n"
+            "                 'arguments': compiled.memory_plan(step)['arguments']})\n"
+            "    return step, seconds, state\n"
+            "compiled.compile_train_step = compile_train_step\n"
             "code = cli.main(['memory', '--config', 'configs/tiny.py', '--batches', '16', '--config.mesh.fsdp=8',\n"
             "                   '--config.train.seq_len=32', '--config.model.n_layer=2'])\n"
             "print(json.dumps(seen))\n"
@@ -198,7 +198,8 @@ def test_memory_accounts_per_device_on_a_mesh_of_fake_devices():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "| tiny | 1x8x1 | pretrain | 16 | 32 |" in run.stdout and "| tiny | 1x8x1 | finetune | 16 | 128 |" in run.stdout
+    assert "| tiny | cpu:8 | 1x8x1 | pretrain | 16 | 32 |" in run.stdout
+    assert "| tiny | cpu:8 | 1x8x1 | finetune | 16 | 128 |" in run.stdout
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert [s["kind"] for s in seen] == ["pretrain", "finetune"] and {s["devices"] for s in seen} == {8}
     for s in seen:

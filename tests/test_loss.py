@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.bench import step_analysis
+from gptjax.compiled import compile_train_step, memory_plan, vocabulary_buffers
 from gptjax.config import load_config
 from gptjax.loss import lm_loss, projected_lm_loss, projected_target_scores
 
@@ -103,7 +103,7 @@ def tiny_step(*overrides):
     config = load_config("configs/tiny.py", ["model.dtype=bfloat16", "model.vocab_size=1000", "model.d_model=64",
                                              "model.n_layer=1", "model.d_ff=128", "train.batch_size=4",
                                              "train.seq_len=64", *overrides])
-    compiled, _, _ = step_analysis.compile_train_step(config)
+    compiled, _, _ = compile_train_step(config)
     return compiled
 
 
@@ -118,11 +118,11 @@ def test_backward_writes_no_float32_scatter_over_the_vocabulary():
 def test_chunks_keep_logits_of_the_whole_batch_out_of_memory():
     whole, chunked = tiny_step(), tiny_step("model.loss_chunk_len=16")
     tokens = 4 * 64
-    found = step_analysis.vocabulary_buffers(whole.as_text(), 1024, tokens)
+    found = vocabulary_buffers(whole.as_text(), 1024, tokens)
     assert found, "the check must see the unchunked logits"
-    assert step_analysis.vocabulary_buffers(chunked.as_text(), 1024, tokens) == []
+    assert vocabulary_buffers(chunked.as_text(), 1024, tokens) == []
     # One chunk's logits are there: [4, 16, V] (d_model is 64 too, so the [64, V] embedding is no proof).
-    assert any(shape == (4, 16, 1024) for _, _, shape in step_analysis.vocabulary_buffers(chunked.as_text(), 1024, 64))
-    saved = step_analysis.memory_plan(whole)["temporaries"] - step_analysis.memory_plan(chunked)["temporaries"]
+    assert any(shape == (4, 16, 1024) for _, _, shape in vocabulary_buffers(chunked.as_text(), 1024, 64))
+    saved = memory_plan(whole)["temporaries"] - memory_plan(chunked)["temporaries"]
     # At least the bf16 logits and their bf16 gradient of the 3 chunks not alive at once.
     assert saved * 2**30 >= 2 * 2 * (tokens - 4 * 16) * 1024

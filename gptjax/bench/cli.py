@@ -15,12 +15,12 @@
 figure is the step alone) and prints one table row per batch size: tokens/s, MFU, steady step
 ms, compile s and first step s apart, the allocator's peak GiB and the compiler's memory plan
 (gptjax/bench/train_step.py). `parts` splits a step into its parts (gptjax/bench/step_parts.py),
-`memory` compiles without allocating (gptjax/bench/memory.py, gptjax/bench/step_analysis.py),
+`memory` compiles without allocating (gptjax/bench/memory.py, a table view of `gptjax compile`),
 `attention` times the attention kernels alone (gptjax/bench/attention.py), `loop` measures what
 the pretraining loop adds to the bare step (data, logging, evaluation, saves; `data` and
 `checkpoint` time the input pipeline and saves alone: gptjax/bench/overheads.py). `memory` compiles
 on the config's mesh (`--config.mesh.fsdp=8`, ...) over fake CPU devices when the host has
-fewer, and gives what each device holds. `--xla-flags` takes presets from xla_flags.py. `train`,
+fewer, or for `--target h100:8` and the like, and gives what each device holds. `--xla-flags` takes presets from xla_flags.py. `train`,
 `parts` and `memory --kinds pretrain` need only jax, flax, optax and ml_collections, so they run
 on a bare GPU machine.
 Results and the commands behind them: bench/NOTES.md.
@@ -86,7 +86,7 @@ def _run(args, overrides: list[str]) -> None:
         print(step_parts.format_parts(step_parts.time_parts(trainer, batch, args.steps)))
         return
     if args.what == "memory":
-        memory.print_table(config_for, batches, args.kinds)
+        memory.print_table(config_for, batches, args.kinds, args.target)
         return
     train_step.print_table(config_for, batches, args.steps, args.warmup, args.profile)
 
@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     p = command("memory", "compile the train step without running it, on the config's mesh: what each device "
                           "holds, memory plan and logits buffers", 0, batches=True)
     p.add_argument("--kinds", default="pretrain,finetune", help="steps to compile: pretrain, finetune or both")
+    p.add_argument("--target", default="", help="compile for this target as `gptjax compile --target` takes it "
+                                                "(h100:8, v5e:2x2, cpu:8; default: this host)")
     command("loop", "what the pretraining loop adds to the bare step", 200, workdir=True)
     p = command("data", "time the input pipeline", 200, workdir=True)
     p.add_argument("--hf-tokenizer", default="", help="a Hugging Face tokenizer folder or tokenizer.json: also "
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
     try:
         xla_flags.apply(args.xla_flags)  # before anything starts a backend
         if args.what == "memory":
-            memory.ask_for_fake_devices(load_config(args.config, split_overrides(extra)))
+            memory.ask_for_fake_devices(load_config(args.config, split_overrides(extra)), args.target)
         _run(args, split_overrides(extra))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

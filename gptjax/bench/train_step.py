@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from gptjax.bench import step_analysis
+from gptjax.compiled import memory_plan
 from gptjax.mfu import mfu
 
 
@@ -39,7 +39,7 @@ def bench_train(config, steps: int, warmup: int, profile_dir: str | None = None)
     trainer = Trainer(config)
     batches = [random_batch(config, i, trainer.batch_sharding) for i in range(2)]
     compile_s = trainer.compile(batches[0])
-    plan_gib = step_analysis.memory_plan(trainer._step)["peak"]
+    plan_gib = memory_plan(trainer._step)["peak"]
     start = time.perf_counter()
     jax.block_until_ready(trainer.step(batches[0]))
     first_step_s = time.perf_counter() - start

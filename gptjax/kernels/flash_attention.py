@@ -446,7 +446,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
     h // (heads // kv_heads)). segment_ids: int [batch, time] shared by queries and keys, or a
     (query ids, key ids) pair; a query sees only keys with its id (and, if causal, not later).
     Returns q's shape and dtype. Differentiable in q, k, v. `skip_blocks=False` computes every
-    tile (masking only), for testing. `interpret=None` means interpret mode on the CPU backend.
+    tile (masking only), for testing. `interpret=None` means interpret mode when the code is traced for a CPU
+    (gptjax.targets.current()).
     dropout_rate > 0 drops attention probabilities (scaling the kept ones by 1 / (1 - rate)),
     drawn from `dropout_seed` (an int32 scalar) by `dropout_keep`. When q is one block of a larger
     batch (one device's rows and heads on a mesh), pass `dropout_start` = (batch row, head) of its
@@ -473,7 +474,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
     first_row = (start[0] * all_heads + start[1]) * seq_len
     drop = jnp.stack([jnp.asarray(0 if dropout_seed is None else dropout_seed, jnp.int32), first_row])
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        from gptjax import targets
+        interpret = targets.current().name == "cpu"
     blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim), seq_len)
     step = max(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
     padded_len = -(-seq_len // step) * step
