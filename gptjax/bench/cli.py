@@ -35,7 +35,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from gptjax import attention
+from gptjax import attention, targets
 from gptjax.bench import memory, overheads, step_parts, train_step
 from gptjax.config import load_config
 from gptjax.errors import UserError
@@ -46,12 +46,20 @@ def _with_batch(config_path: str, overrides: list[str], batch: int | None):
     return load_config(config_path, overrides + ([] if batch is None else [f"train.batch_size={batch}"]))
 
 
-def _describe(config) -> str:
+def _describe(config, target_name: str = "") -> str:
+    if target_name:  # what the step is compiled for, not this host
+        target = targets.open_target(target_name)
+        with targets.compiling_for(target.platform):
+            return _describe_for(config, f"target: {target.name} ({target.platform.device_kind} x{len(target.devices)})")
+    return _describe_for(config, f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
+
+
+def _describe_for(config, where: str) -> str:
     dtype = compute_dtype(config.model.dtype)
     head_dim = config.model.d_model // config.model.n_head
     impl = attention.resolve(config.model.attention, dtype, head_dim, needs_mask=False,
                              needs_dropout=config.model.attn_dropout > 0, segments=config.data.document_mask)
-    return (f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+    return (f"{where}, jax {jax.__version__}, "
             f"compute {jnp.dtype(dtype).name}, attention {impl}, remat {config.model.remat}, "
             f"loss_chunk_len {config.model.loss_chunk_len}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
@@ -70,7 +78,7 @@ def _run(args, overrides: list[str]) -> None:
         for name, rate in rows:
             print(f"{name:>38}: {rate:,.0f} tokens/s")
         return
-    print(_describe(config))
+    print(_describe(config, getattr(args, "target", "")))
     if args.what in ("checkpoint", "loop"):
         bench = overheads.bench_checkpoint if args.what == "checkpoint" else overheads.bench_loop
         rows = bench(config, args.workdir, args.steps)
