@@ -8,6 +8,12 @@
 0.02 / sqrt(2 x 24). AdamW (0.9, 0.95), lr 0.0003 (the GPT-3 paper's value for this size),
 warmup then cosine to 10%, weight decay 0.1, clipping at 1, no dropout.
 
+On 8 x H100 under fsdp=8 (compiled for them, a plan, not a measurement): batch 64 x 1024 plans
+9.59 GiB per device of the 59.3 GiB JAX's allocator takes, batch 16 3.27 GiB:
+
+    python -m gptjax.bench memory --config configs/gpt2_medium.py --target h100:8 \
+        --config.mesh.data=1 --config.mesh.fsdp=8 --batches 16,64 --kinds pretrain
+
 What it should reach: not yet measured with gptjax; it needs a real corpus and a GPU. On the
 built-in synthetic corpus this config runs as is.
 """
