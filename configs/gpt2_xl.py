@@ -13,6 +13,12 @@ One 80 GB card: `save_dots` keeps 11.6 GiB of activations at batch 8 and 23.1 Gi
 (`bench memory`), next to 23.2 GiB of float32 params, Adam moments and gradients, so batch 16
 should fit; the GPU's peak and MFU are not measured yet.
 
+On 8 x H100 under fsdp=8 (compiled for them, a plan, not a measurement): batch 64 x 1024 plans
+14.47 GiB per device of the 59.3 GiB JAX's allocator takes, batch 16 6.90 GiB:
+
+    python -m gptjax.bench memory --config configs/gpt2_xl.py --target h100:8 \
+        --config.mesh.data=1 --config.mesh.fsdp=8 --batches 16,64 --kinds pretrain
+
 What it should reach: not yet measured with gptjax; it needs a real corpus and a GPU. On the
 built-in synthetic corpus this config runs as is.
 """
