@@ -164,21 +164,6 @@ def cmd_compile(args, extra):
         raise DoesNotFit("; ".join(too_large))
 
 
-def _before_backends(args) -> None:
-    """`gptjax compile` compiles for devices it does not open: JAX runs on the host's CPU whatever
-    JAX_PLATFORMS says (a CUDA or TPU plugin would otherwise try to open a device that may not
-    be there), with as many CPU devices as a cpu:N target asks for."""
-    from gptjax import targets, xla_flags
-    if args.command != "compile" or xla_flags.backends_started():
-        return
-    import jax
-    jax.config.update("jax_platforms", "cpu")
-    count = targets.needed_host_devices(args.target)
-    present = os.environ.get("XLA_FLAGS", "")
-    if count > 1 and "xla_force_host_platform_device_count" not in present:
-        os.environ["XLA_FLAGS"] = f"{present} --xla_force_host_platform_device_count={count}".strip()
-
-
 def cmd_demo(args, extra):
     from gptjax.demo import run_demo
     config_path = args.config or os.path.join(REPO_CONFIGS, "tiny.py")
@@ -276,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     from gptjax import distributed, xla_flags
     try:
-        _before_backends(args)
+        if args.command == "compile":  # it compiles for devices it does not open (targets.py)
+            from gptjax import targets
+            targets.prepare_host(args.target)
         xla_flags.apply()  # $GPTJAX_XLA_FLAGS, before anything starts a backend
         if args.command != "compile":
             distributed.initialize(args.coordinator, args.num_processes, args.process_id)

@@ -258,3 +258,20 @@ def host_target(count: int) -> Target:
         usable, note = memory, "the host's memory shared by its devices"
     platform = Platform(first.platform if first.platform != "cuda" else "gpu", first.device_kind)
     return Target(f"{platform.name}:{count}", platform, tuple(devices[:count]), memory, usable, note)
+
+
+def prepare_host(target_name: str, fake_devices: int = 0) -> None:
+    """Before a backend starts: for a target, JAX on the host's CPU alone, whatever JAX_PLATFORMS
+    says (a CUDA or TPU plugin would otherwise try to open a device that may not be there); and
+    as many CPU devices as a cpu:N target, or else `fake_devices`, asks for (they cost nothing
+    until used, and a GPU host keeps its GPUs)."""
+    from gptjax import xla_flags
+    if xla_flags.backends_started():
+        return
+    if target_name:
+        import jax
+        jax.config.update("jax_platforms", "cpu")
+    need = needed_host_devices(target_name) if target_name else fake_devices
+    present = os.environ.get("XLA_FLAGS", "")
+    if need > 1 and "xla_force_host_platform_device_count" not in present:
+        os.environ["XLA_FLAGS"] = f"{present} --xla_force_host_platform_device_count={need}".strip()

@@ -10,7 +10,6 @@ has fewer (the per-device account is a property of the layout, not of the hardwa
 from __future__ import annotations
 
 import math
-import os
 
 from gptjax import compiled, targets
 from gptjax.errors import UserError
@@ -56,16 +55,6 @@ def print_table(config_for, batches: list, kinds: str, target_name: str = "") ->
 
 
 def ask_for_fake_devices(config, target_name: str = "") -> None:
-    """Before a backend starts: as many CPU devices as the config's mesh (or a cpu:N target)
-    needs (they cost nothing until used, and a GPU host keeps its GPUs); for a GPU or TPU target,
-    JAX on the CPU alone, as `gptjax compile` runs."""
-    from gptjax import xla_flags
-    if xla_flags.backends_started():
-        return
-    need = targets.needed_host_devices(target_name) if target_name else mesh_devices(config.mesh)
-    if target_name:
-        import jax
-        jax.config.update("jax_platforms", "cpu")
-    present = os.environ.get("XLA_FLAGS", "")
-    if need > 1 and "xla_force_host_platform_device_count" not in present:
-        os.environ["XLA_FLAGS"] = f"{present} --xla_force_host_platform_device_count={need}".strip()
+    """Before a backend starts: the CPU devices the config's mesh needs, or the host set up for
+    `target_name` as `gptjax compile` sets it up."""
+    targets.prepare_host(target_name, mesh_devices(config.mesh))
