@@ -253,9 +253,12 @@ def analyse(config, target: targets.Target, kind: str, hlo_dir: str | None = Non
     held = state_gib_per_device(state)
     text = compiled.as_text()
     if hlo_dir:
-        os.makedirs(hlo_dir, exist_ok=True)
-        with open(os.path.join(hlo_dir, f"{kind}.hlo.txt"), "w") as f:
-            f.write(text)
+        try:
+            os.makedirs(hlo_dir, exist_ok=True)
+            with open(os.path.join(hlo_dir, f"{kind}.hlo.txt"), "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise UserError(f"cannot write the HLO to --hlo {hlo_dir}: {e.strerror}; pass a writable folder") from None
     mesh = sharding.mesh_shape(config.mesh, len(devices))
     m = config.model
     rows = config.train.batch_size // (mesh["data"] * mesh["fsdp"])
