@@ -100,10 +100,10 @@ class GPT:
                 raise UserError(f"{path} is a Hugging Face folder, which has no steps; leave out step")
             config, module = hf.load_hf(path)
         else:
-            config = config_lib.config_from_dict(values)
+            config = config_lib.config_from_dict(values, source=config_path)
             best = os.path.join(path, "best.json")
             if step is None and config.get("task") and os.path.isfile(best):
-                step = config_lib.read_json(best)["step"]  # a fine-tuning run: its best epoch, as eval scores
+                step = config_lib.read_json(best, fields={"step": int})["step"]  # a fine-tuning run: its best epoch, as eval scores
             module = _load_decoder(config, path, step)
         return cls(config, module, tokenizer_files.load_folder(path))
 
@@ -118,7 +118,7 @@ class GPT:
         reader = checkpoint.Checkpointer(workdir, read_only=True)
         try:
             has_meta = os.path.isdir(os.path.join(directory, str(step), "meta"))
-            config = config_lib.config_from_dict(reader.read_meta(step)["config"]) if has_meta else None
+            config = config_lib.config_from_dict(reader.read_meta(step)["config"], source=f"{directory}/{step}/meta") if has_meta else None
             tokenizer_bytes = reader.tokenizer_bytes(step)
         finally:
             reader.close()
@@ -189,11 +189,16 @@ class GPT:
 
     def save(self, path: str) -> None:
         """Writes a workdir that `from_pretrained` loads: config.json, params, tokenizer."""
-        if checkpoint.latest_step(path) is not None:
-            raise UserError(f"{path} already holds checkpoints; save to a new directory")
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            f.write(config_lib.to_json(self.config) + "\n")
-        if self.tokenizer is not None:
-            tokenizer_files.save_folder(self.tokenizer, path)
-        checkpoint.save_params(path, 0, nnx.state(self.module, nnx.Param))
+        from gptjax.workdir_lock import WorkdirLock
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror}") from None
+        with WorkdirLock(path, "GPT.save"):
+            if checkpoint.latest_step(path) is not None:
+                raise UserError(f"{path} already holds checkpoints; save to a new directory")
+            with open(os.path.join(path, "config.json"), "w") as f:
+                f.write(config_lib.to_json(self.config) + "\n")
+            if self.tokenizer is not None:
+                tokenizer_files.save_folder(self.tokenizer, path)
+            checkpoint.save_params(path, 0, nnx.state(self.module, nnx.Param))

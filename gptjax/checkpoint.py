@@ -18,15 +18,17 @@ lost node) is never listed, never restored, and never deleted here.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, WriteFailed
 
 
 def _name(path) -> str:
@@ -97,6 +99,8 @@ class Checkpointer:
             max_to_keep=keep or None, keep_period=keep_every or None, create=not read_only,
             enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._in_flight: int | None = None  # the step of a save still being written
+        self._failed = False
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -111,16 +115,69 @@ class Checkpointer:
                  "meta": ocp.args.JsonSave(meta)}
         if tokenizer_bytes is not None:
             items["tokenizer"] = ocp.args.StandardSave({"model": np.frombuffer(tokenizer_bytes, np.uint8)})
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        # Orbax waits for the previous save before it starts this one anyway; waiting here first
+        # reports a failure of that save under its own step, with the checkpoints before it complete.
+        self.wait()
+        self._in_flight = step
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 -- a failed write (a full disk, a lost mount), or the one before
+            raise self._save_failed(e) from None
         return os.path.join(self.directory, str(step))
+
+    def check(self) -> None:
+        """Raises SaveFailed as soon as the save in flight has ended in an error (cheap: no wait)."""
+        if self._in_flight is None:
+            return
+        if self._manager.is_saving_in_progress():
+            if not _disk_full(self.directory):
+                return
+            # A full disk: Orbax's write tasks have failed, but the save they belong to may never
+            # end on its own. Waiting for it now brings its error out.
+            self.wait()
+            return
+        try:
+            # Returns at once for a save that has ended; raises the error of one that failed
+            # (Orbax's check_for_errors alone does not see a failed finalisation).
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(e) from None
+        self._check_written()
+
+    def _check_written(self) -> None:
+        """A save that ended must have left its step folder: Orbax can lose the errors of its
+        write tasks (a full disk) and end without one."""
+        step = self._in_flight
+        if step is not None and not os.path.isdir(os.path.join(self.directory, str(step))):
+            raise self._save_failed(OSError(errno.ENOSPC, "No space left on device") if _disk_full(self.directory)
+                                    else RuntimeError("the save ended without writing it; --debug shows why"))
+        self._in_flight = None
+
+    def _save_failed(self, error: Exception) -> "SaveFailed":
+        """The failed save's partial folder is removed (it can never be completed, and it holds
+        the space a full disk needs); the message says which checkpoint the next run resumes from."""
+        step, self._failed = self._in_flight, True
+        for name in os.listdir(self.directory) if os.path.isdir(self.directory) else []:
+            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        complete = [s for s in complete_steps(self.directory) if s != step]
+        return SaveFailed(self.directory, step, _reason(error), complete[-1] if complete else None)
 
     def reload(self) -> None:
         """Lists the step folders again (after some were renamed aside)."""
         self._manager.reload()
 
     def wait(self) -> None:
-        """Blocks until every save in flight is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every save in flight is on disk; raises SaveFailed if one could not be written."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            if self._in_flight is None:
+                raise
+            raise self._save_failed(e) from None
+        self._check_written()
 
     def read_meta(self, step: int) -> dict:
         ocp = _ocp()
@@ -167,21 +224,34 @@ class Checkpointer:
         args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(flatten(like))))
         try:
             restored = self._manager.restore(step, args=args)
-        except (ValueError, KeyError) as e:
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- a mismatch or damaged data: either way one line
             raise UserError(f"checkpoint {self.directory}/{step} cannot be read or does not match the model "
-                            f"({str(e).splitlines()[0][:200]}); check model.* against the saved config.json") from None
+                            f"({_reason(e)[:200]}); check model.* against the saved config.json") from None
         return unflatten(dict(restored["params"]), like)
 
     def tokenizer_bytes(self, step: int) -> bytes | None:
         ocp = _ocp()
         if not os.path.isdir(os.path.join(self.directory, str(step), "tokenizer")):
             return None
-        restored = self._manager.restore(step, args=ocp.args.Composite(tokenizer=ocp.args.StandardRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(tokenizer=ocp.args.StandardRestore()))
+        except Exception as e:  # noqa: BLE001
+            raise DamagedCheckpoint(self.directory, step, e) from None
         return np.asarray(restored["tokenizer"]["model"]).tobytes()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        if self._failed:  # already reported; what is left of the failed save must not raise again
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001
+                pass
+            return
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def _leaves(tree) -> dict:
@@ -213,11 +283,49 @@ def _check_opt_state(where: str, saved: dict, target: dict, names: list[str] | N
                             f"optimizer has {np.dtype(want.dtype)}{list(want.shape)}; {advice}")
 
 
+def _reason(error: Exception) -> str:
+    """The first line of a storage error (or of its cause), without the reader's repr that
+    TensorStore appends; a full disk in plain words."""
+    chain = [error]
+    while len(chain) < 8 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+           or "RESOURCE_EXHAUSTED" in str(e) for e in chain):
+        return "no space left on the device"
+    first = next((e for e in chain if str(e).strip()), error)
+    reason = (str(first).strip().splitlines() or [type(first).__name__])[0]
+    return reason.split(". See full TensorStore details")[0][:300]
+
+
+def _disk_full(directory: str) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
+
+
+def complete_steps(directory: str) -> list[int]:
+    """Steps of complete checkpoints, from the folder names alone (Orbax renames a checkpoint to
+    its bare step number only once every item is written)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+class SaveFailed(WriteFailed):
+    """A checkpoint could not be written (a full disk, a lost mount): the run stops at once."""
+
+    def __init__(self, directory: str, step: int, reason: str, resume_from: int | None):
+        where = (f"the next run resumes from step {resume_from} ({directory}/{resume_from})" if resume_from is not None
+                 else "there is no complete checkpoint, so the next run starts afresh")
+        super().__init__(f"checkpoint {step} could not be written ({reason}); its partial files were removed and "
+                         f"{where}; free space (or fix the storage) and run the same command again")
+        self.step, self.resume_from = step, resume_from
+
+
 class DamagedCheckpoint(UserError):
     def __init__(self, directory: str, step: int, error: Exception):
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        reason = reason.split(". See full TensorStore details")[0][:300]  # the rest is a repr of the reader
-        super().__init__(f"checkpoint {directory}/{step} cannot be read ({reason})")
+        super().__init__(f"checkpoint {directory}/{step} cannot be read ({_reason(error)})")
         self.step = step
 
 
@@ -266,13 +374,21 @@ def load_params(path: str, like: nnx.State, step: int | None = None) -> tuple[nn
     if not os.path.isdir(directory):
         raise UserError(f"no checkpoints in {path} (expected {directory}/<step>/); "
                         f"train first with `gptjax pretrain --workdir {path}`")
-    reader = Checkpointer(os.path.dirname(directory), read_only=True)
-    try:
-        steps = reader.steps()
-        step = steps[-1] if step is None and steps else step
-        if step is None or step not in steps:
-            raise UserError(f"no complete checkpoint{'' if step is None else f' for step {step}'} in {directory}"
-                            + (f" (complete: {steps})" if steps else ""))
-        return reader.restore_params(step, like), step
-    finally:
-        reader.close()
+    newest = step is None
+    for attempt in range(3):
+        reader = Checkpointer(os.path.dirname(directory), read_only=True)
+        try:
+            steps = reader.steps()
+            step = steps[-1] if newest and steps else step
+            if step is None or step not in steps:
+                raise UserError(f"no complete checkpoint{'' if step is None else f' for step {step}'} in {directory}"
+                                + (f" (complete: {steps})" if steps else ""))
+            return reader.restore_params(step, like), step
+        except FileNotFoundError:
+            # A run still training in that workdir rotated the step away while it was read:
+            # the newest is then a later one.
+            if not newest or attempt == 2:
+                raise UserError(f"checkpoint {directory}/{step} was removed while it was read (a run still "
+                                f"training there keeps only its newest); pass a step it keeps") from None
+        finally:
+            reader.close()

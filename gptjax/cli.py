@@ -9,12 +9,13 @@ target's compiler refuses the step.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 
-from gptjax.errors import (DOES_NOT_FIT_EXIT_CODE, REQUEUE_EXIT_CODE, CompileFailed, DoesNotFit, Preempted,
-                           UserError)
+from gptjax.errors import (DOES_NOT_FIT_EXIT_CODE, PEER_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE, WRITE_FAILED_EXIT_CODE,
+                           CompileFailed, DoesNotFit, Preempted, UserError, WriteFailed)
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -78,11 +79,13 @@ def cmd_prepare(args, extra):
         os.makedirs(args.workdir, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot use --workdir {args.workdir}: {e.strerror}") from None
+    from gptjax.workdir_lock import JobLock
     start = time.perf_counter()
-    tokenizer = corpus.workdir_tokenizer(config, args.workdir)
-    for meta in corpus.prepare(config, args.workdir, tokenizer):
-        print(f"{meta['source']} [{meta['split']}]: {meta['documents']:,} documents, {meta['tokens']:,} tokens, "
-              f"{len(meta['shard_tokens'])} shard(s)")
+    with JobLock(args.workdir, "gptjax prepare"):
+        tokenizer = corpus.workdir_tokenizer(config, args.workdir)
+        for meta in corpus.prepare(config, args.workdir, tokenizer):
+            print(f"{meta['source']} [{meta['split']}]: {meta['documents']:,} documents, {meta['tokens']:,} "
+                  f"tokens, {len(meta['shard_tokens'])} shard(s)")
     print(f"prepared in {time.perf_counter() - start:.1f} s under {os.path.join(args.workdir, 'data')}; "
           f"`gptjax pretrain` with the same --config and --workdir reads it")
 
@@ -256,10 +259,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_point(args) -> str:
+    """Where the same command would resume, for the last line of a run that stopped early."""
+    workdir = getattr(args, "workdir", None)
+    if args.command not in ("pretrain", "finetune") or not workdir:
+        return ""
+    from gptjax import checkpoint
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = checkpoint.complete_steps(directory)
+    if not steps:
+        return "; no checkpoint was written, so the same command starts afresh"
+    return f"; the checkpoints up to step {steps[-1]} are complete: the same command resumes from {directory}/{steps[-1]}"
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Orbax and absl log every retry and fallback with a traceback; gptjax reports each in one
+    line of its own, so their logs are shown with --debug only."""
+    import logging
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL)
+    if debug:
+        return
+    # A failed asynchronous write leaves TensorStore callbacks aimed at Orbax's closed event loop;
+    # each would print a traceback of its own.
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     from gptjax import distributed, xla_flags
+    _quiet_libraries(args.debug)
     try:
         if args.command == "compile":  # it compiles for devices it does not open (targets.py)
             from gptjax import targets
@@ -281,12 +317,33 @@ def main(argv: list[str] | None = None) -> int:
             raise
         distributed.log(f"error: {e}", sys.stderr)
         return 2
+    except WriteFailed as e:
+        if args.debug:
+            raise
+        distributed.log(f"error: {e}", sys.stderr)
+        return WRITE_FAILED_EXIT_CODE
     except Preempted as e:
         distributed.log(str(e), sys.stderr)
-        return REQUEUE_EXIT_CODE
+        return 130 if e.interrupted else REQUEUE_EXIT_CODE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        distributed.log("interrupted" + _resume_point(args), sys.stderr)
         return 130
+    except OSError as e:
+        if args.debug or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        distributed.log(f"error: no space left on the device writing {e.filename or 'the workdir'}"
+                        f"{_resume_point(args)}; free space and run the same command again", sys.stderr)
+        return WRITE_FAILED_EXIT_CODE
+    except Exception as e:  # noqa: BLE001
+        if args.debug or not distributed.peer_failed(e):
+            raise
+        # The job cannot go on without the failed process, and JAX's own shutdown would wait
+        # minutes for it: one line, then exit at once.
+        distributed.log(f"error: {distributed.peer_failure_text(e)}{_resume_point(args)} once every process "
+                        f"can run (relaunch the whole job)", sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(PEER_FAILED_EXIT_CODE)
     return 0
 
 

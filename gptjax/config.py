@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import os
 import re
 
@@ -190,26 +191,48 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def config_from_dict(values: dict) -> ml_collections.ConfigDict:
-    """Rebuilds a config saved as JSON (WORKDIR/config.json) on top of the current schema."""
+def config_from_dict(values: dict, source: str = "the saved config") -> ml_collections.ConfigDict:
+    """Rebuilds a config saved as JSON (WORKDIR/config.json) on top of the current schema; a
+    value the schema refuses names the file it came from."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source} holds a JSON {type(values).__name__}, not the object of config sections "
+                        f"a run writes; it is damaged: restore it from a backup or start a new --workdir")
     config = base_config()
-    for section, fields in values.items():
-        if isinstance(fields, dict):
-            for key, value in fields.items():
-                set_value(config, f"{section}.{key}", value)
-        else:
-            set_value(config, section, fields)
-    validate(config)
+    try:
+        for section, fields in values.items():
+            if isinstance(fields, dict):
+                for key, value in fields.items():
+                    set_value(config, f"{section}.{key}", value)
+            else:
+                set_value(config, section, fields)
+        validate(config)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
     return config
 
 
-def read_json(path: str):
-    """A JSON file a run wrote (config.json, best.json); damage is one clear error, not a traceback."""
+def read_json(path: str, fields: dict | None = None):
+    """A JSON file a run wrote (config.json, best.json); damage is one clear error, not a traceback.
+    `fields` ({name: type}) are required of an object: a file without them, or with another
+    type there, is damaged."""
     try:
         with open(path) as f:
-            return json.load(f)
+            value = json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON (line {e.lineno}): {e.msg}") from None
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}): {e.msg}; it is damaged: restore it "
+                        f"or start a new --workdir") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not text (a damaged file); restore it or start a new --workdir") from None
+    if fields is None:
+        return value
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__} where an object is expected; it is "
+                        f"damaged: restore it or start a new --workdir")
+    for name, kind in fields.items():
+        if not isinstance(value.get(name), kind) or isinstance(value.get(name), bool) and kind is not bool:
+            raise UserError(f"{path} has no valid '{name}' (found {value.get(name)!r}); it is damaged: restore it "
+                            f"or start a new --workdir")
+    return value
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -306,6 +329,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("vocab_size", "vocab_pad_multiple", "n_layer", "n_head", "d_model", "d_ff", "max_len"):
         _check(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
     _check(m.loss_chunk_len >= 0, f"model.loss_chunk_len must be >= 0 (0 = no chunks), got {m.loss_chunk_len}")
+    for key in ("ln_eps", "init_std"):
+        _check(m[key] > 0 and math.isfinite(m[key]), f"model.{key} must be a positive number, got {m[key]}")
+    _check(t.eps > 0 and math.isfinite(t.eps), f"train.eps must be a positive number, got {t.eps}")
+    for key in ("weight_decay", "grad_clip", "min_lr_ratio"):
+        if key in t:
+            _check(t[key] >= 0 and math.isfinite(t[key]), f"train.{key} must be >= 0, got {t[key]}")
     for key in ("steps", "batch_size", "seq_len", "log_every", "eval_batches", "grad_accum"):
         _check(t[key] > 0, f"train.{key} must be positive, got {t[key]}")
     profile = tuple(t.profile_steps)
@@ -333,7 +362,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(str(t.resume) in ("latest", "none") or str(t.resume).isdigit(),
            f"train.resume must be latest, none or a step number, got '{t.resume}'")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-    _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _check(t.lr > 0 and math.isfinite(t.lr), f"train.lr must be a positive number, got {t.lr}")
     _check(0.0 <= config.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")
     _check(bool(d.text_field.strip()), "data.text_field is empty; set it to the column holding the text")
     _check("text" in (d.jsonl_field, d.text_field) or d.jsonl_field == d.text_field,

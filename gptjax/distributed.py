@@ -39,7 +39,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                         "(or GPTJAX_COORDINATOR, GPTJAX_NUM_PROCESSES, GPTJAX_PROCESS_ID)")
     # CPU processes exchange collectives over gloo; GPU and TPU use their own interconnect.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    # A dead process is declared after this many seconds without heartbeats (JAX's default: 100).
+    heartbeat = int(os.environ.get("GPTJAX_HEARTBEAT_TIMEOUT", "20"))
+    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat)
 
 
 def is_main() -> bool:
@@ -70,3 +72,49 @@ def log_main(message: str) -> None:
     """`log` on process 0 only: messages about the run as a whole, said once."""
     if is_main():
         log(message)
+
+
+# What a collective or the coordination service says when another process of the job is gone:
+# gloo (CPU) and NCCL connections reset, the coordination service's missed heartbeats and
+# barriers that time out.
+_PEER_SIGNS = ("Gloo", "gloo", "Connection reset", "Connection refused", "connection closed", "Socket closed",
+               "UNAVAILABLE", "DEADLINE_EXCEEDED", "heartbeat", "Barrier timed out", "has died", "NCCL",
+               "coordination service", "preempted or crashed")
+
+
+def peer_failed(error: BaseException) -> bool:
+    """Is `error` the sign that another process of this multi-process job failed?"""
+    from jax._src import distributed as jax_distributed
+    if jax_distributed.global_state.client is None:
+        return False
+    text = f"{type(error).__name__}: {error}"
+    return ("RuntimeError" in type(error).__name__ or "JaxRuntimeError" in text) and any(s in text for s in _PEER_SIGNS)
+
+
+def _unanswering_processes(timeout_s: float = 3.0) -> list[int] | None:
+    """The ids of the job's processes the coordination service no longer counts as alive, or None
+    if it cannot tell within `timeout_s` (the coordinator itself may be the one that died)."""
+    import threading
+    from jax._src import distributed as jax_distributed
+    state = jax_distributed.global_state
+    found: list = []
+
+    def ask():
+        try:
+            live = state.client.get_live_nodes(list(range(state.num_processes)))
+            found.append(sorted(set(range(state.num_processes)) - set(live)))
+        except Exception:  # noqa: BLE001 -- no answer is an answer too
+            pass
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return found[0] if found else None
+
+
+def peer_failure_text(error: BaseException) -> str:
+    gone = _unanswering_processes()
+    who = (f"process {', '.join(map(str, gone))}" if gone else "another process")
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return f"{who} of this {jax.process_count()}-process job failed or stopped answering ({reason})"
+

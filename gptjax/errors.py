@@ -1,10 +1,17 @@
-"""How a run ends early: a mistake the user can fix, or a preemption.
+"""How a run ends early, and the exit code each way has.
 
-The CLI turns a UserError into a single `error: ...` line and exit code 2 (no traceback unless
-`--debug`), and Preempted into exit code 75, which launch/slurm.sbatch answers with a requeue;
-every other exception is a bug in gptjax and keeps its traceback. `gptjax compile` ends in one
-line too: exit 3 for a plan that does not fit (DoesNotFit), 1 for a step the target's compiler
-refuses (CompileFailed).
+    2    UserError: a mistake the user can fix (config, files, flags), or a damaged file
+    3    DoesNotFit: `gptjax compile` found a plan larger than the target's memory
+    1    CompileFailed: the target's compiler refused a step
+    74   WriteFailed: the workdir's storage failed (a checkpoint or file could not be written,
+         a full disk); the line says which checkpoint the next run resumes from
+    75   Preempted by SIGTERM or a preemption notice, after saving: run the same command again
+         (launch/slurm.sbatch requeues)
+    76   another process of a multi-process job failed, so this one stopped too
+    130  Ctrl-C (saved first, unless pressed twice)
+
+Each is one line on stderr (a traceback with `--debug`); any other exception is a bug in gptjax
+and keeps its traceback.
 """
 
 
@@ -16,12 +23,24 @@ REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, state saved, run the same
 
 
 class Preempted(Exception):
-    """Training stopped on SIGTERM (or a preemption notice) after saving a checkpoint at `step`."""
+    """Training stopped on SIGTERM, a preemption notice or Ctrl-C after saving a checkpoint at
+    `step`: exit 75 (requeue), or 130 for Ctrl-C."""
 
-    def __init__(self, step: int, path: str):
-        super().__init__(f"stopped by a termination signal after step {step}; saved {path}; "
-                         f"run the same command again to resume")
-        self.step, self.path = step, path
+    def __init__(self, step: int, path: str, interrupted: bool = False):
+        cause = "interrupted (Ctrl-C)" if interrupted else "stopped by a termination signal"
+        super().__init__(f"{cause} after step {step}; saved {path}; run the same command again to resume "
+                         f"from step {step}")
+        self.step, self.path, self.interrupted = step, path, interrupted
+
+
+WRITE_FAILED_EXIT_CODE = 74  # EX_IOERR: the workdir's storage failed; not requeued (it needs a person)
+
+
+class WriteFailed(Exception):
+    """A write to the workdir failed (a full disk, a lost mount); the message says what is intact."""
+
+
+PEER_FAILED_EXIT_CODE = 76  # another process of a multi-process job failed; this one stopped with it
 
 
 DOES_NOT_FIT_EXIT_CODE = 3

@@ -70,7 +70,7 @@ class FinetunedPredictor:
     no optimizer state). Model, tokenizer and input length are the run's."""
 
     def __init__(self, directory: str, eval_config):
-        self.config = config_lib.config_from_dict(saved_config(directory))
+        self.config = config_lib.config_from_dict(saved_config(directory), source=os.path.join(directory, "config.json"))
         self.trained_task = get_task(self.config.task)
         best = read_best(directory)
         self.step = best["step"]

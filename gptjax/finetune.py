@@ -36,6 +36,7 @@ from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tasks import get_task, transforms
 from gptjax.tasks.scores import main_score, task_scores
 from gptjax.tasks.splits import read_split
+from gptjax.workdir_lock import JobLock
 
 # Model fields a fine-tuning config sets itself; every other model.* field (the shape) comes from
 # the pretrained model.
@@ -248,8 +249,6 @@ def effective_config(config, pretrained):
 def finetune(config, workdir: str, progress: bool = True) -> dict:
     """Fine-tunes `config.task` into `workdir` (or resumes the run there); returns a summary
     with the validation scores of every epoch and the best one."""
-    from gptjax.api import GPT
-
     if not config.task:
         raise UserError("set --config.task=NAME (sst2, mnli, synthetic_sentiment, ...): the task to fine-tune on")
     if "," in config.task or config.task == "all":
@@ -259,7 +258,17 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
     if task.name == "ax":
         raise UserError("ax is MNLI's diagnostic test set with no training data: fine-tune mnli, then "
                         "`gptjax eval --config.task=ax` on that run")
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use --workdir {workdir}: {e.strerror}") from None
+    with JobLock(workdir, "gptjax finetune"):
+        return _finetune(config, task, workdir, progress)
+
+
+def _finetune(config, task, workdir: str, progress: bool) -> dict:
+    from gptjax.api import GPT
+
     saved = saved_config(workdir)
     if saved:
         before = saved.get("task")
@@ -314,9 +323,14 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
             raise UserError(f"{workdir} holds checkpoints up to step {steps[-1]}, but this config makes "
                             f"{total} updates (finetune.epochs, train.batch_size or finetune.max_examples "
                             f"changed); pass a new --workdir")
+        held = tokenizer_files.load_folder(workdir) if steps else None
+        if held is not None and tokenizer_files.to_bytes(held) != tokenizer_files.to_bytes(tokenizer):
+            raise UserError(f"{workdir} holds the tokenizer its checkpoints were trained with, and this config "
+                            f"brings another (init_from or data.tokenizer changed); resume with the settings in "
+                            f"{workdir}/config.json, or pass a new --workdir")
         start = loop.resume(config, workdir, runner, checkpointer)
         loop.prepare_workdir(workdir, config, start)
-        if distributed.is_main():
+        if distributed.is_main() and held is None:
             tokenizer_files.save_folder(tokenizer, workdir)
         best = read_best(workdir) if start and os.path.isfile(os.path.join(workdir, "best.json")) else None
         best = None if best is not None and best["step"] > start else best  # a set-aside step is trained again
@@ -381,7 +395,7 @@ def saved_config(workdir: str) -> dict:
     """WORKDIR/config.json of a run as written ({} where there is none); "task" names a
     fine-tuning run's task and is empty for a pretraining run."""
     path = os.path.join(workdir, "config.json")
-    return config_lib.read_json(path) if os.path.isfile(path) else {}
+    return config_lib.read_json(path, fields={}) if os.path.isfile(path) else {}
 
 
 def read_best(workdir: str) -> dict:
@@ -389,7 +403,7 @@ def read_best(workdir: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{workdir} has no best.json: no fine-tuning epoch has finished there; run "
                         f"`gptjax finetune --config configs/glue.py --config.task=... --workdir {workdir}` first")
-    return config_lib.read_json(path)
+    return config_lib.read_json(path, fields={"step": int, "epoch": int, "score": (int, float), "scores": dict})
 
 
 def _write_json(path: str, value) -> None:

@@ -225,14 +225,32 @@ def prepare_workdir(workdir: str, config, start: int) -> None:
 
 
 class StopSignal:
-    """SIGTERM asks the run to stop after the current step. One process: a signal handler. Several:
-    JAX's preemption sync point, which has every process stop after the same step."""
+    """SIGTERM or Ctrl-C (SIGINT) asks the run to stop after the current step, save and exit; a
+    second Ctrl-C aborts at once. One process: signal handlers. Several: JAX's preemption sync
+    point, which has every process stop after the same step; Ctrl-C joins it by sending this
+    process the SIGTERM that JAX's notifier listens for."""
 
     def __init__(self):
-        self.received, self._previous = False, None
+        self.received, self.interrupted = False, False
+        self._previous = {}
         self._shared = jax.process_count() > 1
-        if not self._shared and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "received", True))
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        if not self._shared:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+
+    def _terminate(self, signum, frame) -> None:
+        self.received = True
+
+    def _interrupt(self, signum, frame) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without saving
+        self.interrupted = True
+        if self._shared:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.received = True
 
     def __call__(self, step: int) -> bool:
         if self._shared:
@@ -241,8 +259,9 @@ class StopSignal:
         return self.received
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 def summarise(metrics: list[dict], nan_message: str) -> dict:
@@ -263,7 +282,8 @@ def summarise(metrics: list[dict], nan_message: str) -> dict:
 def run(runner, hooks: Hooks, checkpointer: checkpoint.Checkpointer, *, workdir: str, start: int, total: int,
         tokenizer_bytes: bytes | None, profile_steps=(0, 0), progress: bool = True) -> dict:
     """Steps `runner` from `start` to `total`; returns {"history", "eval", "checkpoint_blocked_s"}.
-    On SIGTERM: saves, then raises Preempted."""
+    On SIGTERM or the first Ctrl-C: saves, then raises Preempted. A checkpoint that cannot be
+    written raises SaveFailed once its save has ended."""
     from tqdm.auto import tqdm
 
     writer = MetricsWriter(workdir) if distributed.is_main() else None
@@ -336,7 +356,8 @@ def run(runner, hooks: Hooks, checkpointer: checkpoint.Checkpointer, *, workdir:
                 if saved != done:
                     save(done)
                 checkpointer.wait()
-                raise Preempted(done, os.path.join(checkpointer.directory, str(done)))
+                raise Preempted(done, os.path.join(checkpointer.directory, str(done)), interrupted=stop.interrupted)
+            checkpointer.check()  # a save that failed in the background stops the run now, not at the next save
             paused += time.perf_counter() - pause_start
             bar.update(1)
     finally:

@@ -21,6 +21,7 @@ from gptjax.errors import UserError
 from gptjax.model import init_decoder
 from gptjax.model_config import ModelConfig
 from gptjax.optim import lr_schedule, make_optimizer
+from gptjax.workdir_lock import JobLock
 
 
 def batch_loss(graphdef, params, batch, dropout_key):
@@ -81,15 +82,26 @@ class Trainer(loop.StepRunner):
 
 def pretrain(config, workdir: str, progress: bool = True) -> dict:
     """Trains `config` into `workdir`, or resumes the run there; returns a summary (first/last
-    loss, eval losses, tokens/s). On SIGTERM: saves, then raises Preempted."""
-    from gptjax.data import corpus
-
+    loss, eval losses, tokens/s). On SIGTERM or Ctrl-C: saves, then raises Preempted. The run
+    holds the workdir's lock throughout (workdir_lock.py)."""
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot use --workdir {workdir}: {e.strerror}") from None
+    with JobLock(workdir, "gptjax pretrain"):
+        return _pretrain(config, workdir, progress)
+
+
+def _pretrain(config, workdir: str, progress: bool) -> dict:
+    from gptjax.data import corpus
+
     t = config.train
     main = distributed.is_main()
+    saved_path = os.path.join(workdir, "config.json")
+    saved = config_lib.read_json(saved_path, fields={}) if os.path.isfile(saved_path) else {}
+    if saved.get("task"):
+        raise UserError(f"{workdir} holds a fine-tuning run (task {saved['task']}); continue it with `gptjax finetune` "
+                        f"or pretrain in a new --workdir")
     trainer = Trainer(config)  # first: a mesh that does not fit is reported before any data work
     checkpointer = checkpoint.Checkpointer(workdir, keep=t.keep, keep_every=t.keep_every)
     try:
@@ -99,11 +111,7 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
                      f"raise train.steps to train on")
             return {"finished_before": True, "step": steps[-1],
                     "checkpoint": os.path.join(checkpointer.directory, str(steps[-1]))}
-        start = loop.resume(config, workdir, trainer, checkpointer)
-        if start >= t.steps:
-            raise UserError(f"train.resume={t.resume} restores step {start}, which is not before "
-                            f"train.steps={t.steps}; raise train.steps")
-        loop.prepare_workdir(workdir, config, start)
+        # Before resume writes anything: a tokenizer the workdir cannot take is refused first.
         documents: dict = {}  # read at most once, only if the tokenizer or an unprepared source needs them
         if main:  # trains the tokenizer if there is none; the other processes then load it
             tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
@@ -111,6 +119,11 @@ def pretrain(config, workdir: str, progress: bool = True) -> dict:
         if not main:
             tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
         tokenizer_bytes = tokenizer_files.to_bytes(tokenizer)
+        start = loop.resume(config, workdir, trainer, checkpointer)
+        if start >= t.steps:
+            raise UserError(f"train.resume={t.resume} restores step {start}, which is not before "
+                            f"train.steps={t.steps}; raise train.steps")
+        loop.prepare_workdir(workdir, config, start)
         batches, eval_batches = corpus.pretraining_batches(config, tokenizer, workdir, documents)
         loader = Loader(batches, t.steps, start=start, num_workers=config.data.num_workers,
                         sharding=trainer.batch_sharding)

@@ -168,6 +168,8 @@ def test_preempted_finetune_resumes_bitwise(pretrained, sentiment_run, tmp_path,
     straight = [r for r in read_metrics(workdir) if "loss" in r]
 
     class StopAt:  # SIGTERM arriving after update 5
+        interrupted = False  # a termination signal, not Ctrl-C
+
         def __init__(self):
             pass
 

@@ -58,16 +58,19 @@ def _given_tokenizer(path: str):
     return Tokenizer.load(path)
 
 
-def _keep_in_workdir(tokenizer, workdir: str) -> None:
+def _keep_in_workdir(tokenizer, workdir: str, config_tokenizer: str) -> None:
     """Writes the run's tokenizer into WORKDIR unless the same one is there (so that processes
     after the first, and resumed runs, write nothing)."""
     held = tokenizer_files.load_folder(workdir)
     if held is not None and tokenizer_files.to_bytes(held) == tokenizer_files.to_bytes(tokenizer):
         return
-    if held is not None and type(held) is not type(tokenizer):
+    if held is not None:
+        # Its checkpoints and prepared data are in this tokenizer's ids: another one would
+        # silently change what every token means.
         kind = "SentencePiece" if isinstance(held, Tokenizer) else "Hugging Face"
-        raise UserError(f"{workdir} holds the {kind} tokenizer of an earlier run, and data.tokenizer is another "
-                        f"kind; a run keeps one tokenizer: pass a new --workdir")
+        raise UserError(f"{workdir} holds the {kind} tokenizer its data and checkpoints were made with, and "
+                        f"data.tokenizer={config_tokenizer} is a different one; a workdir keeps one tokenizer: "
+                        f"leave data.tokenizer empty to go on with the workdir's, or pass a new --workdir")
     tokenizer_files.save_folder(tokenizer, workdir)
 
 
@@ -77,7 +80,7 @@ def workdir_tokenizer(config, workdir: str, corpus: dict | None = None):
     WORKDIR holds, else a SentencePiece model trained on the corpus once into WORKDIR/tokenizer.model."""
     if config.data.tokenizer:
         tokenizer = _given_tokenizer(config.data.tokenizer)
-        _keep_in_workdir(tokenizer, workdir)
+        _keep_in_workdir(tokenizer, workdir, config.data.tokenizer)
     elif (tokenizer := tokenizer_files.load_folder(workdir)) is not None:
         if isinstance(tokenizer, Tokenizer) and tokenizer.vocab_size != config.data.tokenizer_vocab_size:
             target = os.path.join(workdir, "tokenizer.model")

@@ -105,7 +105,8 @@ def iter_jsonl_documents(pattern: str, field: str):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                    raise UserError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}); every line must "
+                                    f"be one JSON object (a file cut short ends mid-line)") from None
                 if not isinstance(record, dict) or not isinstance(record.get(field), str):
                     raise UserError(f"{path}:{number}: no string field '{field}' (set data.text_field)")
                 if record[field].strip():

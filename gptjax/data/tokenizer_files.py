@@ -18,7 +18,14 @@ def load_folder(path: str):
     """The tokenizer in `path`, or None when it holds none."""
     if os.path.isfile(os.path.join(path, "tokenizer.model")):
         from gptjax.data.tokenizer import Tokenizer
-        return Tokenizer.load(os.path.join(path, "tokenizer.model"))
+        from gptjax.errors import UserError
+        model = os.path.join(path, "tokenizer.model")
+        try:
+            return Tokenizer.load(model)
+        except UserError:
+            # The folder's own file, written by a run: damaged, not a wrong file the user chose.
+            raise UserError(f"{model} is damaged (not a readable SentencePiece model); put back the "
+                            f"tokenizer this folder's run was made with, or pass a new --workdir") from None
     if any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "vocab.json")):
         from gptjax.data.hf_tokenizer import HFTokenizer  # needs the tokenizers package
         return HFTokenizer.load(path)
