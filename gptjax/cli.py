@@ -320,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     except WriteFailed as e:
         if args.debug:
             raise
+        if distributed.peer_failed(e):  # a save whose collective lost the other process: not the disk
+            _peer_exit(e, args)
         distributed.log(f"error: {e}", sys.stderr)
         return WRITE_FAILED_EXIT_CODE
     except Preempted as e:
@@ -331,20 +333,26 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if args.debug or e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        distributed.log(f"error: no space left on the device writing {e.filename or 'the workdir'}"
+        where = e.filename or (f"into {args.workdir}" if getattr(args, "workdir", None) else "the output")
+        distributed.log(f"error: no space left on the device writing {where}"
                         f"{_resume_point(args)}; free space and run the same command again", sys.stderr)
         return WRITE_FAILED_EXIT_CODE
     except Exception as e:  # noqa: BLE001
         if args.debug or not distributed.peer_failed(e):
             raise
-        # The job cannot go on without the failed process, and JAX's own shutdown would wait
-        # minutes for it: one line, then exit at once.
-        distributed.log(f"error: {distributed.peer_failure_text(e)}{_resume_point(args)} once every process "
-                        f"can run (relaunch the whole job)", sys.stderr)
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(PEER_FAILED_EXIT_CODE)
+        _peer_exit(e, args)
     return 0
+
+
+def _peer_exit(error: BaseException, args) -> None:
+    """The job cannot go on without the failed process, and JAX's own shutdown would wait for it
+    (then abort with a C++ trace): one line, then exit at once."""
+    from gptjax import distributed
+    distributed.log(f"error: {distributed.peer_failure_text(error)}{_resume_point(args)} once every process "
+                    f"can run (relaunch the whole job)", sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(PEER_FAILED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -87,8 +87,11 @@ def peer_failed(error: BaseException) -> bool:
     from jax._src import distributed as jax_distributed
     if jax_distributed.global_state.client is None:
         return False
+    from gptjax.errors import WriteFailed
     text = f"{type(error).__name__}: {error}"
-    return ("RuntimeError" in type(error).__name__ or "JaxRuntimeError" in text) and any(s in text for s in _PEER_SIGNS)
+    runtime = "RuntimeError" in type(error).__name__ or "JaxRuntimeError" in text
+    # A checkpoint save's collectives fail the same way; its message carries their reason.
+    return (runtime or isinstance(error, WriteFailed)) and any(s in text for s in _PEER_SIGNS)
 
 
 def _unanswering_processes(timeout_s: float = 3.0) -> list[int] | None:

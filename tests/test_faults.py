@@ -90,8 +90,11 @@ def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path, capsys):
     step = int(lines[0].split("after step ")[1].split(";")[0])
     assert step >= 3 and checkpoint.latest_step(str(tmp_path)) == step
     assert f"saved {tmp_path}/checkpoints/{step}; run the same command again to resume from step {step}" in lines[0]
-    assert cli.main(["pretrain", "--workdir", str(tmp_path), *ARGS, f"--config.train.steps={step + 2}"]) == 0
-    assert f"resumed from {tmp_path}/checkpoints/{step}" in capsys.readouterr().out
+    resumed = subprocess.run([sys.executable, "-m", "gptjax.cli", "pretrain", "--workdir", str(tmp_path), *ARGS,
+                              f"--config.train.steps={step + 2}"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path}/checkpoints/{step}" in resumed.stdout
+    assert resumed.stderr.strip() == ""  # no library noise (Orbax's, absl's) on a resume
 
 
 def test_ctrl_c_in_fine_tuning_saves_and_resumes(pretrained, tmp_path, monkeypatch, capsys):
@@ -154,6 +157,18 @@ def test_a_full_disk_stops_at_once_with_the_checkpoint_to_resume_from(pretrained
         assert cli.main(command) == 0
         assert f"resumed from {workdir}/checkpoints/{resume}" in capsys.readouterr().out
         assert checkpoint.latest_step(str(workdir)) == 12
+        # Any other write of a workdir on a full disk (here the tokenizer and config.json of a new run).
+        with open(small / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+        assert cli.main(["pretrain", "--workdir", str(small / "new"), *ARGS, "--config.train.steps=2"]) \
+            == WRITE_FAILED_EXIT_CODE
+        lines = _error_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and "no space left on the device" in lines[0] and str(small / "new") in lines[0], lines
     finally:
         subprocess.run(["umount", str(small)], check=False)
 
@@ -185,7 +200,8 @@ def test_an_error_while_saving_stops_with_one_line(pretrained, tmp_path, monkeyp
 def test_a_killed_process_stops_the_other_with_one_line(tmp_path):
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2", GPTJAX_PORT=free_port())
     run = subprocess.Popen(["launch/local.sh", "2", sys.executable, "-m", "gptjax.cli", "pretrain", "--workdir",
-                            str(tmp_path), *ARGS, "--config.train.steps=100000", "--config.mesh.data=2",
+                            str(tmp_path), *ARGS, "--config.train.steps=100000", "--config.train.checkpoint_every=2",
+                            "--config.mesh.data=2",
                             "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                            start_new_session=True)
@@ -292,3 +308,20 @@ def test_impossible_values_are_refused_before_any_work(tmp_path, capsys):
                        ("train.lr", "inf"), ("train.grad_clip", "-1")):
         _one_line(["pretrain", "--workdir", str(tmp_path / "w"), *ARGS, f"--config.{key}={value}"], capsys, key)
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_a_reader_retries_when_a_running_job_rotates_its_checkpoint_away(pretrained, monkeypatch):
+    """`generate` or the API reading a workdir that a run is still writing: the newest step it
+    listed can be removed (train.keep) before it is read; it reads the newer one instead."""
+    from gptjax.api import GPT
+    read, calls = checkpoint.Checkpointer.restore_params, []
+
+    def rotated_once(self, step, like):
+        calls.append(step)
+        if len(calls) == 1:
+            raise FileNotFoundError(f"{self.directory}/{step}")
+        return read(self, step, like)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore_params", rotated_once)
+    assert GPT.from_pretrained(str(pretrained)).generate("a", max_new_tokens=2, temperature=0.0)
+    assert calls == [4, 4]

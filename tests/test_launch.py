@@ -98,6 +98,13 @@ def test_slurm_failure_fails_without_requeue(slurm):
         assert not (tmp / "scontrol.args").exists()
 
 
+def test_slurm_storage_failure_is_not_requeued_and_says_why(slurm):
+    run, tmp = slurm
+    result = run("train", rc=74)
+    assert result.returncode == 74 and "not requeued" in result.stderr and "free space" in result.stderr
+    assert not (tmp / "scontrol.args").exists()
+
+
 def test_slurm_batch_shell_survives_sigterm(slurm):
     # A whole-job SIGTERM reaches the batch shell too; it must outlive it to requeue the job.
     run, tmp = slurm
