@@ -14,6 +14,12 @@ On 8 x H100 under fsdp=8 (compiled for them, a plan, not a measurement): batch 6
     python -m gptjax.bench memory --config configs/gpt2_medium.py --target h100:8 \
         --config.mesh.data=1 --config.mesh.fsdp=8 --batches 16,64 --kinds pretrain
 
+The largest batch that fits there is 416 (58.88 GiB) and 424 does not (59.89 GiB); under
+data=2 x fsdp=4, 400 fits (58.70 GiB) and 408 does not (59.86 GiB):
+
+    gptjax compile --config configs/gpt2_medium.py --target h100:8 \
+        --config.mesh.data=1 --config.mesh.fsdp=8 --config.train.batch_size=416
+
 What it should reach: not yet measured with gptjax; it needs a real corpus and a GPU. On the
 built-in synthetic corpus this config runs as is.
 """

@@ -12,6 +12,13 @@ What it should reach: not yet measured with gptjax. For scale, nanoGPT reports a
 loss of about 2.85 on OpenWebText for GPT-2 small trained on ~300B tokens with 0.5M-token
 batches, a far longer run than this config's 600k steps of 32 x 1024 tokens (~20B). It needs a
 real corpus (data.source) and a GPU; on the built-in synthetic corpus this config runs as is.
+
+On 8 x H100 under fsdp=8 (compiled for them, a plan, not a measurement; 59.33 GiB usable per
+device): batch 64 x 1024 plans 4.13 GiB per device; the largest batch that fits is 968 (58.96 GiB),
+976 does not (59.44 GiB):
+
+    gptjax compile --config configs/gpt2_small.py --target h100:8 \
+        --config.mesh.data=1 --config.mesh.fsdp=8 --config.train.batch_size=968
 """
 
 from gptjax.config import gpt2_config

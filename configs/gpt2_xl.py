@@ -19,6 +19,13 @@ On 8 x H100 under fsdp=8 (compiled for them, a plan, not a measurement): batch 6
     python -m gptjax.bench memory --config configs/gpt2_xl.py --target h100:8 \
         --config.mesh.data=1 --config.mesh.fsdp=8 --batches 16,64 --kinds pretrain
 
+The largest batch that fits there is 320 (59.28 GiB) and 328 does not (60.70 GiB); under
+data=2 x fsdp=4, 304 fits (58.61 GiB) and 312 does not (60.03 GiB). Near those batches XLA warns
+that rematerialisation cannot bring memory under 60.23 GiB; leave a margin:
+
+    gptjax compile --config configs/gpt2_xl.py --target h100:8 \
+        --config.mesh.data=1 --config.mesh.fsdp=8 --config.train.batch_size=320
+
 What it should reach: not yet measured with gptjax; it needs a real corpus and a GPU. On the
 built-in synthetic corpus this config runs as is.
 """

@@ -235,6 +235,15 @@ def read_json(path: str, fields: dict | None = None):
     return value
 
 
+def write_json(path: str, text_or_value) -> None:
+    """Writes a run's JSON file whole or not at all (a temporary file renamed over it), so that a
+    run killed while writing never leaves half a file for the next one to read."""
+    text = text_or_value if isinstance(text_or_value, str) else json.dumps(text_or_value, indent=2)
+    with open(path + ".tmp", "w") as f:
+        f.write(text.rstrip("\n") + "\n")
+    os.replace(path + ".tmp", path)
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 

@@ -358,7 +358,7 @@ def _finetune(config, task, workdir: str, progress: bool) -> dict:
                         "scores": scores, "total_steps": total}
                 checkpointer.wait()  # best.json never names a checkpoint still being written
                 if distributed.is_main():
-                    _write_json(os.path.join(workdir, "best.json"), best)
+                    config_lib.write_json(os.path.join(workdir, "best.json"), best)
 
         config_json = json.loads(config_lib.to_json(config))
         hooks = loop.Hooks(
@@ -405,8 +405,3 @@ def read_best(workdir: str) -> dict:
                         f"`gptjax finetune --config configs/glue.py --config.task=... --workdir {workdir}` first")
     return config_lib.read_json(path, fields={"step": int, "epoch": int, "score": (int, float), "scores": dict})
 
-
-def _write_json(path: str, value) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)

@@ -219,8 +219,7 @@ def restart_metrics(workdir: str, step: int) -> None:
 def prepare_workdir(workdir: str, config, start: int) -> None:
     """WORKDIR/config.json (the effective config) and metrics.jsonl restarted at `start`; main process only."""
     if distributed.is_main():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config) + "\n")
+        config_lib.write_json(os.path.join(workdir, "config.json"), config_lib.to_json(config))
         restart_metrics(workdir, start)
 
 

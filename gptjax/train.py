@@ -160,6 +160,6 @@ def _pretrain(config, workdir: str, progress: bool) -> dict:
                "tokens_per_sec": history[-1].get("tokens_per_sec"),
                "checkpoint_blocked_s": result["checkpoint_blocked_s"]}
     if main:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2)
+        config_lib.write_json(os.path.join(workdir, "summary.json"),
+                              {k: v for k, v in summary.items() if k != "history"})
     return summary
