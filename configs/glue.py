@@ -14,6 +14,15 @@ here only sets what fine-tuning chooses itself (dropout, compute dtype, attentio
 `--config.source=tfds` (default for GLUE; prepared `glue/<task>` under TFDS_DATA_DIR), `tsv:<the
 GLUE folder>` or `jsonl:<folder>`. Every task: `--config.task=all` with `gptjax eval` scores the
 runs WORKDIR/<task> together and writes the GLUE submission folder.
+
+On 8 x H100 under fsdp=8 (compiled for them, a plan, not a measurement), fine-tuning a model of
+GPT-1's shape at the paper's batch 32 x 512 plans 1.32 GiB per device of the 59.33 GiB usable:
+
+    gptjax compile --config configs/glue.py --target h100:8 --kind finetune \
+        --config.mesh.data=1 --config.mesh.fsdp=8 --config.model.block=post_ln \
+        --config.model.vocab_size=40478 --config.model.n_layer=12 --config.model.n_head=12 \
+        --config.model.d_model=768 --config.model.d_ff=3072 --config.model.max_len=512 \
+        --config.train.seq_len=512
 """
 
 from gptjax.config import base_config

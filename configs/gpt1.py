@@ -12,6 +12,13 @@ With the paper's 40,478-token BPE vocabulary the model has 116.5M parameters (th
 padded to 40,576 rows for speed; padded ids are never predicted). The paper trained 100 epochs on
 BooksCorpus and reports a token-level perplexity of 18.4 there; reaching that needs the real
 corpus and far more compute than a CPU. On the built-in synthetic corpus this config runs as is.
+
+On 8 x H100 under fsdp=8 (compiled for them, a plan, not a measurement; 59.33 GiB usable per
+device; attention dropout runs the project's Pallas kernel): the paper's batch 64 x 512 plans
+2.34 GiB per device; the largest batch that fits is 2016 (59.10 GiB), 2024 does not (59.71 GiB):
+
+    gptjax compile --config configs/gpt1.py --target h100:8 \
+        --config.mesh.data=1 --config.mesh.fsdp=8 --config.train.batch_size=2016
 """
 
 from gptjax.config import base_config
