@@ -198,10 +198,12 @@ def test_an_error_while_saving_stops_with_one_line(pretrained, tmp_path, monkeyp
 
 
 def test_a_killed_process_stops_the_other_with_one_line(tmp_path):
+    """Killed between checkpoints: process 0 is in a step's collectives, which fail at once. (One
+    waiting at a checkpoint's barrier in JAX's coordination service is ended by JAX itself after
+    the heartbeat timeout, with its own message; the README says so.)"""
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2", GPTJAX_PORT=free_port())
     run = subprocess.Popen(["launch/local.sh", "2", sys.executable, "-m", "gptjax.cli", "pretrain", "--workdir",
-                            str(tmp_path), *ARGS, "--config.train.steps=100000", "--config.train.checkpoint_every=2",
-                            "--config.mesh.data=2",
+                            str(tmp_path), *ARGS, "--config.train.steps=100000", "--config.mesh.data=2",
                             "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                            start_new_session=True)

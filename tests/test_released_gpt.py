@@ -319,7 +319,7 @@ def test_pretraining_with_a_hugging_face_vocabulary_refuses_what_cannot_work(fol
     held = tmp_path / "b"
     held.mkdir()
     shutil.copy(sentencepiece_model, held / "tokenizer.model")
-    assert "holds the SentencePiece tokenizer of an earlier run" in one_line(
+    assert "holds the SentencePiece tokenizer its data and checkpoints were made with" in one_line(
         held, f"--config.data.tokenizer={folder}", "--config.model.vocab_size=640")
     assert "does not exist; give a SentencePiece .model, a Hugging Face tokenizer folder" in \
         one_line(tmp_path / "c", f"--config.data.tokenizer={tmp_path / 'nothing'}")
