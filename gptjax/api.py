@@ -197,8 +197,7 @@ class GPT:
         with WorkdirLock(path, "GPT.save"):
             if checkpoint.latest_step(path) is not None:
                 raise UserError(f"{path} already holds checkpoints; save to a new directory")
-            with open(os.path.join(path, "config.json"), "w") as f:
-                f.write(config_lib.to_json(self.config) + "\n")
+            config_lib.write_json(os.path.join(path, "config.json"), config_lib.to_json(self.config))
             if self.tokenizer is not None:
                 tokenizer_files.save_folder(self.tokenizer, path)
             checkpoint.save_params(path, 0, nnx.state(self.module, nnx.Param))
