@@ -13,6 +13,8 @@ import errno
 import json
 import os
 import sys
+import threading
+import traceback
 
 from gptjax.errors import (DOES_NOT_FIT_EXIT_CODE, PEER_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE, WRITE_FAILED_EXIT_CODE,
                            CompileFailed, DoesNotFit, Preempted, UserError, WriteFailed)
@@ -294,8 +296,29 @@ def _quiet_libraries(debug: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    from gptjax import distributed, xla_flags
+    from gptjax import peer_watch
     _quiet_libraries(args.debug)
+    try:
+        code = _run(args, extra)
+    except BaseException:
+        if not peer_watch.watching():
+            raise
+        traceback.print_exc()
+        code = 1
+    if not peer_watch.watching():
+        return code
+    # The other processes hear how this one ends; after a failure JAX's own shutdown would wait
+    # for them at a barrier, so this process leaves at once.
+    peer_watch.leave(code)
+    if code not in peer_watch.CLEAN_EXITS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        peer_watch.exit_now(code)
+    return code
+
+
+def _run(args, extra) -> int:
+    from gptjax import distributed, peer_watch, xla_flags
     try:
         if args.command == "compile":  # it compiles for devices it does not open (targets.py)
             from gptjax import targets
@@ -303,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         xla_flags.apply()  # $GPTJAX_XLA_FLAGS, before anything starts a backend
         if args.command != "compile":
             distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+            peer_watch.start(lambda text: _peer_exit(text, args))
         args.fn(args, extra)
     except DoesNotFit as e:
         distributed.log(f"error: {e}", sys.stderr)
@@ -321,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         if distributed.peer_failed(e):  # a save whose collective lost the other process: not the disk
-            _peer_exit(e, args)
+            _peer_exit(distributed.peer_failure_text(e), args)
         distributed.log(f"error: {e}", sys.stderr)
         return WRITE_FAILED_EXIT_CODE
     except Preempted as e:
@@ -340,19 +364,26 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001
         if args.debug or not distributed.peer_failed(e):
             raise
-        _peer_exit(e, args)
+        _peer_exit(distributed.peer_failure_text(e), args)
     return 0
 
 
-def _peer_exit(error: BaseException, args) -> None:
+_peer_exit_lock = threading.Lock()
+
+
+def _peer_exit(text: str, args) -> None:
     """The job cannot go on without the failed process, and JAX's own shutdown would wait for it
-    (then abort with a C++ trace): one line, then exit at once."""
-    from gptjax import distributed
-    distributed.log(f"error: {distributed.peer_failure_text(error)}{_resume_point(args)} once every process "
-                    f"can run (relaunch the whole job)", sys.stderr)
+    (then abort with a C++ trace): one line, then exit at once. Called from the main thread (a
+    collective that failed) or from the peer watch, whichever hears first; one line either way."""
+    from gptjax import distributed, peer_watch
+    if not _peer_exit_lock.acquire(timeout=10):
+        return
+    peer_watch.stop_all(text)
+    distributed.log(f"error: {text}{_resume_point(args)} once every process can run (relaunch the whole job)",
+                    sys.stderr)
     sys.stderr.flush()
     sys.stdout.flush()
-    os._exit(PEER_FAILED_EXIT_CODE)
+    peer_watch.exit_now(PEER_FAILED_EXIT_CODE)
 
 
 if __name__ == "__main__":

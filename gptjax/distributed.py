@@ -39,8 +39,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                         "(or GPTJAX_COORDINATOR, GPTJAX_NUM_PROCESSES, GPTJAX_PROCESS_ID)")
     # CPU processes exchange collectives over gloo; GPU and TPU use their own interconnect.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # A dead process is declared after this many seconds without heartbeats (JAX's default: 100).
-    heartbeat = int(os.environ.get("GPTJAX_HEARTBEAT_TIMEOUT", "20"))
+    # JAX declares a process dead after this many seconds without heartbeats (its default: 100) and
+    # then aborts the others itself. peer_watch hears of a dead process at once and of a vanished
+    # host after ~25 s, so this is only the last resort, and longer than both.
+    heartbeat = int(os.environ.get("GPTJAX_HEARTBEAT_TIMEOUT", "60"))
     jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat)
 
 

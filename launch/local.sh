@@ -2,7 +2,7 @@
 # launch/local.sh N CMD... -- N processes of CMD on this machine, joined through jax.distributed
 # with the coordinator on localhost. Each output line is prefixed "[i/N] " (gptjax's own lines
 # already are; the rest, such as JAX warnings, get it here). A process that fails says
-# "[i/N] exited with status C"; the script exits with the status of the last process that failed.
+# "[i/N] exited with status C"; the script exits with the status of the highest-numbered process that failed.
 # Statuses: 2 a mistake in the command or config, 74 the workdir's storage failed, 75 stopped by
 # SIGTERM after saving (run again to resume), 76 stopped because another process of the job
 # failed, 130 Ctrl-C after saving, 137 killed (kill -9, or out of memory).

@@ -12,9 +12,10 @@ import sys
 import time
 
 import pytest
+from free_port import free_port
 
 from gptjax import checkpoint, cli
-from gptjax.errors import WRITE_FAILED_EXIT_CODE
+from gptjax.errors import PEER_FAILED_EXIT_CODE, WRITE_FAILED_EXIT_CODE
 
 ARGS = ["--config", "configs/tiny.py", "--no-progress", "--config.data.num_documents=200", "--config.model.n_layer=1",
         "--config.train.batch_size=8", "--config.train.eval_every=0", "--config.train.log_every=1"]
@@ -194,6 +195,61 @@ def test_an_error_while_saving_stops_with_one_line(pretrained, tmp_path, monkeyp
     monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
     assert cli.main(command) == 0
     assert checkpoint.latest_step(str(workdir)) == 6
+
+
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_killed_process_stops_the_other_with_one_line(tmp_path, killed):
+    """kill -9 of either process (0 hosts JAX's coordination service) while the job checkpoints
+    every other step, so the survivor is as likely to wait at a checkpoint's barrier as in a
+    step's collectives: it names the killed process in one line and exits 76, with no traceback
+    of Python, of JAX's heartbeat abort or of gloo."""
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2", GPTJAX_PORT=free_port())
+    run = subprocess.Popen(["launch/local.sh", "2", sys.executable, "-m", "gptjax.cli", "pretrain", "--workdir",
+                            str(tmp_path), *ARGS, "--config.train.steps=100000", "--config.mesh.data=2",
+                            "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2",
+                            "--config.train.checkpoint_every=2"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                           start_new_session=True)
+    try:
+        _wait_for_step(tmp_path, 5, run)
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_process(int(p), str(tmp_path), killed)]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        out, _ = run.communicate(timeout=120)  # a guard against a hang, not a measure of speed
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    survivor = 1 - killed
+    # gptjax's own lines; JAX's C++ runtime may log a warning or two of its own as the
+    # connection to the dead process drops, but never its abort.
+    errors = [line for line in out.splitlines() if line.startswith(f"[{survivor}/2] error: ")]
+    assert len(errors) == 1, out[-3000:]
+    assert errors[0].startswith(f"[{survivor}/2] error: process {killed} of this 2-process job ended without a "
+                                f"word (killed, or crashed); the checkpoints up to step "), errors
+    step = int(errors[0].split("the checkpoints up to step ")[1].split()[0])
+    assert step in checkpoint.complete_steps(str(tmp_path / "checkpoints")) and step >= 2
+    assert errors[0].endswith("once every process can run (relaunch the whole job)")
+    assert "Traceback" not in out and "Check failure" not in out, out[-3000:]
+    if killed == 1:
+        assert "Terminating process" not in out, out[-3000:]
+    # With process 0 gone, JAX's runtime in the survivor may log its fatal "Terminating process" line
+    # in the same millisecond as the watch hears (the README says so); the exit is gptjax's.
+    # local.sh passes on the status of the highest-numbered process that failed.
+    assert run.returncode == (128 + signal.SIGKILL if killed == 1 else PEER_FAILED_EXIT_CODE)
+    assert f"[{survivor}/2] exited with status {PEER_FAILED_EXIT_CODE}" in out
+    assert f"[{killed}/2] exited with status 137" in out
+
+
+def _is_process(pid: int, workdir: str, index: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+    except OSError:
+        return False
+    return (workdir.encode() in argv and b"gptjax.cli" in argv and argv[0] == sys.executable.encode()
+            and f"GPTJAX_PROCESS_ID={index}".encode() in environ)
 
 
 def _one_line(argv, capsys, *expected):
