@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib
+from gptjax import checkpoint, config as config_lib, run_folder
 from gptjax.data import tokenizer_files
 from gptjax.errors import UserError
 from gptjax.generate import generate_tokens
@@ -101,9 +101,8 @@ class GPT:
             config, module = hf.load_hf(path)
         else:
             config = config_lib.config_from_dict(values, source=config_path)
-            best = os.path.join(path, "best.json")
-            if step is None and config.get("task") and os.path.isfile(best):
-                step = config_lib.read_json(best, fields={"step": int})["step"]  # a fine-tuning run: its best epoch, as eval scores
+            if step is None and config.get("task") and run_folder.has_best(path):
+                step = run_folder.read_best(path)["step"]  # a fine-tuning run: its best epoch, as eval scores
             module = _load_decoder(config, path, step)
         return cls(config, module, tokenizer_files.load_folder(path))
 

@@ -30,12 +30,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from gptjax import sharding, targets
+from gptjax.attention_choices import check
 from gptjax.dropout import attention_keep, seed_of
 from gptjax.errors import UserError
 
 # Finite, so that a row with every key masked (padding) gives a uniform softmax instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "splash")
 HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -67,6 +67,7 @@ def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, need
     needs_mask: a mask only XLA takes (the KV cache's query offset or key padding).
     segments: packed-document segment ids (XLA, pallas and splash take them).
     seq_len: the sequence length where known (splash needs a multiple of 128)."""
+    check(implementation, dropout=needs_dropout, segments=segments)
     backend = targets.current().name
     if implementation == "xla":
         return "xla"
@@ -78,11 +79,6 @@ def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, need
         if segments or needs_dropout:
             return "pallas" if pallas_applies(dtype, head_dim) else "xla"
         return "cudnn" if cudnn_applies(dtype, head_dim) else "xla"
-    if implementation not in IMPLEMENTATIONS:
-        raise UserError(f"unknown model.attention '{implementation}'; use one of {', '.join(IMPLEMENTATIONS)}")
-    if needs_dropout and implementation != "pallas":
-        raise UserError(f"model.attention={implementation} has no attention dropout; set model.attn_dropout=0 "
-                        f"or use model.attention=auto, pallas or xla")
     if needs_mask:
         raise UserError(f"model.attention={implementation} takes causal and packed-document masks only; "
                         f"use model.attention=auto or xla")
@@ -94,9 +90,6 @@ def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, need
             raise UserError(f"model.attention=cudnn needs bfloat16/float16 compute and a head dim that is a "
                             f"multiple of 8 up to 128 (got {jnp.dtype(dtype).name}, {head_dim}); "
                             f"set model.dtype=bfloat16 or model.attention=auto")
-        if segments:
-            raise UserError("model.attention=cudnn supports plain causal attention only; packed-document "
-                            "masks need model.attention=auto, pallas or xla")
     if implementation == "pallas":
         if head_dim > 256:
             raise UserError(f"model.attention=pallas takes head dims up to 256, got {head_dim}; use auto or xla")

@@ -17,9 +17,9 @@ import re
 
 import ml_collections
 
+from gptjax import attention_choices
 from gptjax.errors import UserError
 
-ATTENTION_CHOICES = ("auto", "xla", "cudnn", "pallas", "splash")  # = attention.IMPLEMENTATIONS (tested)
 BLOCK_CHOICES = ("post_ln", "pre_ln")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 REMAT_CHOICES = ("none", "full", "save_dots")
@@ -331,7 +331,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Cross-field checks that would otherwise fail deep inside JAX with an unreadable error."""
     m, t = config.model, config.train
     _check(m.block in BLOCK_CHOICES, f"model.block must be one of {BLOCK_CHOICES}, got '{m.block}'")
-    _check(m.attention in ATTENTION_CHOICES, f"model.attention must be one of {ATTENTION_CHOICES}, got '{m.attention}'")
+    attention_choices.check(m.attention, dropout=m.attn_dropout > 0, segments=config.data.document_mask)
     _check(m.dtype in DTYPE_CHOICES, f"model.dtype must be one of {DTYPE_CHOICES}, got '{m.dtype}'")
     _check(m.remat in REMAT_CHOICES, f"model.remat must be one of {REMAT_CHOICES}, got '{m.remat}'")
     _check(t.schedule in SCHEDULE_CHOICES, f"train.schedule must be one of {SCHEDULE_CHOICES}, got '{t.schedule}'")
@@ -362,12 +362,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.seq_len <= m.max_len,
            f"train.seq_len ({t.seq_len}) exceeds the context model.max_len ({m.max_len}); lower train.seq_len or raise model.max_len")
     _check(0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model.dropout and model.attn_dropout must be in [0, 1)")
-    _check(not (m.attention in ("cudnn", "splash") and m.attn_dropout > 0),
-           f"model.attention={m.attention} has no attention-probability dropout; set model.attn_dropout=0 or "
-           f"use model.attention=auto, pallas or xla")
-    _check(not (m.attention == "cudnn" and config.data.document_mask),
-           "model.attention=cudnn supports plain causal attention only; data.document_mask=true needs "
-           "model.attention=auto, pallas or xla")
     _check(str(t.resume) in ("latest", "none") or str(t.resume).isdigit(),
            f"train.resume must be latest, none or a step number, got '{t.resume}'")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")

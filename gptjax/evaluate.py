@@ -25,7 +25,8 @@ from gptjax import checkpoint, config as config_lib, distributed, sharding
 from gptjax.distributed import log_main
 from gptjax.data import tokenizer_files
 from gptjax.errors import UserError
-from gptjax.finetune import TaskPredictor, input_length, predictions, read_best, saved_config
+from gptjax.finetune import TaskPredictor, input_length, predictions
+from gptjax.run_folder import read_best, saved_config
 from gptjax.tasks import GLUE_TASKS, get_task, transforms
 from gptjax.tasks.scores import glue_average, main_score, task_scores
 from gptjax.tasks.splits import read_split

@@ -25,22 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib, distributed, loop, sharding
+from gptjax import checkpoint, config as config_lib, distributed, loop, run_folder, sharding
 from gptjax.data import tokenizer_files
 from gptjax.data.tokenizer import PAD_ID, check_vocab
 from gptjax.distributed import log_main
 from gptjax.errors import UserError
 from gptjax.model import init_task_model
-from gptjax.model_config import ModelConfig
+from gptjax.model_config import EXECUTION_FIELDS, ModelConfig
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tasks import get_task, transforms
 from gptjax.tasks.scores import main_score, task_scores
 from gptjax.tasks.splits import read_split
 from gptjax.workdir_lock import JobLock
-
-# Model fields a fine-tuning config sets itself; every other model.* field (the shape) comes from
-# the pretrained model.
-OWN_MODEL_FIELDS = ("dropout", "attn_dropout", "dtype", "attention", "remat", "loss_chunk_len")
 
 
 def task_loss_sum(task_type: str, logits, labels, weights):
@@ -104,13 +100,7 @@ class TaskPredictor:
         self._predict = jax.jit(partial(predict_step, self.graphdef), out_shardings=sharding.replicated(mesh))
 
     def to_mesh(self, batch: dict) -> dict:
-        """A global batch (the same numpy arrays on every process) as arrays on the mesh, each
-        process contributing its contiguous block of rows."""
-        n, p = jax.process_count(), jax.process_index()
-        def put(x):
-            rows = len(x) // n
-            return jax.make_array_from_process_local_data(self.rows_sharding, x[p * rows:(p + 1) * rows])
-        return {k: put(v) for k, v in batch.items()}
+        return sharding.rows_to_mesh(batch, self.rows_sharding)
 
     def logits(self, encoded: transforms.Encoded, params) -> np.ndarray:
         """Task logits of every example under `params`; the last batch is padded, its padding
@@ -239,7 +229,7 @@ def effective_config(config, pretrained):
     config = config_lib.config_from_dict(config.to_dict())
     if pretrained is not None:
         for key, value in pretrained.config.model.items():
-            if key not in OWN_MODEL_FIELDS:
+            if key not in EXECUTION_FIELDS:  # how this run executes and regularises is its own
                 config.model[key] = value
     config.train.seq_len = config.model.max_len  # unused by fine-tuning; kept valid for validate()
     config_lib.validate(config)
@@ -269,7 +259,7 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
 def _finetune(config, task, workdir: str, progress: bool) -> dict:
     from gptjax.api import GPT
 
-    saved = saved_config(workdir)
+    saved = run_folder.saved_config(workdir)
     if saved:
         before = saved.get("task")
         if before and before != task.name:
@@ -332,7 +322,7 @@ def _finetune(config, task, workdir: str, progress: bool) -> dict:
         loop.prepare_workdir(workdir, config, start)
         if distributed.is_main() and held is None:
             tokenizer_files.save_folder(tokenizer, workdir)
-        best = read_best(workdir) if start and os.path.isfile(os.path.join(workdir, "best.json")) else None
+        best = run_folder.read_best(workdir) if start and run_folder.has_best(workdir) else None
         best = None if best is not None and best["step"] > start else best  # a set-aside step is trained again
         scores = {}
 
@@ -358,7 +348,7 @@ def _finetune(config, task, workdir: str, progress: bool) -> dict:
                         "scores": scores, "total_steps": total}
                 checkpointer.wait()  # best.json never names a checkpoint still being written
                 if distributed.is_main():
-                    config_lib.write_json(os.path.join(workdir, "best.json"), best)
+                    run_folder.write_best(workdir, best)
 
         config_json = json.loads(config_lib.to_json(config))
         hooks = loop.Hooks(
@@ -377,31 +367,16 @@ def _finetune(config, task, workdir: str, progress: bool) -> dict:
 
 def _finished(workdir: str, config) -> dict | None:
     """best.json of a run that completed all its updates (and train.resume=latest), else None."""
-    if str(config.train.resume) != "latest" or not os.path.isfile(os.path.join(workdir, "best.json")):
+    if str(config.train.resume) != "latest" or not run_folder.has_best(workdir):
         return None
-    best = read_best(workdir)
+    best = run_folder.read_best(workdir)
     done = checkpoint.latest_step(workdir)
     if done is None or done < best.get("total_steps", math.inf):
         return None
-    epochs = saved_config(workdir)["finetune"]["epochs"]
+    epochs = run_folder.saved_config(workdir)["finetune"]["epochs"]
     if epochs != config.finetune.epochs:
         # The schedule decays to 0 over the planned epochs, so more of them is another run.
         raise UserError(f"{workdir} holds a finished run of {epochs} epochs and finetune.epochs is "
                         f"{config.finetune.epochs}; pass a new --workdir to fine-tune for {config.finetune.epochs}")
     return best
-
-
-def saved_config(workdir: str) -> dict:
-    """WORKDIR/config.json of a run as written ({} where there is none); "task" names a
-    fine-tuning run's task and is empty for a pretraining run."""
-    path = os.path.join(workdir, "config.json")
-    return config_lib.read_json(path, fields={}) if os.path.isfile(path) else {}
-
-
-def read_best(workdir: str) -> dict:
-    path = os.path.join(workdir, "best.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{workdir} has no best.json: no fine-tuning epoch has finished there; run "
-                        f"`gptjax finetune --config configs/glue.py --config.task=... --workdir {workdir}` first")
-    return config_lib.read_json(path, fields={"step": int, "epoch": int, "score": (int, float), "scores": dict})
 

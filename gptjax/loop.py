@@ -42,6 +42,7 @@ from gptjax.distributed import log_main
 from gptjax.errors import Preempted, UserError
 from gptjax.metrics import MetricsWriter
 from gptjax.mfu import mfu
+from gptjax.model_config import ARCHITECTURE_FIELDS
 
 
 @jax.tree_util.register_dataclass
@@ -112,11 +113,6 @@ class StepRunner:
         return metrics
 
 
-# Fields that fix the parameters' shapes or meaning: a checkpoint cannot continue under others.
-FROZEN_ON_RESUME = tuple(f"model.{k}" for k in ("vocab_size", "vocab_pad_multiple", "n_layer", "n_head", "d_model",
-                                                 "d_ff", "max_len", "block"))
-
-
 @dataclasses.dataclass
 class Hooks:
     """What one objective adds to the loop."""
@@ -143,6 +139,10 @@ def _flat_settings(values: dict, prefix: str = "") -> dict:
     return out
 
 
+# What the weights are (model_config.py): any change is refused on resume.
+_ARCHITECTURE = frozenset(f"model.{name}" for name in ARCHITECTURE_FIELDS)
+
+
 def config_changes(saved: dict, config) -> dict:
     """{field: (saved value, current value)} for every setting that differs from the checkpoint's."""
     before, now = _flat_settings(saved), _flat_settings(json.loads(config_lib.to_json(config)))
@@ -166,12 +166,12 @@ def resume(config, workdir: str, runner, checkpointer: checkpoint.Checkpointer) 
     for step in [int(mode)] if mode.isdigit() else steps[::-1]:
         try:
             changes = config_changes(checkpointer.read_meta(step)["config"], config)
-            frozen = {k: v for k, v in changes.items() if k in FROZEN_ON_RESUME}
+            frozen = {k: v for k, v in changes.items() if k in _ARCHITECTURE}
             if frozen:
                 key, (old, new) = next(iter(frozen.items()))
                 raise UserError(f"{key} is {new!r} but the checkpoint at step {step} was trained with {old!r}; "
-                                f"a run cannot resume with another model shape: set {key}={old} or pass a "
-                                f"new --workdir")
+                                f"the architecture is fixed by the weights, so a run cannot resume with another: "
+                                f"set {key}={old} or pass a new --workdir")
             params, opt_state, meta = checkpointer.restore(step, runner.state.params, runner.state.opt_state)
         except checkpoint.DamagedCheckpoint as e:
             if mode != "latest":

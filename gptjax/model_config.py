@@ -12,6 +12,13 @@ that holds their defaults and docs (each field's doc is read from there); tests/
 holds the two to the same names and types.
 Range and cross-field checks (choices, positivity, d_model % n_head) stay in `config.validate`,
 which every loaded config has passed; this class checks only names and types.
+
+Each field is of one of two kinds, declared here and nowhere else. The architecture is what the
+weights are (shapes, block kind, vocabulary, LayerNorm epsilon, initialisation): a checkpoint
+fixes it, so a resume refuses any change of it and fine-tuning takes it from the pretrained
+model. Execution settings (dtype, attention, remat, loss chunking) and dropout rates say how
+the weights are run and trained; they may change on resume (the run prints which) and each
+fine-tuning run sets its own.
 """
 
 import dataclasses
@@ -28,29 +35,33 @@ def _accepts(kind: type, value) -> bool:
     return isinstance(value, (int, float) if kind is float else kind)
 
 
-def _doc(name: str):
-    return dataclasses.field(metadata={"doc": FIELD_DOCS[f"model.{name}"]})
+def _architecture(name: str):
+    return dataclasses.field(metadata={"doc": FIELD_DOCS[f"model.{name}"], "architecture": True})
+
+
+def _execution(name: str):
+    return dataclasses.field(metadata={"doc": FIELD_DOCS[f"model.{name}"], "architecture": False})
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    block: str = _doc("block")
-    vocab_size: int = _doc("vocab_size")
-    vocab_pad_multiple: int = _doc("vocab_pad_multiple")
-    n_layer: int = _doc("n_layer")
-    n_head: int = _doc("n_head")
-    d_model: int = _doc("d_model")
-    d_ff: int = _doc("d_ff")
-    max_len: int = _doc("max_len")
-    dropout: float = _doc("dropout")
-    attn_dropout: float = _doc("attn_dropout")
-    init_std: float = _doc("init_std")
-    scale_residual_init: bool = _doc("scale_residual_init")
-    ln_eps: float = _doc("ln_eps")
-    dtype: str = _doc("dtype")
-    attention: str = _doc("attention")
-    remat: str = _doc("remat")
-    loss_chunk_len: int = _doc("loss_chunk_len")
+    block: str = _architecture("block")
+    vocab_size: int = _architecture("vocab_size")
+    vocab_pad_multiple: int = _architecture("vocab_pad_multiple")
+    n_layer: int = _architecture("n_layer")
+    n_head: int = _architecture("n_head")
+    d_model: int = _architecture("d_model")
+    d_ff: int = _architecture("d_ff")
+    max_len: int = _architecture("max_len")
+    dropout: float = _execution("dropout")
+    attn_dropout: float = _execution("attn_dropout")
+    init_std: float = _architecture("init_std")
+    scale_residual_init: bool = _architecture("scale_residual_init")
+    ln_eps: float = _architecture("ln_eps")
+    dtype: str = _execution("dtype")
+    attention: str = _execution("attention")
+    remat: str = _execution("remat")
+    loss_chunk_len: int = _execution("loss_chunk_len")
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -74,6 +85,10 @@ class ModelConfig:
             raise UserError(f"model config lacks key(s) {', '.join(repr(k) for k in missing)}")
         return cls(**values)
 
+    def architecture(self) -> dict:
+        """{field: value} of what the weights are (the module docstring says which fields)."""
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+
     @property
     def padded_vocab(self) -> int:
         """Rows of the token embedding (and columns of the logits)."""
@@ -82,3 +97,7 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata["architecture"])
+EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if not f.metadata["architecture"])

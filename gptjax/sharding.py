@@ -194,5 +194,22 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, spec(("batch", "length")))
 
 
+def rows_to_mesh(batch: dict, rows: NamedSharding) -> dict:
+    """A global batch (the same host arrays on every process) as arrays on the mesh in `rows`,
+    a sharding that splits the first axis: process p gives its contiguous block of rows, so row i
+    of each result is row i of the input. Every global batch goes on the mesh this way (held-out
+    scoring, fine-tuning, evaluation); the training loader's batches are process-local already."""
+    n, p = jax.process_count(), jax.process_index()
+
+    def put(x):
+        x = np.asarray(x)
+        if len(x) % n:
+            raise ValueError(f"a batch of {len(x)} rows does not split over {n} processes")
+        block = len(x) // n
+        return jax.make_array_from_process_local_data(rows, x[p * block:(p + 1) * block])
+
+    return {k: put(v) for k, v in batch.items()}
+
+
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())

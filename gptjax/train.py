@@ -10,10 +10,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib, distributed, gradients, loop, sharding
+from gptjax import checkpoint, config as config_lib, distributed, gradients, loop, run_folder, sharding
 from gptjax.data import tokenizer_files
 from gptjax.data.loader import Loader
 from gptjax.distributed import log_main
@@ -70,12 +69,8 @@ class Trainer(loop.StepRunner):
     def eval_loss(self, batches: list[dict]) -> float | None:
         if not batches:
             return None
-        def local(batch):  # this process's rows, p, p + n, ...: each row is scored on one device only
-            rows = {k: np.asarray(v)[jax.process_index()::jax.process_count()] for k, v in batch.items()}
-            return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in rows.items()}
-
         with jax.set_mesh(self.mesh):
-            sums = [self._eval(self.state.params, local(batch)) for batch in batches]
+            sums = [self._eval(self.state.params, sharding.rows_to_mesh(batch, self.batch_sharding)) for batch in batches]
         total, count = (float(sum(x)) for x in zip(*jax.device_get(sums)))
         return total / max(count, 1.0)
 
@@ -97,8 +92,7 @@ def _pretrain(config, workdir: str, progress: bool) -> dict:
 
     t = config.train
     main = distributed.is_main()
-    saved_path = os.path.join(workdir, "config.json")
-    saved = config_lib.read_json(saved_path, fields={}) if os.path.isfile(saved_path) else {}
+    saved = run_folder.saved_config(workdir)
     if saved.get("task"):
         raise UserError(f"{workdir} holds a fine-tuning run (task {saved['task']}); continue it with `gptjax finetune` "
                         f"or pretrain in a new --workdir")

@@ -240,9 +240,26 @@ def sorted_segments(batch, length, seed):
     return np.cumsum(rng.random((batch, length)) < 6 / length, axis=1).astype(np.int32) + 1
 
 
+def test_a_config_is_refused_on_load_by_the_rule_dispatch_applies():
+    """One rule (attention_choices.py): what dispatch refuses whatever the target, the config
+    refuses when it loads, with the same line."""
+    from gptjax import config as config_lib
+    for impl, dropout, document_mask in [("cudnn", 0.1, False), ("splash", 0.1, False), ("cudnn", 0.0, True),
+                                         ("flash", 0.0, False)]:
+        c = config_lib.base_config()
+        c.model.attention, c.model.attn_dropout, c.data.document_mask = impl, dropout, document_mask
+        with pytest.raises(UserError) as on_load:
+            config_lib.validate(c)
+        with pytest.raises(UserError) as on_dispatch:
+            resolve(impl, jnp.bfloat16, 64, needs_mask=False, needs_dropout=dropout > 0, segments=document_mask)
+        assert str(on_load.value) == str(on_dispatch.value)
+    for impl in ("auto", "xla", "pallas"):  # each takes dropout and documents together
+        c = config_lib.base_config()
+        c.model.attention, c.model.attn_dropout, c.data.document_mask = impl, 0.1, True
+        config_lib.validate(c)
+
+
 def test_kernels_refuse_what_they_cannot_do():
-    from gptjax.config import ATTENTION_CHOICES
-    assert attention.IMPLEMENTATIONS == ATTENTION_CHOICES  # the config accepts exactly what dispatch runs
     for impl in ("splash", "cudnn"):
         with pytest.raises(UserError, match="dropout"):
             resolve(impl, jnp.bfloat16, 64, needs_mask=False, needs_dropout=True)

@@ -169,6 +169,11 @@ def test_resume_policy_and_config_changes(baseline, tmp_path, capsys):
     assert cli.main(["pretrain", "--workdir", str(workdir), *ARGS, "--config.train.steps=16",
                      "--config.model.d_ff=256"]) == 2
     assert "model.d_ff is 256 but the checkpoint at step 12 was trained with 512" in capsys.readouterr().err
+    # The whole architecture is fixed, not only the shapes: the epsilon the weights were trained with.
+    assert cli.main(["pretrain", "--workdir", str(workdir), *ARGS, "--config.train.steps=16",
+                     "--config.model.ln_eps=0.1"]) == 2
+    assert ("model.ln_eps is 0.1 but the checkpoint at step 12 was trained with 1e-05; the architecture is fixed "
+            "by the weights") in capsys.readouterr().err
     # A setting that can change is applied, with a line that says so.
     assert cli.main(["pretrain", "--workdir", str(workdir), *ARGS, "--config.train.steps=14",
                      "--config.train.lr=0.001"]) == 0

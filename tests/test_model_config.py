@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import config
+from gptjax import config, model_config
 from gptjax.errors import UserError
 from gptjax.model import init_decoder, init_task_model
 from gptjax.model_config import ModelConfig
@@ -150,3 +150,34 @@ def test_model_config_imports_no_jax_and_no_model_side_module():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# For each field, a value other than TINY's (valid with the rest of TINY).
+_OTHER = dict(block="post_ln", vocab_size=200, vocab_pad_multiple=8, n_layer=1, n_head=2, d_model=40, d_ff=56, max_len=16,
+              init_std=0.05, scale_residual_init=False, ln_eps=0.5, dropout=0.3, attn_dropout=0.2, dtype="bfloat16",
+              attention="cudnn", remat="full", loss_chunk_len=8)
+
+
+def _logits(module, tokens):
+    return np.asarray(module.lm_logits(module(tokens)), np.float32)
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ModelConfig)])
+def test_each_field_is_of_the_kind_its_effect_on_the_weights_says(name):
+    """An architecture field changes the initial weights (shapes or values) or what they compute
+    in float32; an execution field changes neither, so it may change on resume."""
+    base = ModelConfig.from_config(tiny_section())
+    other = dataclasses.replace(base, **{name: _OTHER[name]})
+    run = config.base_config()
+    run.model.update(**dict(TINY, **{name: _OTHER[name]}))
+    run.train.seq_len = min(TINY["max_len"], run.model.max_len)
+    config.validate(run)  # a value a user may set
+    assert other != base and set(base.architecture()) == set(model_config.ARCHITECTURE_FIELDS)
+    a, b = _params(init_decoder(base, 0)), _params(init_decoder(other, 0))
+    same_weights = a.keys() == b.keys() and all(a[k].shape == b[k].shape and np.array_equal(a[k], b[k]) for k in a)
+    if name in model_config.EXECUTION_FIELDS:
+        assert same_weights, name
+        return
+    if same_weights:  # only what the weights compute can tell (ln_eps)
+        tokens = np.arange(12, dtype=np.int32).reshape(1, 12) % 90
+        assert not np.allclose(_logits(init_decoder(base, 0), tokens), _logits(init_decoder(other, 0), tokens)), name
