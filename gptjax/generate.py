@@ -53,7 +53,7 @@ def _generate(graphdef, params, tokens, valid, key, *, max_new_tokens, temperatu
     batch, width = tokens.shape
     cache = model.init_cache(batch, width + max_new_tokens)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-    hidden, cache = model.extend(tokens, positions, valid, cache)
+    hidden, cache = model(tokens, positions, cache=cache, valid=valid)
     next_pos = positions[:, -1] + 1
 
     def sample(hidden_last, step_key):
@@ -65,7 +65,7 @@ def _generate(graphdef, params, tokens, valid, key, *, max_new_tokens, temperatu
     def step(carry, step_key):
         hidden_last, cache, pos = carry
         token = sample(hidden_last, step_key)
-        hidden, cache = model.extend(token[:, None], pos[:, None], jnp.ones((batch, 1), bool), cache)
+        hidden, cache = model(token[:, None], pos[:, None], cache=cache, valid=jnp.ones((batch, 1), bool))
         return (hidden[:, -1], cache, pos + 1), token
 
     keys = jax.random.split(key, max_new_tokens)
@@ -78,7 +78,7 @@ def generate_tokens(model, prompts: list[list[int]], *, max_new_tokens: int, tem
                     vocab_size: int | None = None) -> np.ndarray:
     """New tokens [B, max_new_tokens] for each prompt (temperature 0 = greedy)."""
     tokens, valid = left_pad(prompts, pad_id)
-    max_len = model.max_len
+    max_len = model.config.max_len
     if tokens.shape[1] + max_new_tokens > max_len:
         raise UserError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                         f"model's context of {max_len}; shorten the prompt or lower max_new_tokens")
@@ -91,5 +91,5 @@ def generate_tokens(model, prompts: list[list[int]], *, max_new_tokens: int, tem
     graphdef, params = nnx.split(model, nnx.Param)
     out = _generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(seed),
                     max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                    top_p=float(top_p), vocab_size=vocab_size or model.vocab_size)
+                    top_p=float(top_p), vocab_size=vocab_size or model.config.vocab_size)
     return np.asarray(out)

@@ -87,15 +87,15 @@ class Attention(nnx.Module):
         self.qkv_bias = _param(rngs, (3, h, hd), (None, "heads", "head_dim"), None)
         self.out_kernel = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), resid_std)
         self.out_bias = _param(rngs, (d,), ("embed",), None)
-        self.implementation = cfg.attention
-        self.attn_dropout = cfg.attn_dropout
+        self.config = cfg
 
-    def __call__(self, x, ctx: dict, dropout_key, cache: dict | None = None):
+    def __call__(self, x, *, segment_ids=None, dropout_key=None, cache: dict | None = None):
+        """Attention outputs [B, T, d]; with a KV `cache`, (outputs, the cache holding these keys)."""
         dtype = x.dtype
         qkv = jnp.einsum("btd,dchk->btchk", x, self.qkv_kernel[...].astype(dtype))
         qkv = constrain(qkv + self.qkv_bias[...].astype(dtype), ("batch", "length", None, "heads", "head_dim"))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q_offset, kv_valid, implementation = 0, None, self.implementation
+        q_offset, kv_valid, implementation = 0, None, self.config.attention
         if cache is not None:
             # The cache needs an offset and a padding mask, which only the XLA path takes;
             # decoding one token at a time gains little from a fused kernel anyway.
@@ -107,11 +107,12 @@ class Attention(nnx.Module):
             cache = dict(cache, k=k, v=v)
             q_offset, kv_valid = index, cache["valid"]
         y = attention.attend(implementation, q, k.astype(dtype), v.astype(dtype), q_offset=q_offset,
-                             segment_ids=ctx.get("segment_ids"), kv_valid=kv_valid,
-                             dropout_rate=self.attn_dropout, dropout_key=dropout_key)
+                             segment_ids=segment_ids, kv_valid=kv_valid,
+                             dropout_rate=self.config.attn_dropout, dropout_key=dropout_key)
         y = constrain(y, ("batch", "length", "heads", "head_dim"))
         y = jnp.einsum("bthk,hkd->btd", y, self.out_kernel[...].astype(dtype))
-        return constrain(y + self.out_bias[...].astype(dtype), ("batch", "length", "embed")), cache
+        y = constrain(y + self.out_bias[...].astype(dtype), ("batch", "length", "embed"))
+        return y if cache is None else (y, cache)
 
 
 class MLP(nnx.Module):
@@ -140,20 +141,26 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs, resid_std=resid_std)
         self.ln_2 = LayerNorm(cfg.d_model, cfg.ln_eps)
         self.mlp = MLP(cfg, rngs=rngs, resid_std=resid_std)
-        self.pre_ln = cfg.block == "pre_ln"
-        self.dropout = cfg.dropout
+        self.config = cfg
 
-    def __call__(self, x, ctx: dict, dropout_key, cache: dict | None = None):
+    def __call__(self, x, *, segment_ids=None, dropout_key=None, cache: dict | None = None):
+        """The block's output [B, T, d]; with a KV `cache`, (output, the updated cache)."""
         keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
-        if self.pre_ln:
-            a, cache = self.attn(self.ln_1(x), ctx, keys[0], cache)
-            x = x + _dropout(a, self.dropout, keys[1])
-            x = x + _dropout(self.mlp(self.ln_2(x)), self.dropout, keys[2])
+        rate, pre_ln = self.config.dropout, self.config.block == "pre_ln"
+        a = self.attn(self.ln_1(x) if pre_ln else x, segment_ids=segment_ids, dropout_key=keys[0], cache=cache)
+        if cache is not None:
+            a, cache = a
+        if pre_ln:
+            x = x + _dropout(a, rate, keys[1])
+            x = x + _dropout(self.mlp(self.ln_2(x)), rate, keys[2])
         else:
-            a, cache = self.attn(x, ctx, keys[0], cache)
-            x = self.ln_1(x + _dropout(a, self.dropout, keys[1]))
-            x = self.ln_2(x + _dropout(self.mlp(x), self.dropout, keys[2]))
-        return x, cache
+            x = self.ln_1(x + _dropout(a, rate, keys[1]))
+            x = self.ln_2(x + _dropout(self.mlp(x), rate, keys[2]))
+        return x if cache is None else (x, cache)
+
+
+def _run_block(block: Block, x, segment_ids, dropout_key):
+    return block(x, segment_ids=segment_ids, dropout_key=dropout_key)
 
 
 class Decoder(nnx.Module):
@@ -161,18 +168,13 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         _require(cfg)
-        self.vocab_size = cfg.vocab_size
-        self.padded_vocab = cfg.padded_vocab
-        self.wte = _param(rngs, (self.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.config = cfg
+        self.wte = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std)
         self.wpe = _param(rngs, (cfg.max_len, cfg.d_model), (None, "embed"), cfg.init_std)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
         # GPT-1 (post-LN) already ends on a LayerNorm inside its last block.
         self.ln_f = LayerNorm(cfg.d_model, cfg.ln_eps) if cfg.block == "pre_ln" else None
-        self.dtype = compute_dtype(cfg.dtype)
-        self.dropout = cfg.dropout
-        self.remat = cfg.remat
-        self.loss_chunk_len = cfg.loss_chunk_len
-        self.n_layer, self.n_head, self.d_model, self.max_len = cfg.n_layer, cfg.n_head, cfg.d_model, cfg.max_len
+        self.dtype = compute_dtype(cfg.dtype)  # "auto" resolved for the target the model is built for
 
     def _embed(self, tokens, positions, dropout_key):
         # The tables are gathered whole along `embed` first: a lookup into an fsdp-sharded
@@ -180,23 +182,36 @@ class Decoder(nnx.Module):
         wte = constrain(self.wte[...], ("vocab", None))
         wpe = constrain(self.wpe[...], (None, None))
         x = constrain(wte[tokens] + wpe[positions], ("batch", "length", "embed"))
-        return _dropout(x.astype(self.dtype), self.dropout, dropout_key)
+        return _dropout(x.astype(self.dtype), self.config.dropout, dropout_key)
 
-    def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None):
-        """Final hidden states [B, T, d_model] in the compute dtype. dropout_key=None: no dropout."""
+    def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None, cache: dict | None = None,
+                 valid=None):
+        """Final hidden states [B, T, d_model] in the compute dtype. dropout_key=None: no dropout.
+
+        With a KV `cache` (init_cache), the tokens run on top of it and the result is (hidden,
+        the cache extended by them); `valid` [B, T] marks real tokens (False for the left padding
+        of batched prompts)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        ctx = {} if segment_ids is None else {"segment_ids": segment_ids}
-        keys = [None] * (self.n_layer + 1)
+        n_layer, remat = self.config.n_layer, self.config.remat
+        keys = [None] * (n_layer + 1)
         if dropout_key is not None:
-            keys = list(jax.random.split(dropout_key, self.n_layer + 1))
+            keys = list(jax.random.split(dropout_key, n_layer + 1))
         x = self._embed(tokens, positions, keys[-1])
-        for block, key in zip(self.blocks, keys):
-            if self.remat == "none":
-                x, _ = block(x, ctx, key)
-            else:
-                x, _ = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])(block, x, ctx, key)
-        return x if self.ln_f is None else self.ln_f(x)
+        if cache is None:
+            run = _run_block if remat == "none" else nnx.remat(_run_block, policy=REMAT_POLICIES[remat])
+            for block, key in zip(self.blocks, keys):
+                x = run(block, x, segment_ids, key)
+            return x if self.ln_f is None else self.ln_f(x)
+        index = cache["index"]
+        all_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
+        layers = []
+        for block, layer, key in zip(self.blocks, cache["layers"], keys):
+            x, layer = block(x, segment_ids=segment_ids, dropout_key=key,
+                             cache=dict(layer, index=index, valid=all_valid))
+            layers.append({"k": layer["k"], "v": layer["v"]})
+        x = x if self.ln_f is None else self.ln_f(x)
+        return x, {"index": index + tokens.shape[1], "valid": all_valid, "layers": layers}
 
     def lm_logits(self, hidden):
         """Logits over the padded vocabulary, in the compute dtype (the loss upcasts per row)."""
@@ -205,34 +220,21 @@ class Decoder(nnx.Module):
 
     def lm_loss(self, hidden, targets, loss_mask):
         """(summed next-token loss, counted tokens) of hidden states [B, T, d] (loss.py)."""
-        return projected_lm_loss(hidden, self.lm_logits, targets, loss_mask, self.vocab_size, self.loss_chunk_len)
+        return projected_lm_loss(hidden, self.lm_logits, targets, loss_mask, self.config.vocab_size,
+                                 self.config.loss_chunk_len)
 
     def init_cache(self, batch: int, length: int | None = None) -> dict:
-        length = length or self.max_len
-        h = self.n_head
-        shape = (batch, length, h, self.d_model // h)
+        length = length or self.config.max_len
+        shape = (batch, length, self.config.n_head, self.config.head_dim)
         layers = [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in self.blocks]
         return {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, length), bool), "layers": layers}
-
-    def extend(self, tokens, positions, valid, cache: dict):
-        """Runs `tokens` [B, T] through the blocks on top of a KV cache; returns (hidden, cache).
-
-        `valid` [B, T] marks real tokens (False for left padding of batched prompts)."""
-        index = cache["index"]
-        all_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
-        x = self._embed(tokens, positions, None)
-        layers = []
-        for block, layer in zip(self.blocks, cache["layers"]):
-            x, layer = block(x, {}, None, dict(layer, index=index, valid=all_valid))
-            layers.append({"k": layer["k"], "v": layer["v"]})
-        x = x if self.ln_f is None else self.ln_f(x)
-        return x, {"index": index + tokens.shape[1], "valid": all_valid, "layers": layers}
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6N for the matmuls with weights (forward + backward) plus
         12 * L * d_model * T for attention scores and values (the convention MFU figures use)."""
-        n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param))) - self.max_len * self.d_model
-        return 6 * n + 12 * self.n_layer * self.d_model * seq_len
+        c = self.config
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param))) - c.max_len * c.d_model
+        return 6 * n + 12 * c.n_layer * c.d_model * seq_len
 
 
 def init_decoder(cfg: ModelConfig, seed: int) -> Decoder:

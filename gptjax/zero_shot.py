@@ -26,6 +26,7 @@ from flax import nnx
 
 from gptjax.errors import UserError
 from gptjax.loss import projected_target_scores
+from gptjax.model import Decoder
 from gptjax.tasks.registry import get_task
 from gptjax.tasks.scores import task_scores
 
@@ -42,8 +43,8 @@ _CHUNK_TOKENS = 1024
 def _chunk_len(decoder, batch_size: int) -> int:
     """Positions whose logits are built at once: the training loss's chunk if the model sets one,
     else about _CHUNK_TOKENS rows, in whole multiples of the padded length."""
-    if decoder.loss_chunk_len:
-        return decoder.loss_chunk_len
+    if decoder.config.loss_chunk_len:
+        return decoder.config.loss_chunk_len
     return max(1, _CHUNK_TOKENS // (batch_size * _LENGTH_MULTIPLE)) * _LENGTH_MULTIPLE
 
 
@@ -53,7 +54,7 @@ def _token_scores(graphdef, state, tokens, targets, chunk_len: int):
     by the training loss's own terms (loss.py): one chunk of logits at a time, in the compute
     dtype, never a float32 copy."""
     m = nnx.merge(graphdef, state)
-    return projected_target_scores(m(tokens), m.lm_logits, targets, m.vocab_size, chunk_len)
+    return projected_target_scores(m(tokens), m.lm_logits, targets, m.config.vocab_size, chunk_len)
 
 
 def _on_devices(state, batch_size: int):
@@ -66,6 +67,11 @@ def _on_devices(state, batch_size: int):
     everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
     return jax.device_put(state, everywhere), rows, -(-batch_size // len(devices)) * len(devices)
+
+
+def _decoder(model) -> Decoder:
+    """The language model that scores: a Decoder itself, or a GPT's (api.py)."""
+    return model if isinstance(model, Decoder) else model.module
 
 
 def continuation_logprobs(model, contexts, continuations, batch_size: int = 32):
@@ -83,9 +89,8 @@ def continuation_scores(model, contexts, continuations, batch_size: int = 32):
     A context too long for the model loses tokens from its left, the ones furthest from the
     continuation; the continuation itself is never cut. Each batch is one forward pass, its rows
     split over the local devices."""
-    decoder = getattr(model, "module", model)
-    decoder = getattr(decoder, "decoder", decoder)  # a fine-tuned TaskModel scores with its LM
-    vocab, max_len = decoder.vocab_size, decoder.max_len
+    decoder = _decoder(model)
+    vocab, max_len = decoder.config.vocab_size, decoder.config.max_len
     if len(contexts) != len(continuations):
         raise UserError(f"{len(contexts)} contexts but {len(continuations)} continuations")
     if batch_size < 1:
@@ -183,8 +188,7 @@ def build_prompts(task, examples, *, shots: int = 0, train_examples=None, seed: 
 
 def document_start(model) -> list[int]:
     """The ids every context starts with: [eos], or none when eos is not one of the model's rows."""
-    decoder = getattr(model, "module", model)
-    vocab = getattr(decoder, "decoder", decoder).vocab_size
+    vocab = _decoder(model).config.vocab_size
     eos = model.tokenizer.eos_id
     return [eos] if eos < vocab else []
 

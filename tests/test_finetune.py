@@ -43,7 +43,7 @@ def _reference_lm(model, tokens):
     """Mean next-token loss over the non-pad targets, in numpy from the model's own logits."""
     b, s, t = tokens.shape
     flat = tokens.reshape(b * s, t)
-    logits = np.asarray(model.decoder.lm_logits(model.decoder(jnp.asarray(flat))))[:, :-1, :model.decoder.vocab_size]
+    logits = np.asarray(model.decoder.lm_logits(model.decoder(jnp.asarray(flat))))[:, :-1, :model.decoder.config.vocab_size]
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     targets = flat[:, 1:]

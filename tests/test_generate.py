@@ -51,7 +51,7 @@ def _full_logits(graphdef, state, tokens):
 @partial(jax.jit, static_argnums=0)
 def _extend_logits(graphdef, state, tokens, positions, valid, cache):
     m = nnx.merge(graphdef, state)
-    hidden, cache = m.extend(tokens, positions, valid, cache)
+    hidden, cache = m(tokens, positions, cache=cache, valid=valid)
     return m.lm_logits(hidden), cache
 
 

@@ -191,8 +191,7 @@ def test_block_matches_numpy(block_type):
     block = model.Block(cfg, rngs=nnx.Rngs(params=3))
     randomize(block, seed=1)
     x = np.random.default_rng(2).normal(size=(2, SEQ, cfg.d_model)).astype(np.float32)
-    y, cache = block(jnp.asarray(x), {}, None)
-    assert cache is None
+    y = block(jnp.asarray(x))
     want = np_block(x.astype(np.float64), block, cfg)
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4)
 
@@ -203,7 +202,7 @@ def test_post_and_pre_ln_blocks_differ_on_the_same_weights():
     outs = []
     for block_type in ("post_ln", "pre_ln"):
         block = randomize(model.Block(model_config(block=block_type), rngs=nnx.Rngs(params=0)), seed=0)
-        outs.append(np.asarray(block(x, {}, None)[0]))
+        outs.append(np.asarray(block(x)))
     assert np.abs(outs[0] - outs[1]).max() > 0.1
 
 

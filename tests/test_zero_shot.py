@@ -115,7 +115,7 @@ def test_scoring_splits_each_batch_over_the_local_devices(model):
 def full_logits_logprobs(graphdef, state, tokens, targets):
     """The scorer as it was: the whole batch's logits in float32, then a log-sum-exp."""
     m = nnx.merge(graphdef, state)
-    logits = m.lm_logits(m(tokens))[..., :m.vocab_size].astype(jnp.float32)
+    logits = m.lm_logits(m(tokens))[..., :m.config.vocab_size].astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -169,7 +169,7 @@ def stub_model(monkeypatch, logprob_of, seen=None):
         return (np.array([logprob_of(*t) for t in texts], np.float64),
                 np.array([len(k) for k in continuations], np.int64))
     monkeypatch.setattr(zero_shot, "continuation_logprobs", fake)
-    return SimpleNamespace(tokenizer=CharTokenizer(), module=SimpleNamespace(vocab_size=0x110000))  # every char a row
+    return SimpleNamespace(tokenizer=CharTokenizer(), module=SimpleNamespace(config=SimpleNamespace(vocab_size=0x110000)))  # every char a row
 
 
 def choice_example(idx, answers, label):
@@ -273,7 +273,7 @@ def test_a_model_without_an_eos_row_conditions_on_the_first_token(monkeypatch):
 
     monkeypatch.setattr(zero_shot, "continuation_logprobs", fake)
     tok = CharTokenizer()
-    model = SimpleNamespace(tokenizer=tok, module=SimpleNamespace(vocab_size=tok.eos_id))  # eos is no row
+    model = SimpleNamespace(tokenizer=tok, module=SimpleNamespace(config=SimpleNamespace(vocab_size=tok.eos_id)))  # eos is no row
     assert zero_shot.document_start(model) == []
     zero_shot.evaluate(model, "synthetic_sentiment", [Example(0, ("a fine film",), 1)])
     (prompt, choices), = zero_shot.build_prompts(get_task("synthetic_sentiment"), [Example(0, ("a fine film",), 1)])

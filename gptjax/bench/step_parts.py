@@ -69,10 +69,9 @@ def _time_parts(trainer, batch: dict, repeats: int) -> list[tuple[str, int, floa
     block_def, block_params = nnx.split(model.blocks[0], nnx.Param)
 
     segment_ids = batch.get("segment_ids")  # with data.document_mask: the step's masks, and its kernel
-    ctx = {} if segment_ids is None else {"segment_ids": segment_ids}
 
     def block(params, x):
-        return nnx.merge(block_def, params)(x, ctx, None)[0]
+        return nnx.merge(block_def, params)(x, segment_ids=segment_ids)
 
     if config.model.remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[config.model.remat])
