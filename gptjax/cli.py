@@ -84,8 +84,8 @@ def cmd_prepare(args, extra):
     from gptjax.workdir_lock import JobLock
     start = time.perf_counter()
     with JobLock(args.workdir, "gptjax prepare"):
-        tokenizer = corpus.workdir_tokenizer(config, args.workdir)
-        for meta in corpus.prepare(config, args.workdir, tokenizer):
+        tokenizer = corpus.workdir_tokenizer(config.data, args.workdir, config.model.vocab_size)
+        for meta in corpus.prepare(config.data, args.workdir, tokenizer):
             print(f"{meta['source']} [{meta['split']}]: {meta['documents']:,} documents, {meta['tokens']:,} "
                   f"tokens, {len(meta['shard_tokens'])} shard(s)")
     print(f"prepared in {time.perf_counter() - start:.1f} s under {os.path.join(args.workdir, 'data')}; "

@@ -75,6 +75,12 @@ class Trainer(loop.StepRunner):
         return total / max(count, 1.0)
 
 
+def batch_settings(t) -> dict:
+    """What the data layer takes of train section `t`: the shape, shuffle seed and held-out size
+    of its batches."""
+    return {"batch_size": t.batch_size, "seq_len": t.seq_len, "seed": t.seed, "eval_batches": t.eval_batches}
+
+
 def pretrain(config, workdir: str, progress: bool = True) -> dict:
     """Trains `config` into `workdir`, or resumes the run there; returns a summary (first/last
     loss, eval losses, tokens/s). On SIGTERM or Ctrl-C: saves, then raises Preempted. The run
@@ -108,17 +114,18 @@ def _pretrain(config, workdir: str, progress: bool) -> dict:
         # Before resume writes anything: a tokenizer the workdir cannot take is refused first.
         documents: dict = {}  # read at most once, only if the tokenizer or an unprepared source needs them
         if main:  # trains the tokenizer if there is none; the other processes then load it
-            tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
+            tokenizer = corpus.workdir_tokenizer(config.data, workdir, config.model.vocab_size, documents)
         distributed.barrier("tokenizer")
         if not main:
-            tokenizer = corpus.workdir_tokenizer(config, workdir, documents)
+            tokenizer = corpus.workdir_tokenizer(config.data, workdir, config.model.vocab_size, documents)
         tokenizer_bytes = tokenizer_files.to_bytes(tokenizer)
         start = loop.resume(config, workdir, trainer, checkpointer)
         if start >= t.steps:
             raise UserError(f"train.resume={t.resume} restores step {start}, which is not before "
                             f"train.steps={t.steps}; raise train.steps")
         loop.prepare_workdir(workdir, config, start)
-        batches, eval_batches = corpus.pretraining_batches(config, tokenizer, workdir, documents)
+        batches, eval_batches = corpus.pretraining_batches(config.data, tokenizer, workdir, **batch_settings(t),
+                                                           corpus=documents)
         loader = Loader(batches, t.steps, start=start, num_workers=config.data.num_workers,
                         sharding=trainer.batch_sharding)
 

@@ -11,8 +11,13 @@ from gptjax.data import corpus, token_files
 from gptjax.data.loader import Loader
 from gptjax.data.packing import RowBatches, pack_rows
 from gptjax.errors import UserError
+from gptjax.train import batch_settings
 
 EOS, PAD = 2, 0
+
+
+def _batches(config, tokenizer, workdir: str):
+    return corpus.pretraining_batches(config.data, tokenizer, workdir, **batch_settings(config.train))
 
 
 def _docs(n, seed=0):
@@ -51,10 +56,10 @@ def _config(*extra):
 def test_prepared_and_on_the_fly_batches_are_identical(tmp_path):
     config = _config()
     workdir = str(tmp_path)
-    tokenizer = corpus.workdir_tokenizer(config, workdir)
-    fly, fly_eval = corpus.pretraining_batches(config, tokenizer, workdir)
-    corpus.prepare(config, workdir, tokenizer)
-    disk, disk_eval = corpus.pretraining_batches(config, tokenizer, workdir)
+    tokenizer = corpus.workdir_tokenizer(config.data, workdir, config.model.vocab_size)
+    fly, fly_eval = _batches(config, tokenizer, workdir)
+    corpus.prepare(config.data, workdir, tokenizer)
+    disk, disk_eval = _batches(config, tokenizer, workdir)
     assert isinstance(disk.rows.__dict__["_shards"][0], str)  # really read from files
     for step in (0, 1, 57, 10**5):
         a, b = fly.batch(step), disk.batch(step)
@@ -64,7 +69,7 @@ def test_prepared_and_on_the_fly_batches_are_identical(tmp_path):
     assert len(fly_eval) == len(disk_eval) > 0
     # A prepared corpus made for another config is refused, not silently used.
     with pytest.raises(UserError, match="gptjax prepare"):
-        corpus.pretraining_batches(_config("data.eval_fraction=0.1"), tokenizer, workdir)
+        _batches(_config("data.eval_fraction=0.1"), tokenizer, workdir)
 
 
 def _rows(n=37, width=9):
@@ -124,9 +129,9 @@ def test_prepared_text_is_refused_after_its_files_change(tmp_path):
     config = _config(f"data.source=text:{folder}/*.txt", "data.text_documents=blank_line")
     workdir = str(tmp_path / "w")
     os.makedirs(workdir)
-    tokenizer = corpus.workdir_tokenizer(config, workdir)
-    corpus.prepare(config, workdir, tokenizer)
-    corpus.pretraining_batches(config, tokenizer, workdir)
+    tokenizer = corpus.workdir_tokenizer(config.data, workdir, config.model.vocab_size)
+    corpus.prepare(config.data, workdir, tokenizer)
+    _batches(config, tokenizer, workdir)
     (folder / "2.txt").unlink()
     with pytest.raises(UserError, match="files_sha1"):
-        corpus.pretraining_batches(config, tokenizer, workdir)
+        _batches(config, tokenizer, workdir)

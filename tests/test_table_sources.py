@@ -20,6 +20,7 @@ from gptjax.data.parquet_source import parquet_documents
 from gptjax.data.sources import iter_source_documents, parse_sources, source_fingerprint
 from gptjax.data.tokenizer import train_tokenizer
 from gptjax.errors import UserError
+from gptjax.train import batch_settings
 
 datasets.disable_progress_bars()
 
@@ -30,6 +31,10 @@ DOCS = [f"{OPENINGS[i % len(OPENINGS)]}\n{doc}" for i, doc in enumerate(syntheti
 VALIDATION = [f"validation {i}: {OPENINGS[i]}" for i in range(5)]
 # Rows that are no documents: every source skips them (JSONL has no null, so it gets the others).
 BLANKS = ["", "  \n\t"]
+
+
+def _batches(config, tokenizer, workdir: str):
+    return corpus.pretraining_batches(config.data, tokenizer, workdir, **batch_settings(config.train))
 
 
 def _with_blanks(docs):
@@ -102,7 +107,7 @@ def test_every_format_reads_the_same_documents_in_order(formats):
 
 
 def test_jsonl_parquet_and_save_to_disk_give_identical_token_rows(formats, tokenizer, tmp_path):
-    runs = {name: corpus.pretraining_batches(_config(formats[name]), tokenizer, str(tmp_path / name))
+    runs = {name: _batches(_config(formats[name]), tokenizer, str(tmp_path / name))
             for name in ("jsonl", "parquet", "hf", "hf_dict")}
     for name in ("parquet", "hf", "hf_dict"):
         _assert_same_batches(runs["jsonl"], runs[name])
@@ -112,15 +117,15 @@ def test_prepared_mixture_of_parquet_and_hf_equals_on_the_fly(formats, tokenizer
     config = _config(f"{formats['parquet']},{formats['hf_dict']}:validation,{formats['jsonl']}",
                      "data.weights=2,1,1", "data.eval_fraction=0.2")
     workdir = str(tmp_path)
-    fly = corpus.pretraining_batches(config, tokenizer, workdir)
-    written = corpus.prepare(config, workdir, tokenizer)
+    fly = _batches(config, tokenizer, workdir)
+    written = corpus.prepare(config.data, workdir, tokenizer)
     assert {m["source"] for m in written} == set(parse_sources(config.data.source))
     assert all(m["text_field"] == "text" for m in written if not m["source"].startswith("jsonl:"))
-    disk = corpus.pretraining_batches(config, tokenizer, workdir)
+    disk = _batches(config, tokenizer, workdir)
     assert isinstance(disk[0].parts[0].rows.__dict__["_shards"][0], str)  # really read from files
     _assert_same_batches(fly, disk)
     # Parquet fills the first two rows of every batch: those of a run on Parquet alone, 2 rows a batch.
-    alone, _ = corpus.pretraining_batches(_config(formats["parquet"], "train.batch_size=2", "data.eval_fraction=0.2"),
+    alone, _ = _batches(_config(formats["parquet"], "train.batch_size=2", "data.eval_fraction=0.2"),
                                           tokenizer, str(tmp_path / "alone"))
     for step in (0, 5):
         np.testing.assert_array_equal(fly[0].batch(step)["tokens"][:2], alone.batch(step)["tokens"])
@@ -135,26 +140,26 @@ def test_prepared_parquet_and_hf_are_refused_after_their_files_change(formats, t
         config = _config(source)
         workdir = str(tmp_path / str(abs(hash(source))))
         before = source_fingerprint(source, config.data)
-        corpus.prepare(config, workdir, tokenizer)
-        corpus.pretraining_batches(config, tokenizer, workdir)
+        corpus.prepare(config.data, workdir, tokenizer)
+        _batches(config, tokenizer, workdir)
         # Another text column is another corpus too.
         with pytest.raises(UserError, match="prepared with text_field='text', but this run has 'other'"):
-            corpus.pretraining_batches(_config(source, "data.text_field=other"), tokenizer, workdir)
+            _batches(_config(source, "data.text_field=other"), tokenizer, workdir)
         change()
         assert source_fingerprint(source, config.data) != before
         with pytest.raises(UserError, match="files_sha1"):
-            corpus.pretraining_batches(config, tokenizer, workdir)
+            _batches(config, tokenizer, workdir)
 
 
 def test_two_processes_read_disjoint_rows_that_make_the_global_parquet_batch(formats, tokenizer, tmp_path,
                                                                               monkeypatch):
     config = _config(formats["parquet"], "train.batch_size=8")
-    whole, _ = corpus.pretraining_batches(config, tokenizer, str(tmp_path))
+    whole, _ = _batches(config, tokenizer, str(tmp_path))
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     parts = []
     for index in (0, 1):
         monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        parts.append(corpus.pretraining_batches(config, tokenizer, str(tmp_path))[0])
+        parts.append(_batches(config, tokenizer, str(tmp_path))[0])
     for step in (0, 3, 11):
         local = [part.batch(step)["tokens"] for part in parts]
         assert local[0].shape == (4, 32)

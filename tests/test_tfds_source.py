@@ -142,8 +142,8 @@ def test_pretraining_from_a_prepared_tfds_dataset(prepared, tmp_path):
     from gptjax.data import corpus
     workdir = tmp_path / "run"
     workdir.mkdir()
-    tokenizer = corpus.workdir_tokenizer(config, str(workdir))
-    metas = corpus.prepare(config, str(workdir), tokenizer)  # streamed from the TFDS records
+    tokenizer = corpus.workdir_tokenizer(config.data, str(workdir), config.model.vocab_size)
+    metas = corpus.prepare(config.data, str(workdir), tokenizer)  # streamed from the TFDS records
     tfds_train = next(m for m in metas if m["source"].startswith("tfds:") and m["split"] == "train")
     assert tfds_train["documents"] + sum(m["documents"] for m in metas
                                          if m["source"].startswith("tfds:") and m["split"] == "eval") == 3

@@ -23,7 +23,7 @@ def bench_loop(config, workdir: str, steps: int) -> list[tuple[str, float]]:
     train.checkpoint_every)."""
     from gptjax import checkpoint
     from gptjax.data import corpus
-    from gptjax.train import Trainer, pretrain
+    from gptjax.train import Trainer, batch_settings, pretrain
 
     if os.path.exists(os.path.join(workdir, "checkpoints")):
         raise UserError(f"{workdir} already holds a run; pass a new --workdir")
@@ -40,7 +40,8 @@ def bench_loop(config, workdir: str, steps: int) -> list[tuple[str, float]]:
     # Evaluation and a save, each timed on its second call: the loop's first one compiles the
     # evaluation or sets the checkpointer up, which a long run pays once.
     trainer = Trainer(config)
-    _, eval_batches = corpus.pretraining_batches(config, corpus.workdir_tokenizer(config, workdir), workdir)
+    tokenizer = corpus.workdir_tokenizer(config.data, workdir, config.model.vocab_size)
+    _, eval_batches = corpus.pretraining_batches(config.data, tokenizer, workdir, **batch_settings(config.train))
     eval_s = []
     for _ in range(2):
         start = time.perf_counter()
@@ -74,8 +75,9 @@ def bench_data(config, workdir: str, steps: int, hf_tokenizer: str = "") -> list
     from gptjax.data import corpus
     from gptjax.data.loader import Loader
     from gptjax.data.sources import parse_sources
+    from gptjax.train import batch_settings
 
-    tokenizer = corpus.workdir_tokenizer(config, workdir)
+    tokenizer = corpus.workdir_tokenizer(config.data, workdir, config.model.vocab_size)
     documents = corpus.corpus_documents(config.data)
     texts = [text for spec in parse_sources(config.data.source) for text in documents[spec][0]]
     rates = [("on-the-fly tokenization", _encode_rate(tokenizer.encode_batch, texts))]
@@ -91,8 +93,8 @@ def bench_data(config, workdir: str, steps: int, hf_tokenizer: str = "") -> list
             fast = transformers.AutoTokenizer.from_pretrained(hf_tokenizer)
             rates.append(("transformers fast tokenizer",
                           _encode_rate(lambda batch: fast(batch, add_special_tokens=False)["input_ids"], texts)))
-    corpus.prepare(config, workdir, tokenizer)
-    batches, _ = corpus.pretraining_batches(config, tokenizer, workdir)
+    corpus.prepare(config.data, workdir, tokenizer)
+    batches, _ = corpus.pretraining_batches(config.data, tokenizer, workdir, **batch_settings(config.train))
     loader = Loader(batches, steps + 1, num_workers=config.data.num_workers)
     jax.block_until_ready(next(loader))
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The pretraining corpus of a config: its tokenizer (SentencePiece, or a Hugging Face vocabulary such
+"""The pretraining corpus of a data section: its tokenizer (SentencePiece, or a Hugging Face vocabulary such
 as GPT-2's), and its packed train / held-out batches."""
 
 from __future__ import annotations
@@ -74,32 +74,32 @@ def _keep_in_workdir(tokenizer, workdir: str, config_tokenizer: str) -> None:
     tokenizer_files.save_folder(tokenizer, workdir)
 
 
-def workdir_tokenizer(config, workdir: str, corpus: dict | None = None):
+def workdir_tokenizer(data, workdir: str, model_vocab_size: int, corpus: dict | None = None):
     """The run's tokenizer, kept in WORKDIR: data.tokenizer (a SentencePiece .model, or a Hugging
     Face tokenizer with gptjax's control, eos and pad tokens added) copied there, else the one
-    WORKDIR holds, else a SentencePiece model trained on the corpus once into WORKDIR/tokenizer.model."""
-    if config.data.tokenizer:
-        tokenizer = _given_tokenizer(config.data.tokenizer)
-        _keep_in_workdir(tokenizer, workdir, config.data.tokenizer)
+    WORKDIR holds, else a SentencePiece model trained on the corpus once into WORKDIR/tokenizer.model.
+    `data` is the run's data section; the tokenizer must fit the model's `model_vocab_size` rows."""
+    if data.tokenizer:
+        tokenizer = _given_tokenizer(data.tokenizer)
+        _keep_in_workdir(tokenizer, workdir, data.tokenizer)
     elif (tokenizer := tokenizer_files.load_folder(workdir)) is not None:
-        if isinstance(tokenizer, Tokenizer) and tokenizer.vocab_size != config.data.tokenizer_vocab_size:
+        if isinstance(tokenizer, Tokenizer) and tokenizer.vocab_size != data.tokenizer_vocab_size:
             target = os.path.join(workdir, "tokenizer.model")
             raise UserError(f"{target} has {tokenizer.vocab_size} pieces but data.tokenizer_vocab_size is "
-                            f"{config.data.tokenizer_vocab_size}; delete it to train a new one, or set "
+                            f"{data.tokenizer_vocab_size}; delete it to train a new one, or set "
                             f"data.tokenizer_vocab_size={tokenizer.vocab_size}")
     else:
-        if config.data.tokenizer_vocab_size > config.model.vocab_size:
-            raise UserError(f"data.tokenizer_vocab_size ({config.data.tokenizer_vocab_size}) exceeds "
-                            f"model.vocab_size ({config.model.vocab_size}); lower the first or raise the second")
-        texts = _tokenizer_sample(corpus, config.data)
-        tokenizer = train_tokenizer(texts, config.data.tokenizer_vocab_size, os.path.join(workdir, "tokenizer"))
-    check_vocab(config.model.vocab_size, tokenizer)
+        if data.tokenizer_vocab_size > model_vocab_size:
+            raise UserError(f"data.tokenizer_vocab_size ({data.tokenizer_vocab_size}) exceeds "
+                            f"model.vocab_size ({model_vocab_size}); lower the first or raise the second")
+        texts = _tokenizer_sample(corpus, data)
+        tokenizer = train_tokenizer(texts, data.tokenizer_vocab_size, os.path.join(workdir, "tokenizer"))
+    check_vocab(model_vocab_size, tokenizer)
     return tokenizer
 
 
-def _prepared_meta(config, tokenizer: Tokenizer, spec: str, split: str) -> dict:
-    """What a prepared source must have been made with to be used by this config."""
-    d = config.data
+def _prepared_meta(d, tokenizer: Tokenizer, spec: str, split: str) -> dict:
+    """What a prepared source must have been made with to be used under data section `d`."""
     meta = {"source": spec, "split": split, "eval_fraction": d.eval_fraction,
             "tokenizer_sha1": hashlib.sha1(tokenizer_files.to_bytes(tokenizer)).hexdigest()}
     if spec == "synthetic":
@@ -122,41 +122,43 @@ def _encoded(tokenizer: Tokenizer, docs: list[str], chunk: int = 4096):
         yield from tokenizer.encode_batch(docs[start:start + chunk])
 
 
-def prepare(config, workdir: str, tokenizer: Tokenizer) -> list[dict]:
-    """Tokenizes every source of the config into WORKDIR/data/ (`gptjax prepare`), streaming, so
-    corpora larger than memory work."""
+def prepare(data, workdir: str, tokenizer: Tokenizer) -> list[dict]:
+    """Tokenizes every source of data section `data` into WORKDIR/data/ (`gptjax prepare`),
+    streaming, so corpora larger than memory work."""
     written = []
-    for spec in parse_sources(config.data.source):
+    for spec in parse_sources(data.source):
         writers = {split: ShardWriter(source_dir(workdir, spec, split), tokenizer.vocab_size)
                    for split in ("train", "eval")}
-        stream = iter_source_documents(spec, config.data)
+        stream = iter_source_documents(spec, data)
         index = 0
         while chunk := list(itertools.islice(stream, 4096)):
             for ids in tokenizer.encode_batch(chunk):
-                held = is_held_out(index, config.data.eval_fraction)
+                held = is_held_out(index, data.eval_fraction)
                 writers["eval" if held else "train"].add([*ids, tokenizer.eos_id])
                 index += 1
         for split, writer in writers.items():
-            written.append(writer.close(_prepared_meta(config, tokenizer, spec, split)))
+            written.append(writer.close(_prepared_meta(data, tokenizer, spec, split)))
     return written
 
 
-def _rows(config, workdir, tokenizer, spec, split, docs_of) -> TokenRows:
-    """Rows from WORKDIR/data/ when the source was prepared for this config, else tokenized now."""
-    shards = read_prepared(source_dir(workdir, spec, split), _prepared_meta(config, tokenizer, spec, split))
+def _rows(data, seq_len: int, workdir, tokenizer, spec, split, docs_of) -> TokenRows:
+    """Rows from WORKDIR/data/ when the source was prepared for these settings, else tokenized now."""
+    shards = read_prepared(source_dir(workdir, spec, split), _prepared_meta(data, tokenizer, spec, split))
     if shards is None:
         stream = np.fromiter((t for ids in _encoded(tokenizer, docs_of()) for t in (*ids, tokenizer.eos_id)),
                              dtype=np.int32)
         shards = [stream]
-    return TokenRows(shards, config.train.seq_len, tokenizer.pad_id)
+    return TokenRows(shards, seq_len, tokenizer.pad_id)
 
 
-def pretraining_batches(config, tokenizer: Tokenizer, workdir: str, corpus: dict | None = None):
-    """(train batches with .batch(step), list of held-out batch dicts)."""
-    specs = parse_sources(config.data.source)
-    weights = parse_weights(config.data.weights, len(specs))
-    t, d = config.train, config.data
-    counts = quotas(weights, t.batch_size, specs) if len(specs) > 1 else [t.batch_size]
+def pretraining_batches(d, tokenizer: Tokenizer, workdir: str, *, batch_size: int, seq_len: int, seed: int,
+                        eval_batches: int, corpus: dict | None = None):
+    """(train batches with .batch(step), list of held-out batch dicts) of data section `d`:
+    global batches of `batch_size` rows of `seq_len` + 1 tokens, shuffled from `seed`, and at
+    most `eval_batches` held-out batches."""
+    specs = parse_sources(d.source)
+    weights = parse_weights(d.weights, len(specs))
+    counts = quotas(weights, batch_size, specs) if len(specs) > 1 else [batch_size]
     for spec, count in zip(specs, counts):
         if count % jax.process_count():
             raise UserError(f"data.source {spec} fills {count} rows of each batch, which does not split over "
@@ -169,25 +171,25 @@ def pretraining_batches(config, tokenizer: Tokenizer, workdir: str, corpus: dict
         return lambda: _filled(corpus, d)[spec][index]
 
     for number, (spec, count) in enumerate(zip(specs, counts)):
-        rows = _rows(config, workdir, tokenizer, spec, "train", documents_of(spec, 0))
+        rows = _rows(d, seq_len, workdir, tokenizer, spec, "train", documents_of(spec, 0))
         if len(rows) < count:
-            raise UserError(f"data.source {spec} fills only {len(rows)} rows of {t.seq_len + 1} tokens, fewer "
+            raise UserError(f"data.source {spec} fills only {len(rows)} rows of {seq_len + 1} tokens, fewer "
                             f"than the {count} it must give each batch; add text or lower train.batch_size")
-        parts.append(RowBatches(rows, count, t.seed + 1000 * number, eos_id=tokenizer.eos_id,
+        parts.append(RowBatches(rows, count, seed + 1000 * number, eos_id=tokenizer.eos_id,
                                 pad_id=tokenizer.pad_id, document_mask=d.document_mask,
                                 process_index=jax.process_index(), process_count=jax.process_count()))
-        held = _rows(config, workdir, tokenizer, spec, "eval", documents_of(spec, 1))
+        held = _rows(d, seq_len, workdir, tokenizer, spec, "eval", documents_of(spec, 1))
         if len(held):
             eval_rows.append(held[np.arange(len(held))])
     batches = parts[0] if len(parts) == 1 else MixedBatches(parts)
-    held_out = np.concatenate(eval_rows) if eval_rows else np.zeros((0, t.seq_len + 1), np.int32)
-    # Global batches of train.batch_size rows; the last one padded with rows that count for nothing,
-    # so every held-out row up to train.eval_batches batches is scored once.
-    held_out = held_out[:t.eval_batches * t.batch_size]
-    eval_batches = []
-    for start in range(0, len(held_out), t.batch_size):
-        rows = np.full((t.batch_size, t.seq_len + 1), tokenizer.pad_id, np.int32)
-        part = held_out[start:start + t.batch_size]
+    held_out = np.concatenate(eval_rows) if eval_rows else np.zeros((0, seq_len + 1), np.int32)
+    # Global batches of batch_size rows; the last one padded with rows that count for nothing,
+    # so every held-out row up to eval_batches batches is scored once.
+    held_out = held_out[:eval_batches * batch_size]
+    held_batches = []
+    for start in range(0, len(held_out), batch_size):
+        rows = np.full((batch_size, seq_len + 1), tokenizer.pad_id, np.int32)
+        part = held_out[start:start + batch_size]
         rows[:len(part)] = part
-        eval_batches.append(as_batch(rows, tokenizer.eos_id, tokenizer.pad_id, d.document_mask))
-    return batches, eval_batches
+        held_batches.append(as_batch(rows, tokenizer.eos_id, tokenizer.pad_id, d.document_mask))
+    return batches, held_batches
