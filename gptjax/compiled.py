@@ -38,7 +38,7 @@ from gptjax import attention, sharding, targets
 from gptjax.errors import CompileFailed, DoesNotFit, UserError
 from gptjax.model import compute_dtype, init_decoder
 from gptjax.model_config import ModelConfig
-from gptjax.optim import lr_schedule, make_optimizer
+from gptjax.optim import Schedule, lr_schedule, make_optimizer
 
 KINDS = ("pretrain", "finetune")
 
@@ -92,9 +92,10 @@ def _compile(config, devices, kind: str):
     t = config.train
     if kind == "pretrain":
         graphdef, params = _abstract_decoder(config)
-        tx = make_optimizer(t)
+        schedule = lr_schedule(Schedule.of_train(t))
         from gptjax.train import batch_loss
-        step = partial(train_step, partial(batch_loss, graphdef), tx, lr_schedule(t), t.grad_accum, t.seed)
+        tx = make_optimizer(t, schedule)
+        step = partial(train_step, partial(batch_loss, graphdef), tx, schedule, t.grad_accum, t.seed)
         batch_sharding = sharding.batch_sharding(mesh)
         batch = abstract_batch(config)
     else:
@@ -102,11 +103,11 @@ def _compile(config, devices, kind: str):
         from gptjax.model import init_task_model
         graphdef, params = nnx.split(nnx.eval_shape(
             lambda: init_task_model(ModelConfig.from_config(config.model), 2, "single", t.seed)), nnx.Param)
-        train_cfg = ft.schedule_config(config, max(t.steps, 1))
-        tx = make_optimizer(train_cfg)
+        schedule = lr_schedule(ft.finetune_schedule(config, max(t.steps, 1)))
         f = config.finetune
         loss = partial(ft.batch_loss, graphdef, "classification", f.lm_weight, f.clf_dropout, 0)
-        step = partial(train_step, loss, tx, lr_schedule(train_cfg), 1, t.seed)
+        tx = make_optimizer(t, schedule)
+        step = partial(train_step, loss, tx, schedule, 1, t.seed)
         batch_sharding = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
         b, length = t.batch_size, step_length(config, kind)
         batch = {"tokens": jax.ShapeDtypeStruct((b, 1, length), jnp.int32),

@@ -359,8 +359,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(d[key] > 0, f"data.{key} must be positive, got {d[key]}")
     _check(m.d_model % m.n_head == 0,
            f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
-    _check(t.seq_len <= m.max_len,
-           f"train.seq_len ({t.seq_len}) exceeds the context model.max_len ({m.max_len}); lower train.seq_len or raise model.max_len")
+    if not config.get("task"):  # pretraining's row length; a task run's is finetune.max_len
+        _check(t.seq_len <= m.max_len, f"train.seq_len ({t.seq_len}) exceeds the context model.max_len "
+                                       f"({m.max_len}); lower train.seq_len or raise model.max_len")
     _check(0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model.dropout and model.attn_dropout must be in [0, 1)")
     _check(str(t.resume) in ("latest", "none") or str(t.resume).isdigit(),
            f"train.resume must be latest, none or a step number, got '{t.resume}'")

@@ -32,7 +32,7 @@ from gptjax.distributed import log_main
 from gptjax.errors import UserError
 from gptjax.model import init_task_model
 from gptjax.model_config import EXECUTION_FIELDS, ModelConfig
-from gptjax.optim import lr_schedule, make_optimizer
+from gptjax.optim import Schedule, lr_schedule, make_optimizer
 from gptjax.tasks import get_task, transforms
 from gptjax.tasks.scores import main_score, task_scores
 from gptjax.tasks.splits import read_split
@@ -72,14 +72,10 @@ def predict_step(graphdef, params, batch):
     return logits
 
 
-def schedule_config(config, steps: int):
-    """config.train with the fine-tuning schedule: `steps` updates, warmup over
-    finetune.warmup_fraction of them, linear decay to 0."""
-    t = config_lib.config_from_dict(config.to_dict()).train
-    t.steps = steps
-    t.warmup_steps = math.ceil(config.finetune.warmup_fraction * steps)
-    t.schedule, t.min_lr_ratio = "linear", 0.0
-    return t
+def finetune_schedule(config, steps: int) -> Schedule:
+    """Fine-tuning's learning rate over `steps` updates: train.lr after a warmup over
+    finetune.warmup_fraction of them, linear decay to 0 (the GPT-1 recipe)."""
+    return Schedule(config.train.lr, steps, math.ceil(config.finetune.warmup_fraction * steps), "linear", 0.0)
 
 
 class TaskPredictor:
@@ -128,10 +124,11 @@ class TaskRunner(loop.StepRunner):
         if config.train.grad_accum != 1:
             raise UserError("fine-tuning has no gradient accumulation; set train.grad_accum=1 (and lower "
                             "train.batch_size if memory is short)")
-        p, f, train_cfg = self.predictor, config.finetune, schedule_config(config, total_steps)
+        p, f = self.predictor, config.finetune
+        schedule = lr_schedule(finetune_schedule(config, total_steps))
         self.model_config = ModelConfig.from_config(config.model)
         loss_fn = partial(batch_loss, p.graphdef, task.type, f.lm_weight, f.clf_dropout, pad_id)
-        super().__init__(mesh, p.graphdef, p.params, make_optimizer(train_cfg), lr_schedule(train_cfg), loss_fn,
+        super().__init__(mesh, p.graphdef, p.params, make_optimizer(config.train, schedule), schedule, loss_fn,
                          p.rows_sharding, 1, config.train.seed)
         p.params = None  # this runner's state holds them, donated at every step
 
@@ -231,7 +228,6 @@ def effective_config(config, pretrained):
         for key, value in pretrained.config.model.items():
             if key not in EXECUTION_FIELDS:  # how this run executes and regularises is its own
                 config.model[key] = value
-    config.train.seq_len = config.model.max_len  # unused by fine-tuning; kept valid for validate()
     config_lib.validate(config)
     return config
 

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import optax
 
 
-def lr_schedule(train_cfg) -> optax.Schedule:
-    """Linear warmup from 0 to train.lr, then cosine or linear decay to min_lr_ratio * lr."""
-    peak, steps, warmup = train_cfg.lr, train_cfg.steps, min(train_cfg.warmup_steps, train_cfg.steps)
-    end = peak * train_cfg.min_lr_ratio
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The learning rate of a run: linear warmup from 0 to `peak` over `warmup_steps`, then
+    `kind` (cosine or linear) decay to min_lr_ratio * peak at step `steps`."""
+
+    peak: float
+    steps: int
+    warmup_steps: int
+    kind: str = "cosine"
+    min_lr_ratio: float = 0.0
+
+    @classmethod
+    def of_train(cls, t) -> "Schedule":
+        """Pretraining's, from train section `t` (train.lr, steps, warmup_steps, schedule, min_lr_ratio)."""
+        return cls(t.lr, t.steps, t.warmup_steps, t.schedule, t.min_lr_ratio)
+
+
+def lr_schedule(s: Schedule) -> optax.Schedule:
+    peak, steps, warmup = s.peak, s.steps, min(s.warmup_steps, s.steps)
+    end = peak * s.min_lr_ratio
     warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
     decay_steps = max(steps - warmup, 1)
-    if train_cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train_cfg.min_lr_ratio)
+    if s.kind == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=s.min_lr_ratio)
     else:
         decay = optax.linear_schedule(peak, end, decay_steps)
     if warmup == 0:
@@ -32,10 +50,10 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
+def make_optimizer(t, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW under `schedule`, with train section `t`'s b1, b2, eps, weight_decay and grad_clip."""
     parts = []
-    if train_cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-    parts.append(optax.adamw(lr_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                             weight_decay=train_cfg.weight_decay, mask=decay_mask))
+    if t.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(t.grad_clip))
+    parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask))
     return optax.chain(*parts)

@@ -19,7 +19,7 @@ from gptjax.distributed import log_main
 from gptjax.errors import UserError
 from gptjax.model import init_decoder
 from gptjax.model_config import ModelConfig
-from gptjax.optim import lr_schedule, make_optimizer
+from gptjax.optim import Schedule, lr_schedule, make_optimizer
 from gptjax.workdir_lock import JobLock
 
 
@@ -62,7 +62,8 @@ class Trainer(loop.StepRunner):
         make = partial(init_decoder, ModelConfig.from_config(config.model), t.seed)
         abstract, graphdef, params, _ = loop.params_on_mesh(make, mesh)
         self.flops_per_token = abstract.flops_per_token(t.seq_len)
-        super().__init__(mesh, graphdef, params, make_optimizer(t), lr_schedule(t), partial(batch_loss, graphdef),
+        schedule = lr_schedule(Schedule.of_train(t))
+        super().__init__(mesh, graphdef, params, make_optimizer(t, schedule), schedule, partial(batch_loss, graphdef),
                          sharding.batch_sharding(mesh), t.grad_accum, t.seed)
         self._eval = jax.jit(partial(eval_step, graphdef, t.grad_accum))
 

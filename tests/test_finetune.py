@@ -133,10 +133,10 @@ def test_epoch_rows_cover_every_example_once():
 
 def test_schedule_warms_up_then_decays_to_zero():
     config = load_config("configs/glue.py")
-    t = ft.schedule_config(config, 1000)
+    s = ft.finetune_schedule(config, 1000)
     from gptjax.optim import lr_schedule
-    sched = lr_schedule(t)
-    assert t.warmup_steps == 2  # 0.2% of 1000 updates
+    sched = lr_schedule(s)
+    assert s.warmup_steps == 2 and s.steps == 1000  # 0.2% of 1000 updates
     assert float(sched(2)) == pytest.approx(6.25e-5) and float(sched(1000)) == pytest.approx(0.0, abs=1e-12)
     assert float(sched(501)) == pytest.approx(6.25e-5 * 499 / 998, rel=1e-4)
 

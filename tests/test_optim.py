@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from gptjax.config import base_config
-from gptjax.optim import lr_schedule, make_optimizer
+from gptjax.optim import Schedule, lr_schedule, make_optimizer
 
 
 def _train_cfg(**kw):
@@ -19,7 +19,7 @@ def _train_cfg(**kw):
 
 def test_warmup_then_cosine_to_zero():
     t = _train_cfg(lr=2.5e-4, warmup_steps=2000, steps=10000, schedule="cosine", min_lr_ratio=0.0)
-    s = lr_schedule(t)
+    s = lr_schedule(Schedule.of_train(t))
     assert float(s(0)) == 0.0
     assert float(s(1000)) == pytest.approx(1.25e-4)
     assert float(s(2000)) == pytest.approx(2.5e-4)
@@ -30,7 +30,7 @@ def test_warmup_then_cosine_to_zero():
 
 def test_warmup_then_linear_decay_to_floor():
     t = _train_cfg(lr=1e-3, warmup_steps=10, steps=110, schedule="linear", min_lr_ratio=0.1)
-    s = lr_schedule(t)
+    s = lr_schedule(Schedule.of_train(t))
     assert float(s(5)) == pytest.approx(5e-4)
     assert float(s(60)) == pytest.approx(1e-3 - 0.5 * 0.9e-3)
     assert float(s(110)) == pytest.approx(1e-4)
@@ -39,7 +39,7 @@ def test_warmup_then_linear_decay_to_floor():
 def test_weight_decay_skips_biases_and_gains():
     t = _train_cfg(lr=0.1, warmup_steps=0, steps=10, weight_decay=0.5, grad_clip=0.0)
     params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,)), "scale": jnp.ones((3,))}
-    tx = make_optimizer(t)
+    tx = make_optimizer(t, lr_schedule(Schedule.of_train(t)))
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
     new = optax.apply_updates(params, updates)
