@@ -67,7 +67,11 @@ def prefix() -> str:
 
 def log(message: str, stream=None) -> None:
     """Prints one line with the process prefix (stdout unless `stream` says otherwise)."""
-    print(prefix() + message, file=stream or sys.stdout, flush=True)
+    # One write with its newline: sys.stderr writes through, so print's two writes (the text,
+    # then the newline) would let a C++ log line of the runtime's land between them.
+    stream = stream or sys.stdout
+    stream.write(f"{prefix()}{message}\n")
+    stream.flush()
 
 
 def log_main(message: str) -> None:
