@@ -3,7 +3,7 @@
     gptjax compile --config configs/gpt2_xl.py --target h100:8 --config.mesh.fsdp=8
     python -m gptjax.bench memory --config configs/gpt2_xl.py --batches 8,16   # the host's view
 
-The step is `loop.train_step`, the one pretraining and fine-tuning run, lowered from shapes alone
+The step is `loop.TrainStep`, the one pretraining and fine-tuning run, lowered from shapes alone
 (`jax.eval_shape`) on the config's mesh over the target's devices (targets.py), so a 1.5B model
 can be planned for eight GPUs on a laptop. What is read of the compiled program:
 
@@ -84,18 +84,18 @@ def compile_train_step(config, devices=None, kind: str = "pretrain", platform: t
 
 
 def _compile(config, devices, kind: str):
-    from gptjax.loop import train_step
+    from gptjax.loop import TrainStep
 
     mesh = sharding.make_mesh(config.mesh if devices is not None else {"data": 1, "fsdp": 1, "tensor": 1},
                               devices if devices is not None else jax.devices()[:1])
-    sharding.check_divisible(config, mesh)
+    sharding.check_divisible(ModelConfig.from_config(config.model), config.train, mesh)
     t = config.train
     if kind == "pretrain":
         graphdef, params = _abstract_decoder(config)
         schedule = lr_schedule(Schedule.of_train(t))
         from gptjax.train import batch_loss
         tx = make_optimizer(t, schedule)
-        step = partial(train_step, partial(batch_loss, graphdef), tx, schedule, t.grad_accum, t.seed)
+        step = TrainStep(partial(batch_loss, graphdef), tx, schedule, t.grad_accum, t.seed)
         batch_sharding = sharding.batch_sharding(mesh)
         batch = abstract_batch(config)
     else:
@@ -107,7 +107,7 @@ def _compile(config, devices, kind: str):
         f = config.finetune
         loss = partial(ft.batch_loss, graphdef, "classification", f.lm_weight, f.clf_dropout, 0)
         tx = make_optimizer(t, schedule)
-        step = partial(train_step, loss, tx, schedule, 1, t.seed)
+        step = TrainStep(loss, tx, schedule, 1, t.seed)
         batch_sharding = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
         b, length = t.batch_size, step_length(config, kind)
         batch = {"tokens": jax.ShapeDtypeStruct((b, 1, length), jnp.int32),

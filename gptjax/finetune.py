@@ -15,7 +15,6 @@ checkpoint with the best validation score, which `gptjax eval` uses. The same co
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from functools import lru_cache, partial
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib, distributed, loop, run_folder, sharding
+from gptjax import checkpoint, config as config_lib, distributed, loop, resume, run_folder, sharding
 from gptjax.data import tokenizer_files
 from gptjax.data.tokenizer import PAD_ID, check_vocab
 from gptjax.distributed import log_main
@@ -33,6 +32,10 @@ from gptjax.errors import UserError
 from gptjax.model import init_task_model
 from gptjax.model_config import EXECUTION_FIELDS, ModelConfig
 from gptjax.optim import Schedule, lr_schedule, make_optimizer
+from gptjax.profile_window import ProfileWindow
+from gptjax.progress import ProgressBar
+from gptjax.records import LogRecords
+from gptjax.saving import Checkpoints
 from gptjax.tasks import get_task, transforms
 from gptjax.tasks.scores import main_score, task_scores
 from gptjax.tasks.splits import read_split
@@ -119,7 +122,7 @@ class TaskRunner(loop.StepRunner):
 
     def __init__(self, config, task, total_steps: int = 1, mesh=None, pad_id: int = PAD_ID):
         mesh = mesh or sharding.make_mesh(config.mesh)
-        sharding.check_divisible(config, mesh)
+        sharding.check_divisible(ModelConfig.from_config(config.model), config.train, mesh)
         self.predictor = TaskPredictor(config, task, mesh, config.finetune.eval_batch_size)
         if config.train.grad_accum != 1:
             raise UserError("fine-tuning has no gradient accumulation; set train.grad_accum=1 (and lower "
@@ -128,8 +131,8 @@ class TaskRunner(loop.StepRunner):
         schedule = lr_schedule(finetune_schedule(config, total_steps))
         self.model_config = ModelConfig.from_config(config.model)
         loss_fn = partial(batch_loss, p.graphdef, task.type, f.lm_weight, f.clf_dropout, pad_id)
-        super().__init__(mesh, p.graphdef, p.params, make_optimizer(config.train, schedule), schedule, loss_fn,
-                         p.rows_sharding, 1, config.train.seed)
+        step = loop.TrainStep(loss_fn, make_optimizer(config.train, schedule), schedule, 1, config.train.seed)
+        super().__init__(mesh, p.graphdef, p.params, step, p.rows_sharding)
         p.params = None  # this runner's state holds them, donated at every step
 
     def load_decoder(self, decoder_params: nnx.State, added_from: int | None = None) -> None:
@@ -253,22 +256,59 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
 
 
 def _finetune(config, task, workdir: str, progress: bool) -> dict:
-    from gptjax.api import GPT
-
-    saved = run_folder.saved_config(workdir)
-    if saved:
-        before = saved.get("task")
-        if before and before != task.name:
-            raise UserError(f"{workdir} holds a fine-tuning run of task {before}; pass a new --workdir for {task.name}")
-        if not before and os.path.isdir(os.path.join(workdir, "checkpoints")):
-            raise UserError(f"{workdir} holds a pretraining run; pass it as --config.init_from={workdir} and give "
-                            f"the fine-tuning run a new --workdir")
+    _check_workdir_holds(task, workdir)
     finished = _finished(workdir, config)
     if finished is not None:
         log_main(f"{workdir} already holds the finished run (step {finished['total_steps']}); pass a new --workdir "
-             f"to fine-tune again")
+                 f"to fine-tune again")
         return {"finished_before": True, **finished}
-    # The data first: a missing dataset is reported before minutes of loading weights.
+    examples, splits = read_task_data(config, task)  # first: a missing dataset fails before minutes of loading
+    pretrained, config, tokenizer, grown = _starting_model(config)
+    train, valid = _encode(config, task, tokenizer, examples, splits)
+    t = config.train
+    per_epoch = math.ceil(len(train) / t.batch_size)
+    total = config.finetune.epochs * per_epoch
+    runner = TaskRunner(config, task, total, pad_id=tokenizer.pad_id)
+    if pretrained is not None:
+        _initialise_decoder(runner, pretrained, grown, tokenizer, config, task)
+        del pretrained
+    checkpointer = checkpoint.Checkpointer(workdir)
+    try:
+        start = _resume(config, workdir, runner, checkpointer, tokenizer, total)
+        settings = resume.settings_of(config)
+        meta = lambda step: {"step": step, "seed": t.seed, "task": task.name, "config": settings,  # noqa: E731
+                             "format": 1}
+        scores = EpochScores(task, runner, valid, per_epoch)
+        best = KeepBest(scores, checkpointer, workdir, total, start)
+        hooks = [ProfileWindow(t.profile_steps),
+                 LogRecords(loop.Every((t.log_every, per_epoch), last=True),
+                            "the fine-tuning loss became {}; lower train.lr"),
+                 scores,
+                 Checkpoints(checkpointer, loop.Every(per_epoch), meta, tokenizer_files.to_bytes(tokenizer)),
+                 best,
+                 ProgressBar(progress and distributed.is_main())]
+        batches = (_train_batch(runner, train, t, per_epoch, step) for step in range(start, total))
+        run = loop.run(runner, batches, hooks, loop.Run(start, total, workdir))
+        return {"history": run.history, **best.best}
+    finally:
+        checkpointer.close()
+
+
+def _check_workdir_holds(task, workdir: str) -> None:
+    """A workdir holds one run: this task's fine-tuning, or nothing yet."""
+    saved = run_folder.saved_config(workdir)
+    if not saved:
+        return
+    before = saved.get("task")
+    if before and before != task.name:
+        raise UserError(f"{workdir} holds a fine-tuning run of task {before}; pass a new --workdir for {task.name}")
+    if not before and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise UserError(f"{workdir} holds a pretraining run; pass it as --config.init_from={workdir} and give "
+                        f"the fine-tuning run a new --workdir")
+
+
+def read_task_data(config, task) -> tuple[list, dict]:
+    """(train examples, {validation split: examples}) of the task, from config.source."""
     read = partial(read_split, task, source=config.source, seed=config.data.seed,
                    tfds_data_dir=config.data.tfds_data_dir)
     examples = read("train")
@@ -276,89 +316,107 @@ def _finetune(config, task, workdir: str, progress: bool) -> dict:
         examples = examples[:config.finetune.max_examples]
     if not examples:
         raise UserError(f"the train split of {task.name} has no examples")
-    splits = {s: read(s) for s in validation_splits(task)}
+    return examples, {s: read(s) for s in validation_splits(task)}
+
+
+def _starting_model(config):
+    """(pretrained GPT or None, the effective config, the tokenizer, token-embedding rows added)."""
+    from gptjax.api import GPT
+
     pretrained = GPT.from_pretrained(config.init_from) if config.init_from else None
     config = effective_config(config, pretrained)
     tokenizer = load_tokenizer(config, pretrained)
     grown = grow_for_added_tokens(config, tokenizer) if pretrained is not None else 0
     check_vocab(config.model.vocab_size, tokenizer)
-    f, t = config.finetune, config.train
+    return pretrained, config, tokenizer, grown
+
+
+def _encode(config, task, tokenizer, examples, splits) -> tuple[transforms.Encoded, dict]:
+    """The task inputs of the train and validation examples, each cut to the input length."""
     max_len = input_length(config)
     train = transforms.encode(task, examples, tokenizer, max_len)
     valid = {s: transforms.encode(task, ex, tokenizer, max_len) for s, ex in splits.items()}
     for name, encoded in (("train", train), *valid.items()):
         if encoded.truncated:
             log_main(f"{encoded.truncated} of {len(encoded)} {name} examples were truncated to {max_len} tokens")
-    per_epoch = math.ceil(len(train) / t.batch_size)
-    total = f.epochs * per_epoch
-    runner = TaskRunner(config, task, total, pad_id=tokenizer.pad_id)
-    if pretrained is not None:
-        runner.load_decoder(nnx.state(pretrained.module, nnx.Param),
-                            added_from=pretrained.model_config.vocab_size if grown else None)
-        rows = ""
-        if grown:
-            names = ", ".join(sorted(tokenizer.added_tokens, key=tokenizer.added_tokens.get))
-            rows = f" and {grown} token-embedding rows ({names})"
-        log_main(f"initialised the decoder from {config.init_from}; new parameters: the task head "
+    return train, valid
+
+
+def _initialise_decoder(runner, pretrained, grown: int, tokenizer, config, task) -> None:
+    runner.load_decoder(nnx.state(pretrained.module, nnx.Param),
+                        added_from=pretrained.model_config.vocab_size if grown else None)
+    rows = ""
+    if grown:
+        names = ", ".join(sorted(tokenizer.added_tokens, key=tokenizer.added_tokens.get))
+        rows = f" and {grown} token-embedding rows ({names})"
+    log_main(f"initialised the decoder from {config.init_from}; new parameters: the task head "
              f"({config.model.d_model} x {task.head_outputs} + bias){rows}")
-        del pretrained
-    checkpointer = checkpoint.Checkpointer(workdir)
-    try:
-        steps = checkpointer.steps()
-        if steps and steps[-1] >= total:
-            raise UserError(f"{workdir} holds checkpoints up to step {steps[-1]}, but this config makes "
-                            f"{total} updates (finetune.epochs, train.batch_size or finetune.max_examples "
-                            f"changed); pass a new --workdir")
-        held = tokenizer_files.load_folder(workdir) if steps else None
-        if held is not None and tokenizer_files.to_bytes(held) != tokenizer_files.to_bytes(tokenizer):
-            raise UserError(f"{workdir} holds the tokenizer its checkpoints were trained with, and this config "
-                            f"brings another (init_from or data.tokenizer changed); resume with the settings in "
-                            f"{workdir}/config.json, or pass a new --workdir")
-        start = loop.resume(config, workdir, runner, checkpointer)
-        loop.prepare_workdir(workdir, config, start)
-        if distributed.is_main() and held is None:
-            tokenizer_files.save_folder(tokenizer, workdir)
+
+
+def _resume(config, workdir: str, runner, checkpointer, tokenizer, total: int) -> int:
+    """The step this run starts from, after checking the workdir's checkpoints and tokenizer fit
+    this config; writes config.json, metrics.jsonl and (new runs) the tokenizer."""
+    steps = checkpointer.steps()
+    if steps and steps[-1] >= total:
+        raise UserError(f"{workdir} holds checkpoints up to step {steps[-1]}, but this config makes "
+                        f"{total} updates (finetune.epochs, train.batch_size or finetune.max_examples "
+                        f"changed); pass a new --workdir")
+    held = tokenizer_files.load_folder(workdir) if steps else None
+    if held is not None and tokenizer_files.to_bytes(held) != tokenizer_files.to_bytes(tokenizer):
+        raise UserError(f"{workdir} holds the tokenizer its checkpoints were trained with, and this config "
+                        f"brings another (init_from or data.tokenizer changed); resume with the settings in "
+                        f"{workdir}/config.json, or pass a new --workdir")
+    settings = resume.settings_of(config)
+    start = resume.resume(config.train.resume, settings, runner, checkpointer)
+    resume.prepare_workdir(workdir, settings, start)
+    if distributed.is_main() and held is None:
+        tokenizer_files.save_folder(tokenizer, workdir)
+    return start
+
+
+def _train_batch(runner, train: transforms.Encoded, t, per_epoch: int, step: int) -> dict:
+    epoch, index = divmod(step, per_epoch)
+    rows = epoch_rows(len(train), t.batch_size, t.seed, epoch, index)
+    return runner.predictor.to_mesh(make_batch(train, rows, t.batch_size))
+
+
+class EpochScores(loop.Hook):
+    """The validation scores after every epoch."""
+
+    def __init__(self, task, runner, valid: dict, per_epoch: int):
+        self.task, self.runner, self.valid, self.every = task, runner, valid, loop.Every(per_epoch)
+        self.per_epoch = per_epoch
+        self.scores = {}  # {split: {metric: value}} of the last epoch
+
+    def after(self, done: int, run: loop.Run) -> None:
+        task = self.task
+        self.scores = {s: task_scores(task, enc.labels, predictions(task, self.runner.logits(enc)))
+                       for s, enc in self.valid.items()}
+        record = {"step": done, "epoch": done // self.per_epoch,
+                  "eval_score": float(np.mean([main_score(task, v) for v in self.scores.values()])),
+                  **{f"eval_{s}_{m}": v for s, sc in self.scores.items() for m, v in sc.items()}}
+        run.evals.append(record)
+        run.write(record, f"epoch {record['epoch']}: {score_text(self.scores)}")
+
+
+class KeepBest(loop.Hook):
+    """best.json: the epoch checkpoint with the best validation score so far, written once that
+    checkpoint is on disk. Runs after the epoch's save."""
+
+    def __init__(self, scores: EpochScores, checkpointer, workdir: str, total: int, start: int):
+        self.epoch_scores, self.checkpointer, self.workdir, self.total = scores, checkpointer, workdir, total
+        self.every = scores.every
         best = run_folder.read_best(workdir) if start and run_folder.has_best(workdir) else None
-        best = None if best is not None and best["step"] > start else best  # a set-aside step is trained again
-        scores = {}
+        self.best = None if best is not None and best["step"] > start else best  # a set-aside step is trained again
 
-        def batch(step: int) -> dict:
-            epoch, index = divmod(step, per_epoch)
-            rows = epoch_rows(len(train), t.batch_size, t.seed, epoch, index)
-            return runner.predictor.to_mesh(make_batch(train, rows, t.batch_size))
-
-        def evaluate(done: int):
-            nonlocal scores
-            if done % per_epoch:
-                return None
-            scores = {s: task_scores(task, enc.labels, predictions(task, runner.logits(enc))) for s, enc in valid.items()}
-            record = {"step": done, "epoch": done // per_epoch,
-                      "eval_score": float(np.mean([main_score(task, v) for v in scores.values()])),
-                      **{f"eval_{s}_{m}": v for s, sc in scores.items() for m, v in sc.items()}}
-            return record, f"epoch {record['epoch']}: {score_text(scores)}"
-
-        def keep_best(done: int, evaluation: dict) -> None:
-            nonlocal best
-            if best is None or evaluation["eval_score"] > best["score"]:
-                best = {"step": done, "epoch": evaluation["epoch"], "score": evaluation["eval_score"],
-                        "scores": scores, "total_steps": total}
-                checkpointer.wait()  # best.json never names a checkpoint still being written
-                if distributed.is_main():
-                    run_folder.write_best(workdir, best)
-
-        config_json = json.loads(config_lib.to_json(config))
-        hooks = loop.Hooks(
-            batch=batch, evaluate=evaluate, saved=keep_best,
-            log_step=lambda done: done % t.log_every == 0 or done == total or done % per_epoch == 0,
-            save_step=lambda done: done % per_epoch == 0,
-            meta=lambda step: {"step": step, "seed": t.seed, "task": task.name, "config": config_json, "format": 1},
-            nan_message="the fine-tuning loss became {}; lower train.lr")
-        result = loop.run(runner, hooks, checkpointer, workdir=workdir, start=start, total=total,
-                          tokenizer_bytes=tokenizer_files.to_bytes(tokenizer), profile_steps=t.profile_steps,
-                          progress=progress and distributed.is_main())
-        return {"history": result["history"], **best}
-    finally:
-        checkpointer.close()
+    def after(self, done: int, run: loop.Run) -> None:
+        evaluation = run.evals[-1]
+        if self.best is None or evaluation["eval_score"] > self.best["score"]:
+            self.best = {"step": done, "epoch": evaluation["epoch"], "score": evaluation["eval_score"],
+                         "scores": self.epoch_scores.scores, "total_steps": self.total}
+            self.checkpointer.wait()  # best.json never names a checkpoint still being written
+            if distributed.is_main():
+                run_folder.write_best(self.workdir, self.best)
 
 
 def _finished(workdir: str, config) -> dict | None:

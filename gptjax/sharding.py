@@ -107,10 +107,10 @@ def check_model(model: ModelConfig, mesh: jax.sharding.Mesh) -> None:
         raise UserError(f"model.d_model ({model.d_model}) is not divisible by mesh.fsdp ({fsdp})")
 
 
-def check_divisible(config, mesh: jax.sharding.Mesh) -> None:
-    """The model and the train batch against the mesh, as an error before any compilation."""
-    check_model(ModelConfig.from_config(config.model), mesh)
-    t = config.train
+def check_divisible(model: ModelConfig, t, mesh: jax.sharding.Mesh) -> None:
+    """The model and the batches of train section `t` against the mesh, as an error before any
+    compilation."""
+    check_model(model, mesh)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = t.batch_size // max(t.grad_accum, 1)
     if t.batch_size % t.grad_accum or micro % replicas:

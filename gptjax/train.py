@@ -3,7 +3,6 @@ cadence around the shared training core (loop.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from functools import partial
@@ -12,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib, distributed, gradients, loop, run_folder, sharding
+from gptjax import checkpoint, config as config_lib, distributed, gradients, loop, resume, run_folder, sharding
 from gptjax.data import tokenizer_files
 from gptjax.data.loader import Loader
 from gptjax.distributed import log_main
@@ -20,6 +19,11 @@ from gptjax.errors import UserError
 from gptjax.model import init_decoder
 from gptjax.model_config import ModelConfig
 from gptjax.optim import Schedule, lr_schedule, make_optimizer
+from gptjax.profile_window import ProfileWindow
+from gptjax.progress import ProgressBar
+from gptjax.records import LogRecords
+from gptjax.saving import Checkpoints
+from gptjax.throughput import Throughput
 from gptjax.workdir_lock import JobLock
 
 
@@ -52,20 +56,23 @@ def eval_step(graphdef, grad_accum, params, batch):
 
 
 class Trainer(loop.StepRunner):
-    """The decoder and its optimizer state on the mesh, the jitted LM train step, held-out scoring."""
+    """The decoder `model` and its optimizer state on `mesh`, the jitted LM train step of train
+    section `t`, held-out scoring."""
 
-    def __init__(self, config, mesh=None):
-        self.config = config
-        mesh = mesh or sharding.make_mesh(config.mesh)
-        sharding.check_divisible(config, mesh)
-        t = config.train
-        make = partial(init_decoder, ModelConfig.from_config(config.model), t.seed)
+    def __init__(self, model: ModelConfig, t, mesh):
+        sharding.check_divisible(model, t, mesh)
+        make = partial(init_decoder, model, t.seed)
         abstract, graphdef, params, _ = loop.params_on_mesh(make, mesh)
         self.flops_per_token = abstract.flops_per_token(t.seq_len)
         schedule = lr_schedule(Schedule.of_train(t))
-        super().__init__(mesh, graphdef, params, make_optimizer(t, schedule), schedule, partial(batch_loss, graphdef),
-                         sharding.batch_sharding(mesh), t.grad_accum, t.seed)
+        step = loop.TrainStep(partial(batch_loss, graphdef), make_optimizer(t, schedule), schedule, t.grad_accum, t.seed)
+        super().__init__(mesh, graphdef, params, step, sharding.batch_sharding(mesh))
         self._eval = jax.jit(partial(eval_step, graphdef, t.grad_accum))
+
+    @classmethod
+    def from_config(cls, config, mesh=None) -> "Trainer":
+        """The trainer of a pretraining run config, on its mesh (or on `mesh`)."""
+        return cls(ModelConfig.from_config(config.model), config.train, mesh or sharding.make_mesh(config.mesh))
 
     def eval_loss(self, batches: list[dict]) -> float | None:
         if not batches:
@@ -74,6 +81,22 @@ class Trainer(loop.StepRunner):
             sums = [self._eval(self.state.params, sharding.rows_to_mesh(batch, self.batch_sharding)) for batch in batches]
         total, count = (float(sum(x)) for x in zip(*jax.device_get(sums)))
         return total / max(count, 1.0)
+
+
+class HeldOutLoss(loop.Hook):
+    """The LM loss on the held-out batches, every train.eval_every steps and after the last."""
+
+    def __init__(self, trainer: Trainer, batches: list[dict], every: loop.Every):
+        self.trainer, self.batches, self.every = trainer, batches, every
+
+    def after(self, done: int, run: loop.Run) -> None:
+        began = time.perf_counter()
+        eval_loss = self.trainer.eval_loss(self.batches)
+        if eval_loss is None:
+            return
+        record = {"step": done, "eval_loss": eval_loss, "eval_seconds": round(time.perf_counter() - began, 3)}
+        run.evals.append(record)
+        run.write(record, f"step {done}: eval loss {eval_loss:.4f}")
 
 
 def batch_settings(t) -> dict:
@@ -103,7 +126,7 @@ def _pretrain(config, workdir: str, progress: bool) -> dict:
     if saved.get("task"):
         raise UserError(f"{workdir} holds a fine-tuning run (task {saved['task']}); continue it with `gptjax finetune` "
                         f"or pretrain in a new --workdir")
-    trainer = Trainer(config)  # first: a mesh that does not fit is reported before any data work
+    trainer = Trainer.from_config(config)  # first: a mesh that does not fit is reported before any data work
     checkpointer = checkpoint.Checkpointer(workdir, keep=t.keep, keep_every=t.keep_every)
     try:
         steps = checkpointer.steps()
@@ -119,48 +142,35 @@ def _pretrain(config, workdir: str, progress: bool) -> dict:
         distributed.barrier("tokenizer")
         if not main:
             tokenizer = corpus.workdir_tokenizer(config.data, workdir, config.model.vocab_size, documents)
-        tokenizer_bytes = tokenizer_files.to_bytes(tokenizer)
-        start = loop.resume(config, workdir, trainer, checkpointer)
+        settings = resume.settings_of(config)
+        start = resume.resume(t.resume, settings, trainer, checkpointer)
         if start >= t.steps:
             raise UserError(f"train.resume={t.resume} restores step {start}, which is not before "
                             f"train.steps={t.steps}; raise train.steps")
-        loop.prepare_workdir(workdir, config, start)
+        resume.prepare_workdir(workdir, settings, start)
         batches, eval_batches = corpus.pretraining_batches(config.data, tokenizer, workdir, **batch_settings(t),
                                                            corpus=documents)
         loader = Loader(batches, t.steps, start=start, num_workers=config.data.num_workers,
                         sharding=trainer.batch_sharding)
-
-        def evaluate(done: int):
-            if not ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
-                return None
-            began = time.perf_counter()
-            eval_loss = trainer.eval_loss(eval_batches)
-            if eval_loss is None:
-                return None
-            record = {"step": done, "eval_loss": eval_loss, "eval_seconds": round(time.perf_counter() - began, 3)}
-            return record, f"step {done}: eval loss {eval_loss:.4f}"
-
-        config_json = json.loads(config_lib.to_json(config))
-        hooks = loop.Hooks(
-            batch=lambda step: next(loader),
-            log_step=lambda done: done == start + 1 or done % t.log_every == 0 or done == t.steps,
-            save_step=lambda done: bool(t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps,
-            meta=lambda step: {"step": step, "seed": t.seed, "loader": loader.state(),
-                               "mesh": dict(trainer.mesh.shape), "config": config_json, "format": 1},
-            evaluate=evaluate, nan_message="the training loss became {}; lower train.lr or raise train.warmup_steps",
-            tokens_per_step=t.batch_size * t.seq_len,  # every token a step processes, padding and all
-            flops_per_token=trainer.flops_per_token)
-        result = loop.run(trainer, hooks, checkpointer, workdir=workdir, start=start, total=t.steps,
-                          tokenizer_bytes=tokenizer_bytes, profile_steps=t.profile_steps,
-                          progress=progress and main)
+        meta = lambda step: {"step": step, "seed": t.seed, "loader": loader.state(),  # noqa: E731
+                             "mesh": dict(trainer.mesh.shape), "config": settings, "format": 1}
+        saves = Checkpoints(checkpointer, loop.Every(t.checkpoint_every, last=True), meta,
+                            tokenizer_files.to_bytes(tokenizer))
+        throughput = Throughput(t.batch_size * t.seq_len, trainer.flops_per_token, saves)
+        hooks = [ProfileWindow(t.profile_steps),
+                 LogRecords(loop.Every(t.log_every, first=True, last=True),
+                            "the training loss became {}; lower train.lr or raise train.warmup_steps", [throughput]),
+                 HeldOutLoss(trainer, eval_batches, loop.Every(t.eval_every, last=True)),
+                 saves, ProgressBar(progress and main)]
+        run = loop.run(trainer, loader, hooks, loop.Run(start, t.steps, workdir))
     finally:
         checkpointer.close()
-    history = result["history"]
+    history = run.history
     summary = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "start_step": start,
-               "eval": result["eval"], "history": history,
+               "eval": run.evals, "history": history,
                "checkpoint": os.path.join(checkpointer.directory, str(t.steps)),
                "tokens_per_sec": history[-1].get("tokens_per_sec"),
-               "checkpoint_blocked_s": result["checkpoint_blocked_s"]}
+               "checkpoint_blocked_s": saves.blocked}
     if main:
         config_lib.write_json(os.path.join(workdir, "summary.json"),
                               {k: v for k, v in summary.items() if k != "history"})

@@ -33,7 +33,7 @@ def losses(arg: str) -> dict:
     if arg.split(",")[0] == "single":
         config.mesh.data = 1
         mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-    trainer = Trainer(config, mesh=mesh)
+    trainer = Trainer.from_config(config, mesh=mesh)
     rng = np.random.default_rng(0)
     out = []
     for step in range(STEPS):
@@ -134,8 +134,8 @@ def _trainer(arg: str) -> Trainer:
                                              "model.n_layer=1", *overrides])
     if arg == "single":
         config.mesh.data = 1
-        return Trainer(config, mesh=sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
-    return Trainer(config)
+        return Trainer.from_config(config, mesh=sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+    return Trainer.from_config(config)
 
 
 def restore(workdir: str, saved_on: str, targets: list[str]) -> dict:

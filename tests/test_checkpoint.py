@@ -16,7 +16,7 @@ from gptjax.config import load_config
 from gptjax.errors import REQUEUE_EXIT_CODE, UserError
 from gptjax.model import init_decoder
 from gptjax.model_config import ModelConfig
-from gptjax.loop import config_changes
+from gptjax.resume import config_changes, settings_of
 from gptjax.train import Trainer
 
 STEPS = 12
@@ -180,7 +180,7 @@ def test_resume_policy_and_config_changes(baseline, tmp_path, capsys):
     assert "resuming with changed settings: train.lr 0.003 -> 0.001, train.steps 12 -> 14" in capsys.readouterr().out
     config = load_config("configs/tiny.py")
     saved = json.loads(open(baseline / "config.json").read())
-    assert set(config_changes(saved, config)) >= {"train.steps", "model.n_layer", "model.dropout"}
+    assert set(config_changes(saved, settings_of(config))) >= {"train.steps", "model.n_layer", "model.dropout"}
 
 
 def test_keep_and_keep_every(tmp_path):
@@ -206,7 +206,7 @@ def test_from_pretrained_reads_a_checkpoint_path_params_only(baseline):
 
 
 def _trainer(*overrides):
-    return Trainer(load_config("configs/tiny.py", ["model.n_layer=1", "train.batch_size=4", *overrides]))
+    return Trainer.from_config(load_config("configs/tiny.py", ["model.n_layer=1", "train.batch_size=4", *overrides]))
 
 
 def test_optimizer_state_is_saved_and_restored_by_name(tmp_path):
@@ -262,7 +262,7 @@ def test_checkpoints_written_before_names_still_resume(tmp_path):
     _, restored, _ = reader.restore(1, trainer.state.params, trainer.state.opt_state)
     for i, x in enumerate(jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(old[f"{i:05d}"]))
-    other = Trainer(load_config("configs/tiny.py", ["model.n_layer=2", "train.batch_size=4"]))  # more leaves
+    other = Trainer.from_config(load_config("configs/tiny.py", ["model.n_layer=2", "train.batch_size=4"]))  # more leaves
     with pytest.raises(UserError, match=r"optimizer state '\d{5} \(1\.0\.mu\.blocks\.\d"):
         reader.restore(1, other.state.params, other.state.opt_state)
     reader.close()

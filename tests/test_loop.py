@@ -1,7 +1,6 @@
-"""The loop core (loop.py) on a toy objective: SIGTERM then resume equals an
+"""The loop core (loop.py) and its hooks on a toy objective: SIGTERM then resume equals an
 uninterrupted run, the NaN stop, keep rules, the resume policy, metrics restart, accumulation."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -14,11 +13,14 @@ import optax
 import pytest
 from flax import nnx
 
-from gptjax import checkpoint, loop, sharding
+from gptjax import checkpoint, loop, resume, sharding
 from gptjax.config import base_config
 from gptjax.errors import Preempted, UserError
 from gptjax.metrics import read_metrics
 from gptjax.loop import StepRunner
+from gptjax.records import LogRecords
+from gptjax.resume import settings_of
+from gptjax.saving import Checkpoints
 
 DIM = 8
 
@@ -45,24 +47,41 @@ def toy_batch(step: int, rows: int = 4) -> dict:
 def make_runner(grad_accum: int = 1, keep_rate: float = 0.9) -> StepRunner:
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     graphdef, params = nnx.split(Toy(nnx.Rngs(params=0)), nnx.Param)
-    return StepRunner(mesh, graphdef, params, optax.adam(0.05), optax.constant_schedule(0.05),
-                      partial(toy_loss, graphdef, keep_rate), sharding.replicated(mesh), grad_accum, seed=0)
+    step = loop.TrainStep(partial(toy_loss, graphdef, keep_rate), optax.adam(0.05), optax.constant_schedule(0.05),
+                          grad_accum, seed=0)
+    return StepRunner(mesh, graphdef, params, step, sharding.replicated(mesh))
 
 
-def toy_hooks(config, every: int = 2, poison: int | None = None, terminate_at: int | None = None) -> loop.Hooks:
-    def batch(step):
+class Probe(loop.Hook):
+    """An evaluation every 4 steps: one record and one console line."""
+
+    every = loop.Every(4)
+
+    def after(self, done, run):
+        record = {"step": done, "eval_probe": float(done)}
+        run.evals.append(record)
+        run.write(record, f"step {done}")
+
+
+class AfterSaves(loop.Hook):
+    """Notes each cadence save with the evaluation of its step, if there was one."""
+
+    def __init__(self, every, calls):
+        self.every, self.calls = every, calls
+
+    def after(self, done, run):
+        evaluation = run.evals[-1] if run.evals and run.evals[-1]["step"] == done else None
+        self.calls.append((done, evaluation))
+
+
+def toy_batches(start, total, poison=None, terminate_at=None):
+    for step in range(start, total):
         if step + 1 == terminate_at:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while this step runs
         batch = toy_batch(step)
         if step + 1 == poison:
             batch["x"][0, 0] = np.nan
-        return batch
-
-    return loop.Hooks(
-        batch=batch, log_step=lambda done: True, save_step=lambda done: done % every == 0,
-        evaluate=lambda done: ({"step": done, "eval_probe": float(done)}, f"step {done}") if done % 4 == 0 else None,
-        meta=lambda step: {"step": step, "config": json.loads(config.to_json())},
-        nan_message="the training loss became {}; lower train.lr")
+        yield batch
 
 
 def _config(**train):
@@ -71,14 +90,19 @@ def _config(**train):
     return config
 
 
-def _run(workdir, config, total, hooks=None, keep=0, keep_every=0):
+def _run(workdir, config, total, every=2, keep=0, keep_every=0, calls=None, **batches):
     runner = make_runner()
     checkpointer = checkpoint.Checkpointer(str(workdir), keep=keep, keep_every=keep_every)
+    settings = settings_of(config)
     try:
-        start = loop.resume(config, str(workdir), runner, checkpointer)
-        loop.prepare_workdir(str(workdir), config, start)
-        out = loop.run(runner, hooks or toy_hooks(config), checkpointer, workdir=str(workdir), start=start,
-                       total=total, tokenizer_bytes=None, progress=False)
+        start = resume.resume(config.train.resume, settings, runner, checkpointer)
+        resume.prepare_workdir(str(workdir), settings, start)
+        saves = loop.Every(every)
+        hooks = [LogRecords(loop.Every(1), "the training loss became {}; lower train.lr"), Probe(),
+                 Checkpoints(checkpointer, saves, lambda step: {"step": step, "config": settings}, None)]
+        if calls is not None:
+            hooks.append(AfterSaves(saves, calls))
+        out = loop.run(runner, toy_batches(start, total, **batches), hooks, loop.Run(start, total, str(workdir)))
     finally:
         checkpointer.close()
     return runner, out
@@ -91,14 +115,13 @@ def _losses(workdir):
 def test_sigterm_saves_and_resuming_equals_the_uninterrupted_run(tmp_path):
     config = _config()
     calls = []
-    hooks = dataclasses.replace(toy_hooks(config), saved=lambda done, evaluation: calls.append((done, evaluation)))
-    straight, out = _run(tmp_path / "straight", config, 8, hooks)
-    assert [r["step"] for r in out["eval"]] == [4, 8]
-    # After each cadence save, with that step's evaluation record.
-    assert calls == [(2, None), (4, out["eval"][0]), (6, None), (8, out["eval"][1])]
+    straight, out = _run(tmp_path / "straight", config, 8, calls=calls)
+    assert [r["step"] for r in out.evals] == [4, 8]
+    # Hooks run in their order: a hook after the saves sees each save with that step's evaluation.
+    assert calls == [(2, None), (4, out.evals[0]), (6, None), (8, out.evals[1])]
     run = tmp_path / "run"
     with pytest.raises(Preempted) as stopped:
-        _run(run, config, 8, toy_hooks(config, every=4, terminate_at=3))
+        _run(run, config, 8, every=4, terminate_at=3)
     assert stopped.value.step == 3
     assert checkpoint.Checkpointer(str(run), read_only=True).steps() == [3]  # saved at the stop, off-cadence
     resumed, _ = _run(run, config, 8)
@@ -110,7 +133,7 @@ def test_sigterm_saves_and_resuming_equals_the_uninterrupted_run(tmp_path):
 
 def test_a_nan_loss_stops_the_run_with_one_line(tmp_path):
     with pytest.raises(UserError, match=r"the training loss became nan; lower train.lr"):
-        _run(tmp_path, _config(), 6, toy_hooks(_config(), poison=3))
+        _run(tmp_path, _config(), 6, poison=3)
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]  # the NaN record is not written
 
 

@@ -12,6 +12,7 @@ import pytest
 from gptjax.config import load_config
 from gptjax.data.packing import as_batch
 from gptjax.errors import UserError
+from gptjax.model_config import ModelConfig
 from gptjax.sharding import _hybrid_devices, check_divisible, mesh_shape, spec
 from gptjax.train import Trainer
 
@@ -146,7 +147,7 @@ def test_gradient_accumulation_matches_the_full_batch():
     for accum in (1, 4):
         config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "train.seq_len=32",
                                                  "model.n_layer=1", f"train.grad_accum={accum}"])
-        trainer = Trainer(config)
+        trainer = Trainer.from_config(config)
         rng = np.random.default_rng(0)
         out = []
         for _ in range(5):
@@ -168,9 +169,9 @@ def test_meshes_that_do_not_fit_are_clear_errors():
     config = load_config("configs/tiny.py")
     fake = cfg(shape={"data": 1, "fsdp": 1, "tensor": 8})
     with pytest.raises(UserError, match=r"model.n_head \(4\) is not divisible by mesh.tensor \(8\)"):
-        check_divisible(config, fake)
+        check_divisible(ModelConfig.from_config(config.model), config.train, fake)
     with pytest.raises(UserError, match="must be a multiple of mesh.data x mesh.fsdp"):
-        check_divisible(config, cfg(shape={"data": 3, "fsdp": 1, "tensor": 1}))
+        check_divisible(ModelConfig.from_config(config.model), config.train, cfg(shape={"data": 3, "fsdp": 1, "tensor": 1}))
 
 
 def test_dcn_groups_are_whole_processes():

@@ -13,10 +13,12 @@ import optax
 import pytest
 from flax import nnx
 
-from gptjax import checkpoint, distributed, loop, sharding
+from gptjax import checkpoint, distributed, loop, resume, sharding
 from gptjax.config import base_config
 from gptjax.errors import Preempted
 from gptjax.metrics import read_metrics
+from gptjax.records import LogRecords
+from gptjax.saving import Checkpoints
 from gptjax.tensorboard import SummaryWriter, read_scalars
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -41,27 +43,32 @@ def toy_loss(graphdef, params, batch, dropout_key):
     return jnp.sum(jnp.square(pred - batch["y"])), {"count": jnp.asarray(batch["x"].shape[0], jnp.float32)}
 
 
+class Probe(loop.Hook):
+    every = loop.Every(2)
+
+    def after(self, done, run):
+        run.write({"step": done, "eval_probe": done / 3})
+
+
 def toy_run(workdir, steps: int, terminate_at: int | None = None) -> None:
-    config = base_config()
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     graphdef, params = nnx.split(Toy(nnx.Rngs(params=0)), nnx.Param)
-    runner = loop.StepRunner(mesh, graphdef, params, optax.adam(0.05), optax.constant_schedule(0.05),
-                             partial(toy_loss, graphdef), sharding.replicated(mesh), 1, seed=0)
+    step = loop.TrainStep(partial(toy_loss, graphdef), optax.adam(0.05), optax.constant_schedule(0.05))
+    runner = loop.StepRunner(mesh, graphdef, params, step, sharding.replicated(mesh))
 
-    def batch(step):
-        if step + 1 == terminate_at:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives while this step runs
-        x = np.random.default_rng(step).normal(size=(4, 4)).astype(np.float32)
-        return {"x": x, "y": x @ np.arange(4, dtype=np.float32)}
+    def batches():
+        for step in range(steps):
+            if step + 1 == terminate_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives while this step runs
+            x = np.random.default_rng(step).normal(size=(4, 4)).astype(np.float32)
+            yield {"x": x, "y": x @ np.arange(4, dtype=np.float32)}
 
-    hooks = loop.Hooks(batch=batch, log_step=lambda done: True, save_step=lambda done: False,
-                       evaluate=lambda done: ({"step": done, "eval_probe": done / 3}, "") if done % 2 == 0 else None,
-                       meta=lambda step: {"step": step}, nan_message="the loss became {}")
     checkpointer = checkpoint.Checkpointer(str(workdir))
     try:
-        loop.prepare_workdir(str(workdir), config, 0)
-        loop.run(runner, hooks, checkpointer, workdir=str(workdir), start=0, total=steps,
-                 tokenizer_bytes=None, progress=False)
+        resume.prepare_workdir(str(workdir), resume.settings_of(base_config()), 0)
+        hooks = [LogRecords(loop.Every(1), "the loss became {}"), Probe(),
+                 Checkpoints(checkpointer, loop.Every(0), lambda step: {"step": step}, None)]
+        loop.run(runner, batches(), hooks, loop.Run(0, steps, str(workdir)))
     finally:
         checkpointer.close()
 

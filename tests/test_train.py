@@ -110,7 +110,7 @@ def test_steps_are_deterministic_and_dropout_uses_the_step_key(tmp_path):
     batch = as_batch(rows, 2, 0, False)
     losses = []
     for _ in range(2):
-        trainer = Trainer(config)
+        trainer = Trainer.from_config(config)
         losses.append([float(trainer.step(batch)["loss"]) for _ in range(3)])
     # Same seed, same batches: bit-identical losses, dropout included.
     assert losses[0] == losses[1]
@@ -118,7 +118,7 @@ def test_steps_are_deterministic_and_dropout_uses_the_step_key(tmp_path):
     assert trainer._step._cache_size() == 1
     # Dropout is really applied: the same initial parameters without it give another loss.
     config_nodrop = load_config("configs/tiny.py", ["train.batch_size=4", "train.seq_len=32", "model.n_layer=1"])
-    assert float(Trainer(config_nodrop).step(batch)["loss"]) != losses[0][0]
+    assert float(Trainer.from_config(config_nodrop).step(batch)["loss"]) != losses[0][0]
 
 
 def test_profile_steps_write_a_trace_and_a_resumed_run_inside_the_window_traces_its_steps(tmp_path):
@@ -143,7 +143,7 @@ def test_held_out_loss_is_scored_in_the_train_steps_microbatches():
     for accum in (1, 4):
         config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "train.seq_len=32",
                                                  "model.n_layer=1", f"train.grad_accum={accum}"])
-        trainer = Trainer(config)
+        trainer = Trainer.from_config(config)
         losses[accum] = trainer.eval_loss([batch])
         with jax.set_mesh(trainer.mesh):
             compiled = trainer._eval.lower(trainer.state.params, jax.device_put(batch)).compile()

@@ -89,7 +89,7 @@ def _run(args, overrides: list[str]) -> None:
     if args.what == "parts":
         from gptjax.train import Trainer
         print(f"{config.name}: batch {config.train.batch_size} x {config.train.seq_len}")
-        trainer = Trainer(config)
+        trainer = Trainer.from_config(config)
         batch = train_step.random_batch(config, 0, trainer.batch_sharding)
         print(step_parts.format_parts(step_parts.time_parts(trainer, batch, args.steps)))
         return

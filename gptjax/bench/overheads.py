@@ -39,7 +39,7 @@ def bench_loop(config, workdir: str, steps: int) -> list[tuple[str, float]]:
 
     # Evaluation and a save, each timed on its second call: the loop's first one compiles the
     # evaluation or sets the checkpointer up, which a long run pays once.
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config)
     tokenizer = corpus.workdir_tokenizer(config.data, workdir, config.model.vocab_size)
     _, eval_batches = corpus.pretraining_batches(config.data, tokenizer, workdir, **batch_settings(config.train))
     eval_s = []
@@ -173,7 +173,7 @@ def bench_checkpoint(config, workdir: str, steps: int) -> list[tuple[str, float]
     from gptjax import checkpoint
     from gptjax.train import Trainer
 
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config)
     batch = train_step.random_batch(config, 0)
     jax.block_until_ready(trainer.step(batch))
 

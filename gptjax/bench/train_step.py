@@ -36,7 +36,7 @@ def _peak_gib() -> float | None:
 
 def bench_train(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
     from gptjax.train import Trainer
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config)
     batches = [random_batch(config, i, trainer.batch_sharding) for i in range(2)]
     compile_s = trainer.compile(batches[0])
     plan_gib = memory_plan(trainer._step)["peak"]
