@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -57,6 +58,20 @@ def _load_decoder(config, path: str, step: int | None = None) -> Decoder:
     return module if task is None else module.decoder
 
 
+def _run_config(model_config: ModelConfig, name: str):
+    """The run config of weights that come without one (a Hugging Face folder): gptjax's defaults
+    around their model section, a config that `save` writes and a later run loads."""
+    config = config_lib.base_config()
+    config.name = name
+    config.model.update(dataclasses.asdict(model_config))
+    # No run chose a row length for these weights, so their whole context stands for one: it is what
+    # flops_per_token counts by default, and validate holds train.seq_len to model.max_len, which
+    # the schema's 1024 may exceed.
+    config.train.seq_len = model_config.max_len
+    config_lib.validate(config)
+    return config
+
+
 class GPT:
     """A decoder with its config and (optionally) its tokenizer."""
 
@@ -98,7 +113,8 @@ class GPT:
             from gptjax import hf
             if step is not None:
                 raise UserError(f"{path} is a Hugging Face folder, which has no steps; leave out step")
-            config, module = hf.load_hf(path)
+            model_config, module = hf.load_hf(path)
+            config = _run_config(model_config, name=f"hf-{values['model_type']}")
         else:
             config = config_lib.config_from_dict(values, source=config_path)
             if step is None and config.get("task") and run_folder.has_best(path):

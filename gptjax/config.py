@@ -327,19 +327,30 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+def validate_model(m, segments: bool = False) -> None:
+    """The checks of a model section alone, a ConfigDict or a ModelConfig: one that comes without a
+    run config (a Hugging Face folder's) is checked before any weights are built for it.
+    `segments`: the run masks attention at document boundaries (data.document_mask)."""
+    _check(m.block in BLOCK_CHOICES, f"model.block must be one of {BLOCK_CHOICES}, got '{m.block}'")
+    attention_choices.check(m.attention, dropout=m.attn_dropout > 0, segments=segments)
+    _check(m.dtype in DTYPE_CHOICES, f"model.dtype must be one of {DTYPE_CHOICES}, got '{m.dtype}'")
+    _check(m.remat in REMAT_CHOICES, f"model.remat must be one of {REMAT_CHOICES}, got '{m.remat}'")
+    for key in ("vocab_size", "vocab_pad_multiple", "n_layer", "n_head", "d_model", "d_ff", "max_len"):
+        _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    _check(m.loss_chunk_len >= 0, f"model.loss_chunk_len must be >= 0 (0 = no chunks), got {m.loss_chunk_len}")
+    for key in ("ln_eps", "init_std"):
+        value = getattr(m, key)
+        _check(value > 0 and math.isfinite(value), f"model.{key} must be a positive number, got {value}")
+    _check(m.d_model % m.n_head == 0,
+           f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+    _check(0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model.dropout and model.attn_dropout must be in [0, 1)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Cross-field checks that would otherwise fail deep inside JAX with an unreadable error."""
     m, t = config.model, config.train
-    _check(m.block in BLOCK_CHOICES, f"model.block must be one of {BLOCK_CHOICES}, got '{m.block}'")
-    attention_choices.check(m.attention, dropout=m.attn_dropout > 0, segments=config.data.document_mask)
-    _check(m.dtype in DTYPE_CHOICES, f"model.dtype must be one of {DTYPE_CHOICES}, got '{m.dtype}'")
-    _check(m.remat in REMAT_CHOICES, f"model.remat must be one of {REMAT_CHOICES}, got '{m.remat}'")
+    validate_model(m, segments=config.data.document_mask)
     _check(t.schedule in SCHEDULE_CHOICES, f"train.schedule must be one of {SCHEDULE_CHOICES}, got '{t.schedule}'")
-    for key in ("vocab_size", "vocab_pad_multiple", "n_layer", "n_head", "d_model", "d_ff", "max_len"):
-        _check(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
-    _check(m.loss_chunk_len >= 0, f"model.loss_chunk_len must be >= 0 (0 = no chunks), got {m.loss_chunk_len}")
-    for key in ("ln_eps", "init_std"):
-        _check(m[key] > 0 and math.isfinite(m[key]), f"model.{key} must be a positive number, got {m[key]}")
     _check(t.eps > 0 and math.isfinite(t.eps), f"train.eps must be a positive number, got {t.eps}")
     for key in ("weight_decay", "grad_clip", "min_lr_ratio"):
         if key in t:
@@ -357,12 +368,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(d[key] >= 0, f"data.{key} must be >= 0, got {d[key]}")
     for key in ("num_documents", "tokenizer_vocab_size", "tokenizer_documents"):
         _check(d[key] > 0, f"data.{key} must be positive, got {d[key]}")
-    _check(m.d_model % m.n_head == 0,
-           f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
     if not config.get("task"):  # pretraining's row length; a task run's is finetune.max_len
         _check(t.seq_len <= m.max_len, f"train.seq_len ({t.seq_len}) exceeds the context model.max_len "
                                        f"({m.max_len}); lower train.seq_len or raise model.max_len")
-    _check(0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model.dropout and model.attn_dropout must be in [0, 1)")
     _check(str(t.resume) in ("latest", "none") or str(t.resume).isdigit(),
            f"train.resume must be latest, none or a step number, got '{t.resume}'")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")

@@ -15,6 +15,7 @@ checkpoint with the best validation score, which `gptjax eval` uses. The same co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from functools import lru_cache, partial
@@ -30,7 +31,7 @@ from gptjax.data.tokenizer import PAD_ID, check_vocab
 from gptjax.distributed import log_main
 from gptjax.errors import UserError
 from gptjax.model import init_task_model
-from gptjax.model_config import EXECUTION_FIELDS, ModelConfig
+from gptjax.model_config import ModelConfig
 from gptjax.optim import Schedule, lr_schedule, make_optimizer
 from gptjax.profile_window import ProfileWindow
 from gptjax.progress import ProgressBar
@@ -227,10 +228,8 @@ def grow_for_added_tokens(config, tokenizer) -> int:
 def effective_config(config, pretrained):
     """The fine-tuning config with the model shape of the pretrained model."""
     config = config_lib.config_from_dict(config.to_dict())
-    if pretrained is not None:
-        for key, value in pretrained.config.model.items():
-            if key not in EXECUTION_FIELDS:  # how this run executes and regularises is its own
-                config.model[key] = value
+    if pretrained is not None:  # what the weights are; how this run executes and regularises is its own
+        config.model.update(dataclasses.asdict(pretrained.model_config.architecture()))
     config_lib.validate(config)
     return config
 

@@ -1,13 +1,15 @@
 """Hugging Face interop: GPT-2 (`GPT2LMHeadModel`) and openai-gpt (`OpenAIGPTLMHeadModel`) folders.
 
-    load_hf("path/to/gpt2")                  -> (config, Decoder) with the folder's weights
+    load_hf("path/to/gpt2")                  -> (ModelConfig, Decoder) with the folder's weights
     save_hf(model_config, decoder, "out/")   -> config.json + model.safetensors that transformers loads
+
+What the config.json says of the architecture is `Architecture`'s to map (architecture.py); this
+module adds the execution settings the file carries (dropout rates) and moves the weights.
 
 A folder is `config.json` plus `model.safetensors` (read with the safetensors library's numpy
 API, no PyTorch), sharded safetensors with their `.index.json`, or `pytorch_model.bin` (needs
-PyTorch). Pre-LN gptjax models export as GPT-2, post-LN ones as openai-gpt: the two architectures
-differ exactly where `model.block` does. Both use the tanh GELU, the same LayerNorm and
-1/sqrt(head_dim) scaling.
+PyTorch). Pre-LN gptjax models export as GPT-2, post-LN ones as openai-gpt. Both use the tanh
+GELU, the same LayerNorm and 1/sqrt(head_dim) scaling.
 
 Hugging Face's Conv1D keeps weights as [in, out], the orientation of our kernels, so the mapping
 is reshapes only: c_attn [d, 3d] -> qkv_kernel [d, 3, heads, head_dim] because the 3d outputs are
@@ -16,6 +18,7 @@ q | k | v, each laid out head by head.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import ChainMap
@@ -29,13 +32,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from gptjax import checkpoint, config as config_lib
+from gptjax.architecture import Architecture
 from gptjax.errors import UserError
 from gptjax.model import Decoder, init_decoder
 from gptjax.model_config import ModelConfig
-
-MODEL_TYPES = ("gpt2", "openai-gpt")
-# Activations that compute the tanh form of GELU, which is what our MLP uses.
-TANH_GELUS = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 
 # ---------------------------------------------------------------------------------------------
 # safetensors, through the safetensors library's numpy API. It reads BF16 tensors as the numpy
@@ -140,73 +140,32 @@ def read_hf_config(path: str) -> dict | None:
     return values if isinstance(values, dict) and "model_type" in values else None
 
 
-def _get(hf: dict, *names):
-    """A required config field under any of its names (newer configs may use the generic ones)."""
-    for name in names:
-        if hf.get(name) is not None:
-            return hf[name]
-    raise UserError(f"the Hugging Face config.json has no '{names[0]}'")
-
-
-def config_from_hf(hf: dict):
-    """The gptjax config of a Hugging Face GPT-2 / openai-gpt config.json, or a UserError saying
-    which setting gptjax cannot represent."""
-    kind = hf.get("model_type")
-    if kind not in MODEL_TYPES:
-        raise UserError(f"unsupported Hugging Face model_type '{kind}': gptjax reads {' and '.join(MODEL_TYPES)} "
-                        f"(GPT2LMHeadModel, OpenAIGPTLMHeadModel)")
-    d = _get(hf, "n_embd", "hidden_size")
-    if kind == "gpt2":
-        act, d_ff = hf.get("activation_function", "gelu_new"), hf.get("n_inner") or 4 * d
-        unsupported = {"scale_attn_weights": (hf.get("scale_attn_weights", True), True),
-                       "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), False),
-                       "add_cross_attention": (hf.get("add_cross_attention", False), False)}
-    else:
-        act, d_ff = hf.get("afn", "gelu"), 4 * d
-        act = "gelu_new" if act == "gelu" else act  # openai-gpt's "gelu" is the tanh form
-        unsupported = {}
-    unsupported["tie_word_embeddings"] = (hf.get("tie_word_embeddings", True), True)
-    if act not in TANH_GELUS:
-        raise UserError(f"activation '{act}' is not supported: gptjax's MLP uses the tanh GELU "
-                        f"({', '.join(TANH_GELUS)})")
-    for key, (value, wanted) in unsupported.items():
-        if value != wanted:
-            raise UserError(f"Hugging Face config {key}={value} is not supported (gptjax needs {wanted})")
-    c = config_lib.base_config()
-    c.name = f"hf-{kind}"
-    max_len = _get(hf, "n_positions", "n_ctx", "max_position_embeddings")
-    c.model.update(block="pre_ln" if kind == "gpt2" else "post_ln", vocab_size=_get(hf, "vocab_size"),
-                   n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=_get(hf, "n_head", "num_attention_heads"),
-                   d_model=d, d_ff=d_ff, max_len=max_len, ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-                   init_std=float(hf.get("initializer_range", 0.02)),
-                   # One dropout rate covers embeddings and residual branches here.
-                   dropout=float(hf.get("resid_pdrop", 0.1)), attn_dropout=float(hf.get("attn_pdrop", 0.1)),
-                   scale_residual_init=kind == "gpt2")
-    c.train.seq_len = max_len
-    config_lib.validate(c)
-    return c
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """The ModelConfig of a Hugging Face GPT-2 / openai-gpt config.json: its architecture, its
+    dropout rates, and gptjax's defaults for the other execution settings (the config.json says
+    nothing of how to run the weights here); a UserError for a setting gptjax cannot represent."""
+    values = config_lib.base_config().model.to_dict()
+    # One dropout rate covers embeddings and residual branches here.
+    values.update(dataclasses.asdict(Architecture.from_hf_config(hf)),
+                  dropout=float(hf.get("resid_pdrop", 0.1)), attn_dropout=float(hf.get("attn_pdrop", 0.1)))
+    model_config = ModelConfig.from_config(values)
+    config_lib.validate_model(model_config)
+    return model_config
 
 
 def hf_config_from(m: ModelConfig, tokenizer=None) -> dict:
-    """config.json for transformers: GPT-2 for pre-LN models, openai-gpt for post-LN ones."""
-    common = dict(vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.n_layer,
-                  n_head=m.n_head, layer_norm_epsilon=m.ln_eps, initializer_range=m.init_std,
-                  resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.attn_dropout,
-                  tie_word_embeddings=True, torch_dtype="float32", dtype="float32")
+    """config.json for transformers: the architecture's fields, the dropout rates, float32, and the
+    tokenizer's special ids."""
+    hf = dict(m.architecture().hf_config(), resid_pdrop=m.dropout, embd_pdrop=m.dropout,
+              attn_pdrop=m.attn_dropout, torch_dtype="float32", dtype="float32")
     if tokenizer is not None:
         # GPT-2's convention: one end-of-text id serves as both bos and eos. An id the embedding lacks
         # (a token the tokenizer added past the model's rows) is left unnamed.
         ids = dict(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-        common.update({k: v if v < m.vocab_size else None for k, v in ids.items()})
+        hf.update({k: v if v < m.vocab_size else None for k, v in ids.items()})
     else:  # transformers' GPT-2 default of 50256 would point outside a smaller vocabulary
-        common.update(bos_token_id=None, eos_token_id=None)
-    if m.block == "pre_ln":
-        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new",
-                    n_inner=None if m.d_ff == 4 * m.d_model else m.d_ff, scale_attn_weights=True, **common)
-    if m.d_ff != 4 * m.d_model:
-        raise UserError(f"openai-gpt has no MLP-width setting (it is 4 * n_embd = {4 * m.d_model}), but this "
-                        f"post-LN model has model.d_ff={m.d_ff}; only pre-LN models export with any width (as GPT-2)")
-    return dict(architectures=["OpenAIGPTLMHeadModel"], model_type="openai-gpt", afn="gelu", n_ctx=m.max_len, **common)
+        hf.update(bos_token_id=None, eos_token_id=None)
+    return hf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,13 +198,12 @@ def _abstract(m: ModelConfig):
     return nnx.split(nnx.eval_shape(lambda: init_decoder(m, 0)), nnx.Param)
 
 
-def load_hf(path: str):
-    """(gptjax config, Decoder holding the folder's weights) for a GPT-2 / openai-gpt folder."""
+def load_hf(path: str) -> tuple[ModelConfig, Decoder]:
+    """(ModelConfig, Decoder holding the folder's weights) for a GPT-2 / openai-gpt folder."""
     hf = read_hf_config(path)
     if hf is None:
         raise UserError(f"{path} is not a Hugging Face model folder (no config.json with a model_type)")
-    config = config_from_hf(hf)
-    m = ModelConfig.from_config(config.model)
+    m = model_config_from_hf(hf)
     # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model "h.0...": accept both. Buffers
     # (attn.bias, attn.masked_bias) and the tied lm_head.weight are simply never looked up.
     tensors = read_weights(path)
@@ -263,7 +221,7 @@ def load_hf(path: str):
         if ours == "wte":  # our embedding has extra rows up to a multiple of vocab_pad_multiple
             value = np.pad(value, ((0, ours_shapes["wte"][0] - shape[0]), (0, 0)))
         flat[ours] = jnp.asarray(value.reshape(ours_shapes[ours]))
-    return config, nnx.merge(graphdef, checkpoint.unflatten(flat, like))
+    return m, nnx.merge(graphdef, checkpoint.unflatten(flat, like))
 
 
 def save_hf(model_config: ModelConfig, module: Decoder, path: str, tokenizer=None) -> None:

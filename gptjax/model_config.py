@@ -7,69 +7,59 @@ were edited after the fact. The model takes this dataclass instead:
     model_config = ModelConfig.from_config(config.model)
     decoder = init_decoder(model_config, seed)
 
-Its fields are exactly the `model.*` fields of `config.base_config()`, which stays the one place
-that holds their defaults and docs (each field's doc is read from there); tests/test_model_config.py
-holds the two to the same names and types.
-Range and cross-field checks (choices, positivity, d_model % n_head) stay in `config.validate`,
-which every loaded config has passed; this class checks only names and types.
+Its fields are exactly the `model.*` fields of `config.base_config()`, which holds their defaults
+and docs (each field's doc is read from there); tests/test_model_config.py holds the two to the
+same names and types, and `Architecture`'s defaults to the schema's.
+Range and cross-field checks (choices, positivity, d_model % n_head) stay in `config.validate`
+(`config.validate_model` for a model section alone), which every loaded config has passed; this
+class checks only names and types.
 
-Each field is of one of two kinds, declared here and nowhere else. The architecture is what the
-weights are (shapes, block kind, vocabulary, LayerNorm epsilon, initialisation): a checkpoint
-fixes it, so a resume refuses any change of it and fine-tuning takes it from the pretrained
-model. Execution settings (dtype, attention, remat, loss chunking) and dropout rates say how
-the weights are run and trained; they may change on resume (the run prints which) and each
-fine-tuning run sets its own.
+Each field is of one of two kinds. The architecture is what the weights are: the fields of
+`Architecture` (architecture.py, which declares the set), and `architecture()` is that value. A
+checkpoint fixes it, so a resume refuses any change of it and fine-tuning takes it from the
+pretrained model. Every other field is an execution setting (dtype, attention, remat, loss
+chunking, dropout rates): how the weights are run and trained. Those may change on resume (the
+run prints which) and each fine-tuning run sets its own.
 """
 
 import dataclasses
 
+from gptjax.architecture import Architecture, check_field_types
 from gptjax.config import FIELD_DOCS, base_config, padded_vocab_size
 from gptjax.errors import UserError
 
 base_config()  # fills FIELD_DOCS: the schema is the one place a field's doc is written
 
-
-def _accepts(kind: type, value) -> bool:
-    if kind in (int, float) and isinstance(value, bool):  # True is an int to Python, not to a config
-        return False
-    return isinstance(value, (int, float) if kind is float else kind)
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(Architecture))
 
 
-def _architecture(name: str):
-    return dataclasses.field(metadata={"doc": FIELD_DOCS[f"model.{name}"], "architecture": True})
-
-
-def _execution(name: str):
-    return dataclasses.field(metadata={"doc": FIELD_DOCS[f"model.{name}"], "architecture": False})
+def _field(name: str):
+    return dataclasses.field(metadata={"doc": FIELD_DOCS[f"model.{name}"],
+                                       "architecture": name in ARCHITECTURE_FIELDS})
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    block: str = _architecture("block")
-    vocab_size: int = _architecture("vocab_size")
-    vocab_pad_multiple: int = _architecture("vocab_pad_multiple")
-    n_layer: int = _architecture("n_layer")
-    n_head: int = _architecture("n_head")
-    d_model: int = _architecture("d_model")
-    d_ff: int = _architecture("d_ff")
-    max_len: int = _architecture("max_len")
-    dropout: float = _execution("dropout")
-    attn_dropout: float = _execution("attn_dropout")
-    init_std: float = _architecture("init_std")
-    scale_residual_init: bool = _architecture("scale_residual_init")
-    ln_eps: float = _architecture("ln_eps")
-    dtype: str = _execution("dtype")
-    attention: str = _execution("attention")
-    remat: str = _execution("remat")
-    loss_chunk_len: int = _execution("loss_chunk_len")
+    block: str = _field("block")
+    vocab_size: int = _field("vocab_size")
+    vocab_pad_multiple: int = _field("vocab_pad_multiple")
+    n_layer: int = _field("n_layer")
+    n_head: int = _field("n_head")
+    d_model: int = _field("d_model")
+    d_ff: int = _field("d_ff")
+    max_len: int = _field("max_len")
+    dropout: float = _field("dropout")
+    attn_dropout: float = _field("attn_dropout")
+    init_std: float = _field("init_std")
+    scale_residual_init: bool = _field("scale_residual_init")
+    ln_eps: float = _field("ln_eps")
+    dtype: str = _field("dtype")
+    attention: str = _field("attention")
+    remat: str = _field("remat")
+    loss_chunk_len: int = _field("loss_chunk_len")
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not _accepts(field.type, value):
-                raise UserError(f"model.{field.name} expects {field.type.__name__}, got {value!r}")
-            # JSON writes 0.0 as 0: stored as the field's own type, equal configs print and hash alike.
-            object.__setattr__(self, field.name, field.type(value))
+        check_field_types(self)
 
     @classmethod
     def from_config(cls, section) -> "ModelConfig":
@@ -85,9 +75,9 @@ class ModelConfig:
             raise UserError(f"model config lacks key(s) {', '.join(repr(k) for k in missing)}")
         return cls(**values)
 
-    def architecture(self) -> dict:
-        """{field: value} of what the weights are (the module docstring says which fields)."""
-        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+    def architecture(self) -> Architecture:
+        """What the weights are: two models whose architectures are equal hold interchangeable weights."""
+        return Architecture(**{name: getattr(self, name) for name in ARCHITECTURE_FIELDS})
 
     @property
     def padded_vocab(self) -> int:
@@ -99,5 +89,4 @@ class ModelConfig:
         return self.d_model // self.n_head
 
 
-ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata["architecture"])
 EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if not f.metadata["architecture"])

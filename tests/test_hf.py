@@ -5,6 +5,7 @@ The parity tests build random-weight models with `transformers` on PyTorch (CPU,
 are skipped where those are not installed; the other tests need neither.
 """
 
+import dataclasses
 import json
 import struct
 
@@ -132,6 +133,13 @@ def test_export_then_import_gives_back_the_same_model(tmp_path, block, model_typ
     for key in SMALL:
         assert again.config.model[key] == model.config.model[key], key
     assert again.config.model.block == block
+    # openai-gpt has no residual-init scaling, and this tiny post-LN model was initialised with it
+    assert again.model_config.architecture() == dataclasses.replace(model.model_config.architecture(),
+                                                                     scale_residual_init=block == "pre_ln")
+    # The run config built around the folder's weights: named for its kind, valid, and its row length
+    # the weights' context (the schema's default of 1024 would exceed it).
+    assert again.config.name == f"hf-{model_type}" and again.config.train.seq_len == 16
+    assert again.flops_per_token() == again.module.flops_per_token(16)
     a, b = flat_params(model), flat_params(again)
     assert sorted(a) == sorted(b)
     for name in a:
@@ -193,6 +201,7 @@ def write_config(folder, **values):
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True is not supported"),
     ({"tie_word_embeddings": False}, "tie_word_embeddings=False is not supported"),
     ({"n_embd": None}, "config.json has no 'n_embd'"),
+    ({"n_embd": 30}, r"model.d_model \(30\) must be divisible by model.n_head \(4\)"),  # before any weights are read
     ({}, "no weights in .*: expected model.safetensors or pytorch_model.bin"),
 ])
 def test_unusable_folders_are_user_errors(tmp_path, values, message):
