@@ -269,7 +269,7 @@ def _finetune(config, task, workdir: str, progress: bool) -> dict:
              f"to fine-tune again")
         return {"finished_before": True, **finished}
     # The data first: a missing dataset is reported before minutes of loading weights.
-    read = partial(read_split, task, source=config.source, seed=config.data.seed,
+    read = partial(read_split, task, task_data=config.task_data, seed=config.data.seed,
                    tfds_data_dir=config.data.tfds_data_dir)
     examples = read("train")
     if config.finetune.max_examples:

@@ -145,7 +145,8 @@ _ARCHITECTURE = frozenset(f"model.{name}" for name in ARCHITECTURE_FIELDS)
 
 def config_changes(saved: dict, config) -> dict:
     """{field: (saved value, current value)} for every setting that differs from the checkpoint's."""
-    before, now = _flat_settings(saved), _flat_settings(json.loads(config_lib.to_json(config)))
+    before = _flat_settings(config_lib.saved_values(saved))  # a run saved before a key was renamed
+    now = _flat_settings(json.loads(config_lib.to_json(config)))
     return {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and k != "train.resume"}
 
 
