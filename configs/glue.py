@@ -11,7 +11,7 @@ weight 0.5. The paper gives no per-task values beyond "most tasks"; change them 
 
 The model's shape (layers, width, vocabulary, context) comes from `init_from`; the model section
 here only sets what fine-tuning chooses itself (dropout, compute dtype, attention, remat). Data:
-`--config.source=tfds` (default for GLUE; prepared `glue/<task>` under TFDS_DATA_DIR), `tsv:<the
+`--config.task_data=tfds` (default for GLUE; prepared `glue/<task>` under TFDS_DATA_DIR), `tsv:<the
 GLUE folder>` or `jsonl:<folder>`. Every task: `--config.task=all` with `gptjax eval` scores the
 runs WORKDIR/<task> together and writes the GLUE submission folder.
 

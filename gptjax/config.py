@@ -116,8 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
     for key, value, doc in (
             ("task", "", "fine-tuning / evaluation task: a name (sst2, mnli, synthetic_sentiment, ...), "
                          "a comma-separated list, or all (the GLUE tasks)"),
-            ("source", "auto", "task data: auto (synthetic tasks: synthetic, GLUE: tfds), synthetic, tfds, "
-                               "tfds:<data_dir>, tsv:<GLUE folder>, jsonl:<folder>"),
+            ("task_data", "auto", "where the task's examples come from (pretraining text is data.source): auto "
+                                  "(synthetic tasks: synthetic, GLUE: tfds), synthetic, tfds, tfds:<data_dir>, "
+                                  "tsv:<GLUE folder>, jsonl:<folder>"),
             ("init_from", "", "fine-tuning starts from these params: a gptjax workdir or checkpoint, or a Hugging "
                               "Face GPT-2 / openai-gpt folder (empty = random init, no pretraining)"),
             ("mode", "finetuned", "eval: finetuned (the run in --workdir), zero_shot or few_shot (score a "
@@ -138,6 +139,29 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.lock()
     return c
+
+
+# Top-level keys that were renamed: old name -> (new name, what it is). A run saved under the old
+# name reads as the new one; a config file or override that sets the old name is told the new.
+RENAMED_KEYS = {"source": ("task_data", "the fine-tuning / eval task data; pretraining text stays data.source")}
+
+
+def _renamed_key(key: str) -> UserError:
+    new, what = RENAMED_KEYS[key]
+    return UserError(f"config key '{key}' is now '{new}' ({what}): set {new} instead")
+
+
+def saved_values(values):
+    """A config as a run saved it (WORKDIR/config.json, a checkpoint's meta) under today's key
+    names: runs written before a rename keep loading, resuming and evaluating. Every reader of
+    a saved config goes through here."""
+    if not isinstance(values, dict):
+        return values  # damaged: its reader says so
+    values = dict(values)
+    for old, (new, _) in RENAMED_KEYS.items():
+        if old in values and new not in values:
+            values[new] = values.pop(old)
+    return values
 
 
 def gpt2_config(name: str, n_layer: int, n_head: int, d_model: int, lr: float,
@@ -172,10 +196,15 @@ def load_config(path: str, overrides: list[str] | None = None) -> ml_collections
         raise UserError(f"{path} has no get_config() function")
     try:
         config = module.get_config()
-    except AttributeError as e:  # the locked ConfigDict refusing a field it does not have
+    except (AttributeError, KeyError) as e:  # the locked ConfigDict refusing a field it does not have
         key = re.search(r'Key "(\w+)" does not exist', str(e))
         if key is None:
             raise
+        # The refusing dict lists its fields; the old name means the renamed key only where that
+        # listing is the top level's, the one with the new name in it ('task_data': ...).
+        old = key.group(1)
+        if old in RENAMED_KEYS and re.search(rf"\\?'{RENAMED_KEYS[old][0]}\\?':", str(e)):
+            raise UserError(f"{path}: {_renamed_key(old)}") from None
         close = re.search(r'Did you mean "(\w+)"', str(e))
         hint = f"; did you mean '{close.group(1)}'?" if close else ""
         raise UserError(f"{path} sets unknown config key '{key.group(1)}'{hint}") from None
@@ -197,7 +226,7 @@ def config_from_dict(values: dict, source: str = "the saved config") -> ml_colle
     if not isinstance(values, dict):
         raise UserError(f"{source} holds a JSON {type(values).__name__}, not the object of config sections "
                         f"a run writes; it is damaged: restore it from a backup or start a new --workdir")
-    config = base_config()
+    values, config = saved_values(values), base_config()
     try:
         for section, fields in values.items():
             if isinstance(fields, dict):
@@ -257,6 +286,8 @@ def _all_keys(config, prefix=""):
 
 
 def _unknown_key(config, key: str) -> UserError:
+    if key in RENAMED_KEYS:
+        return _renamed_key(key)
     close = difflib.get_close_matches(key, list(_all_keys(config)), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return UserError(f"unknown config key '{key}'{hint}")

@@ -91,9 +91,9 @@ class FinetunedPredictor:
         self.directory = directory
 
     def data_settings(self, eval_config) -> dict:
-        """Where the run read its task (unless the eval config names a source)."""
-        source = eval_config.source if eval_config.source != "auto" else self.config.source
-        return {"source": source, "seed": self.config.data.seed,
+        """Where the run read its task (unless the eval config names its own task_data)."""
+        task_data = eval_config.task_data if eval_config.task_data != "auto" else self.config.task_data
+        return {"task_data": task_data, "seed": self.config.data.seed,
                 "tfds_data_dir": eval_config.data.tfds_data_dir or self.config.data.tfds_data_dir}
 
     def predict(self, task, examples, split: str) -> np.ndarray:
@@ -148,7 +148,7 @@ def evaluate(config, workdir: str) -> dict:
             continue
         predictor = FinetunedPredictor(runs[task.name], config) if lm is None else None
         data = predictor.data_settings(config) if predictor else {
-            "source": config.source, "seed": config.data.seed, "tfds_data_dir": config.data.tfds_data_dir}
+            "task_data": config.task_data, "seed": config.data.seed, "tfds_data_dir": config.data.tfds_data_dir}
         split_examples = {split: read_split(task, split, **data) for split in splits}
         for split, examples in split_examples.items():
             _check_submission_size(task, split, examples)

@@ -307,8 +307,8 @@ def _check_workdir_holds(task, workdir: str) -> None:
 
 
 def read_task_data(config, task) -> tuple[list, dict]:
-    """(train examples, {validation split: examples}) of the task, from config.source."""
-    read = partial(read_split, task, source=config.source, seed=config.data.seed,
+    """(train examples, {validation split: examples}) of the task, from config.task_data."""
+    read = partial(read_split, task, task_data=config.task_data, seed=config.data.seed,
                    tfds_data_dir=config.data.tfds_data_dir)
     examples = read("train")
     if config.finetune.max_examples:

@@ -46,7 +46,8 @@ def settings_of(config) -> dict:
 
 def config_changes(saved: dict, settings: dict) -> dict:
     """{field: (saved value, current value)} for every setting that differs from the checkpoint's."""
-    before, now = _flat(saved), _flat(settings)
+    before = _flat(config_lib.saved_values(saved))  # a run saved before a key was renamed
+    now = _flat(settings)
     return {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and k != "train.resume"}
 
 

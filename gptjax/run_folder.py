@@ -9,10 +9,10 @@ from gptjax.errors import UserError
 
 
 def saved_config(workdir: str) -> dict:
-    """WORKDIR/config.json of a run as written ({} where there is none); "task" names a
-    fine-tuning run's task and is empty for a pretraining run."""
+    """WORKDIR/config.json of a run as written, under today's key names ({} where there is none);
+    "task" names a fine-tuning run's task and is empty for a pretraining run."""
     path = os.path.join(workdir, "config.json")
-    return config_lib.read_json(path, fields={}) if os.path.isfile(path) else {}
+    return config_lib.saved_values(config_lib.read_json(path, fields={})) if os.path.isfile(path) else {}
 
 
 def has_best(workdir: str) -> bool:

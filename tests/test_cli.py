@@ -21,6 +21,9 @@ def run(*args, cwd=None):
      "error: config file not found: configs/missing.py"),
     (["pretrain", "--config", "configs/tiny.py", "--workdir", "W", "--steps", "3"],
      "error: unrecognised argument '--steps'"),
+    (["finetune", "--config", "configs/glue.py", "--workdir", "W", "--config.task=wnli", "--config.source=tsv:x"],
+     "error: config key 'source' is now 'task_data' (the fine-tuning / eval task data; pretraining text stays "
+     "data.source): set task_data instead"),
     (["generate", "--workdir", "no/such/run", "--prompt", "x"],
      "error: no/such/run is not a gptjax workdir"),
 ])

@@ -1,6 +1,7 @@
 """Config files, overrides and validation: every mistake names the key to change."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -102,3 +103,76 @@ def test_padded_vocab_size():
     assert padded_vocab_size(128, 128) == 128
     assert padded_vocab_size(129, 128) == 256
     assert padded_vocab_size(50257, 1) == 50257
+
+
+# The key `task_data` was called `source` (beside data.source, the pretraining text).
+RENAMED = ("config key 'source' is now 'task_data' (the fine-tuning / eval task data; pretraining text "
+           "stays data.source): set task_data instead")
+
+
+def test_the_old_task_data_key_is_refused_with_its_new_name(tmp_path):
+    from gptjax.cli import split_overrides
+
+    for argv in (["--config.source=tsv:x"], ["--config.source", "tsv:x"]):
+        with pytest.raises(UserError) as e:
+            load_config("configs/glue.py", split_overrides(argv))
+        assert str(e.value) == RENAMED
+    assert load_config("configs/glue.py", ["task_data=tsv:x"]).task_data == "tsv:x"
+    assert load_config("configs/tiny.py", ["data.source=synthetic,synthetic"]).data.source == "synthetic,synthetic"
+    for line in ('c.source = "tsv:x"', 'c["source"] = "tsv:x"', 'c.update(source="tsv:x")'):
+        path = tmp_path / "old.py"
+        path.write_text(f"from gptjax.config import base_config\ndef get_config():\n    c = base_config()\n"
+                        f"    {line}\n    return c\n")
+        with pytest.raises(UserError) as e:
+            load_config(str(path))
+        assert str(e.value) == f"{path}: {RENAMED}", line
+    # Only the top level's `source` was renamed: in another section it is just an unknown key.
+    path.write_text("from gptjax.config import base_config\ndef get_config():\n    c = base_config()\n"
+                    "    c.train.source = 'x'\n    return c\n")
+    with pytest.raises(UserError, match="sets unknown config key 'source'$"):
+        load_config(str(path))
+    with pytest.raises(UserError, match=r"^unknown config key 'train\.source'"):
+        apply_overrides(base_config(), ["train.source=x"])
+
+
+def _old_run_folder(tmp_path, task_data="tsv:/data/glue"):
+    """A fine-tuning run's folder as written before the rename: config.json with a top-level "source"."""
+    values = load_config("configs/glue.py", ["task=wnli", f"task_data={task_data}"]).to_dict()
+    values["source"] = values.pop("task_data")
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    return values
+
+
+def test_a_run_saved_before_the_rename_reads_its_task_data(tmp_path):
+    from gptjax import run_folder
+    from gptjax.evaluate import FinetunedPredictor
+
+    old = _old_run_folder(tmp_path)
+    saved = run_folder.saved_config(str(tmp_path))
+    assert saved["task_data"] == "tsv:/data/glue" and "source" not in saved and saved["task"] == "wnli"
+    path = str(tmp_path / "config.json")
+    config = config_from_dict(json.loads(open(path).read()), source=path)  # from_pretrained's read
+    assert config.task_data == "tsv:/data/glue" and config.data.source == old["data"]["source"]
+    assert "source" not in config
+    assert config_from_dict(saved, source=path).to_dict() == config.to_dict()
+    # Eval of that run reads the task where the run did, unless the eval config names other task data.
+    predictor = FinetunedPredictor.__new__(FinetunedPredictor)  # data_settings needs only the run's config
+    predictor.config = config
+    assert predictor.data_settings(load_config("configs/glue.py"))["task_data"] == "tsv:/data/glue"
+    assert predictor.data_settings(load_config("configs/glue.py", ["task_data=tfds"]))["task_data"] == "tfds"
+    # Both names at once were never written by any run: the file is named with the one clear error.
+    with pytest.raises(UserError) as e:
+        config_from_dict({**old, "task_data": "tfds"}, source=path)
+    assert str(e.value) == f"{path}: {RENAMED}"
+
+
+def test_resuming_a_run_saved_before_the_rename_reports_no_change(tmp_path):
+    from gptjax.loop import config_changes
+
+    old = _old_run_folder(tmp_path)  # a checkpoint's meta "config" holds the same dict as config.json
+    same = load_config("configs/glue.py", ["task=wnli", "task_data=tsv:/data/glue"])
+    assert config_changes(old, same) == {}
+    other = load_config("configs/glue.py", ["task=wnli", "task_data=tfds", "train.lr=1e-4"])
+    assert config_changes(old, other) == {"task_data": ("tsv:/data/glue", "tfds"),
+                                          "train.lr": (old["train"]["lr"], 1e-4)}
+    assert "source" in old  # the saved dict itself is read, not changed

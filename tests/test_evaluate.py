@@ -96,7 +96,7 @@ def test_glue_task_from_tsv_writes_the_submission_file(pretrained, tmp_path, cap
     glue = glue_folder(str(tmp_path / "glue"), 146)  # WNLI's official test size
     run = str(tmp_path / "wnli")
     args = ["--config", "configs/tiny.py", "--workdir", run, "--no-progress", "--config.task=wnli",
-            f"--config.source=tsv:{glue}", f"--config.init_from={pretrained}", *[f"--config.{o}" for o in FT]]
+            f"--config.task_data=tsv:{glue}", f"--config.init_from={pretrained}", *[f"--config.{o}" for o in FT]]
     assert cli.main(["finetune", *args]) == 0
     assert cli.main(["eval", *[a for a in args if a != "--no-progress"]]) == 0
     out = capsys.readouterr().out
@@ -114,11 +114,29 @@ def test_glue_task_from_tsv_writes_the_submission_file(pretrained, tmp_path, cap
 def test_partial_test_split_is_refused_for_submission(pretrained, tmp_path):
     glue = glue_folder(str(tmp_path / "glue"), 10)
     run = str(tmp_path / "wnli")
-    config = load_config("configs/tiny.py", [*FT, "task=wnli", f"source=tsv:{glue}", f"init_from={pretrained}"])
+    config = load_config("configs/tiny.py", [*FT, "task=wnli", f"task_data=tsv:{glue}", f"init_from={pretrained}"])
     finetune(config, run, progress=False)
     with pytest.raises(UserError, match="wnli test has 10 examples, the official split 146"):
         evaluate(config, run)
     assert not os.path.exists(os.path.join(run, "eval", "glue_submission"))  # refused before predicting
+
+
+def test_a_run_saved_before_task_data_was_named_so_still_evaluates(pretrained, tmp_path):
+    """Older runs' config.json holds the task data as a top-level "source"; eval reads the task there."""
+    glue = glue_folder(str(tmp_path / "glue"), 10)
+    run = str(tmp_path / "wnli")
+    settings = [*FT, "task=wnli", "finetune.splits=validation"]
+    finetune(load_config("configs/tiny.py", [*settings, f"task_data=tsv:{glue}", f"init_from={pretrained}"]),
+             run, progress=False)
+    path = os.path.join(run, "config.json")
+    values = json.load(open(path))
+    values["source"] = values.pop("task_data")
+    with open(path, "w") as f:
+        json.dump(values, f)
+    # The eval config's task_data=auto means the run's: its tsv: folder (20 dev examples), not TFDS's WNLI.
+    summary = evaluate(load_config("configs/tiny.py", settings), run)
+    dev = read_tsv_split(glue, "wnli", "validation")
+    assert summary["tasks"]["wnli"]["splits"]["validation"]["examples"] == len(dev) == 20
 
 
 def test_zero_shot_scores_a_pretrained_model(pretrained, tmp_path):

@@ -140,7 +140,7 @@ def test_finetune_then_eval_from_a_model_folder_on_a_glue_tsv_folder(folders, tm
     _, _, folder, vocab = model_folder(folders, tmp_path, kind)
     glue = glue_folder(str(tmp_path / "glue"), 146)  # WNLI's official test size
     run = tmp_path / "run"
-    common = ["--config", "configs/glue.py", "--config.task=wnli", f"--config.source=tsv:{glue}",
+    common = ["--config", "configs/glue.py", "--config.task=wnli", f"--config.task_data=tsv:{glue}",
               "--workdir", str(run), "--config.finetune.eval_batch_size=8", "--config.model.dtype=float32"]
     capsys.readouterr()
     assert cli.main(["finetune", *common, f"--config.init_from={folder}", "--no-progress",
