@@ -167,12 +167,12 @@ def test_a_run_saved_before_the_rename_reads_its_task_data(tmp_path):
 
 
 def test_resuming_a_run_saved_before_the_rename_reports_no_change(tmp_path):
-    from gptjax.loop import config_changes
+    from gptjax.resume import config_changes, settings_of
 
     old = _old_run_folder(tmp_path)  # a checkpoint's meta "config" holds the same dict as config.json
     same = load_config("configs/glue.py", ["task=wnli", "task_data=tsv:/data/glue"])
-    assert config_changes(old, same) == {}
+    assert config_changes(old, settings_of(same)) == {}
     other = load_config("configs/glue.py", ["task=wnli", "task_data=tfds", "train.lr=1e-4"])
-    assert config_changes(old, other) == {"task_data": ("tsv:/data/glue", "tfds"),
+    assert config_changes(old, settings_of(other)) == {"task_data": ("tsv:/data/glue", "tfds"),
                                           "train.lr": (old["train"]["lr"], 1e-4)}
     assert "source" in old  # the saved dict itself is read, not changed
