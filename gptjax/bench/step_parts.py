@@ -48,16 +48,16 @@ def _sum_grad(f):
 
 
 def time_parts(trainer, batch: dict, repeats: int) -> list[tuple[str, int, float]]:
-    """[(part, times per step, ms each)] for `trainer`'s config, ending with the whole step."""
+    """[(part, times per step, ms each)] for `trainer`'s model on `batch`, ending with the whole step."""
     with jax.set_mesh(trainer.mesh):  # the model's activation constraints read it
         return _time_parts(trainer, batch, repeats)
 
 
 def _time_parts(trainer, batch: dict, repeats: int) -> list[tuple[str, int, float]]:
-    config = trainer.config
     model = nnx.merge(trainer.graphdef, trainer.state.params)
-    b, t, d = config.train.batch_size, config.train.seq_len, config.model.d_model
-    heads = config.model.n_head
+    m = model.config
+    (b, t), d = batch["tokens"].shape, m.d_model
+    heads = m.n_head
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(b, t, d)), model.dtype)
     rows = []
@@ -73,23 +73,23 @@ def _time_parts(trainer, batch: dict, repeats: int) -> list[tuple[str, int, floa
     def block(params, x):
         return nnx.merge(block_def, params)(x, segment_ids=segment_ids)
 
-    if config.model.remat != "none":
-        block = jax.checkpoint(block, policy=REMAT_POLICIES[config.model.remat])
-    rows.append(("block (forward + backward)", config.model.n_layer,
+    if m.remat != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[m.remat])
+    rows.append(("block (forward + backward)", m.n_layer,
                  _time_ms(_sum_grad(block), (block_params, x), repeats)))
 
     q = jnp.asarray(rng.normal(size=(b, t, heads, d // heads)), model.dtype)
-    impl = config.model.attention
+    impl = m.attention
 
     def attend(q, k):
         return attention.attend(impl, q, k, k, segment_ids=segment_ids)
 
-    rows.append(("  of which attention", config.model.n_layer, _time_ms(_sum_grad(attend), (q, q), repeats)))
+    rows.append(("  of which attention", m.n_layer, _time_ms(_sum_grad(attend), (q, q), repeats)))
 
     def head(x, wte, targets, loss_mask):
         def project(h):
             return jnp.einsum("btd,vd->btv", h, wte.astype(h.dtype))
-        return projected_lm_loss(x, project, targets, loss_mask, config.model.vocab_size, config.model.loss_chunk_len)[0]
+        return projected_lm_loss(x, project, targets, loss_mask, m.vocab_size, m.loss_chunk_len)[0]
 
     head_grad = jax.jit(jax.grad(head, argnums=(0, 1)))
     rows.append(("vocabulary projection + loss", 1,
