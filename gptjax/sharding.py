@@ -194,15 +194,18 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, spec(("batch", "length")))
 
 
-def rows_to_mesh(batch: dict, rows: NamedSharding) -> dict:
-    """A global batch (the same host arrays on every process) as arrays on the mesh in `rows`,
-    a sharding that splits the first axis: process p gives its contiguous block of rows, so row i
-    of each result is row i of the input. Every global batch goes on the mesh this way (held-out
-    scoring, fine-tuning, evaluation); the training loader's batches are process-local already."""
+def rows_to_mesh(batch: dict, rows: NamedSharding, *, process_local: bool = False) -> dict:
+    """Host rows as arrays on the mesh in `rows`, a sharding that splits the first axis; every
+    batch goes on the mesh here. A global batch (the same host arrays on every process: held-out
+    scoring, fine-tuning, evaluation): process p gives its contiguous block of rows, so row i of
+    each result is row i of the input. `process_local`: each process holds its own block already
+    (the training loader's batches)."""
     n, p = jax.process_count(), jax.process_index()
 
     def put(x):
         x = np.asarray(x)
+        if process_local:
+            return jax.make_array_from_process_local_data(rows, x)
         if len(x) % n:
             raise ValueError(f"a batch of {len(x)} rows does not split over {n} processes")
         block = len(x) // n

@@ -13,6 +13,8 @@ import threading
 import jax
 import numpy as np
 
+from gptjax.sharding import rows_to_mesh
+
 
 class _Steps:
     """A grain random-access source whose record `i` is the batch of step `start + i`."""
@@ -51,7 +53,7 @@ class Loader:
         self._thread.start()
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: jax.make_array_from_process_local_data(self.sharding, np.asarray(v)) for k, v in batch.items()}
+        return rows_to_mesh(batch, self.sharding, process_local=True)
 
     def _fill(self) -> None:
         try:
