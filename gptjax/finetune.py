@@ -33,6 +33,7 @@ from gptjax.errors import UserError
 from gptjax.model import init_task_model
 from gptjax.model_config import EXECUTION_FIELDS, ModelConfig
 from gptjax.optim import Schedule, lr_schedule, make_optimizer
+from gptjax.task_predictor import TaskPredictor, check_batch_size, predictions
 from gptjax.tasks import get_task, transforms
 from gptjax.tasks.scores import main_score, task_scores
 from gptjax.tasks.splits import read_split
@@ -67,50 +68,10 @@ def batch_loss(graphdef, task_type, lm_weight, clf_dropout, pad_id, params, batc
     return total, aux
 
 
-def predict_step(graphdef, params, batch):
-    logits, _ = nnx.merge(graphdef, params)(batch["tokens"], batch["extract"])
-    return logits
-
-
 def finetune_schedule(config, steps: int) -> Schedule:
     """Fine-tuning's learning rate over `steps` updates: train.lr after a warmup over
     finetune.warmup_fraction of them, linear decay to 0 (the GPT-1 recipe)."""
     return Schedule(config.train.lr, steps, math.ceil(config.finetune.warmup_fraction * steps), "linear", 0.0)
-
-
-class TaskPredictor:
-    """A TaskModel on a mesh and its jitted batched prediction; no optimizer state."""
-
-    def __init__(self, config, task, mesh, batch_size: int):
-        """`config`: the run's (model shape, seed); `batch_size`: examples per prediction batch."""
-        self.task, self.mesh, self.batch_size = task, mesh, batch_size
-        model_config = ModelConfig.from_config(config.model)
-        sharding.check_model(model_config, mesh)
-        rows = mesh.shape["data"] * mesh.shape["fsdp"]
-        if batch_size % rows:
-            raise UserError(f"finetune.eval_batch_size ({batch_size}) must be divisible "
-                            f"by the {rows} devices the batch is split over (mesh.data x mesh.fsdp)")
-        make = partial(init_task_model, model_config, task.head_outputs, task.combine, config.train.seed)
-        _, self.graphdef, self.params, self.param_shardings = loop.params_on_mesh(make, mesh)
-        self.rows_sharding = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
-        self._predict = jax.jit(partial(predict_step, self.graphdef), out_shardings=sharding.replicated(mesh))
-
-    def to_mesh(self, batch: dict) -> dict:
-        return sharding.rows_to_mesh(batch, self.rows_sharding)
-
-    def logits(self, encoded: transforms.Encoded, params) -> np.ndarray:
-        """Task logits of every example under `params`; the last batch is padded, its padding
-        rows dropped."""
-        size, out = self.batch_size, []
-        with jax.set_mesh(self.mesh):
-            for start in range(0, len(encoded), size):
-                rows = np.arange(start, min(start + size, len(encoded)))
-                batch = make_batch(encoded, rows, size)
-                out.append(np.asarray(self._predict(params, self.to_mesh(
-                    {"tokens": batch["tokens"], "extract": batch["extract"]})))[:len(rows)])
-        if not out:
-            return np.zeros((0, self.task.head_outputs), np.float32)
-        return np.concatenate(out)
 
 
 class TaskRunner(loop.StepRunner):
@@ -120,17 +81,20 @@ class TaskRunner(loop.StepRunner):
     def __init__(self, config, task, total_steps: int = 1, mesh=None, pad_id: int = PAD_ID):
         mesh = mesh or sharding.make_mesh(config.mesh)
         sharding.check_divisible(config, mesh)
-        self.predictor = TaskPredictor(config, task, mesh, config.finetune.eval_batch_size)
+        check_batch_size(config.finetune.eval_batch_size, mesh)  # before the params are built
         if config.train.grad_accum != 1:
             raise UserError("fine-tuning has no gradient accumulation; set train.grad_accum=1 (and lower "
                             "train.batch_size if memory is short)")
-        p, f = self.predictor, config.finetune
-        schedule = lr_schedule(finetune_schedule(config, total_steps))
+        f = config.finetune
         self.model_config = ModelConfig.from_config(config.model)
-        loss_fn = partial(batch_loss, p.graphdef, task.type, f.lm_weight, f.clf_dropout, pad_id)
-        super().__init__(mesh, p.graphdef, p.params, make_optimizer(config.train, schedule), schedule, loss_fn,
-                         p.rows_sharding, 1, config.train.seed)
-        p.params = None  # this runner's state holds them, donated at every step
+        make = partial(init_task_model, self.model_config, task.head_outputs, task.combine, config.train.seed)
+        _, graphdef, params, self.param_shardings = loop.params_on_mesh(make, mesh)
+        self.predictor = TaskPredictor(graphdef, task, mesh, f.eval_batch_size)
+        schedule = lr_schedule(finetune_schedule(config, total_steps))
+        loss_fn = partial(batch_loss, graphdef, task.type, f.lm_weight, f.clf_dropout, pad_id)
+        rows = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
+        super().__init__(mesh, graphdef, params, make_optimizer(config.train, schedule), schedule, loss_fn,
+                         rows, 1, config.train.seed)
 
     def load_decoder(self, decoder_params: nnx.State, added_from: int | None = None) -> None:
         """Puts pretrained decoder params (any layout) into this model's decoder, sharded. With
@@ -144,9 +108,14 @@ class TaskRunner(loop.StepRunner):
             pretrained = jnp.zeros_like(new).at[:old.shape[0]].set(old[:new.shape[0]])
             flat["wte"] = jnp.where((rows >= added_from) & (rows < end), new, pretrained)
         params = checkpoint.unflatten(flat, self.state.params["decoder"])
-        self.state.params["decoder"] = jax.device_put(params, self.predictor.param_shardings["decoder"])
+        self.state.params["decoder"] = jax.device_put(params, self.param_shardings["decoder"])
+
+    def to_mesh(self, batch: dict) -> dict:
+        """A train batch (the same host arrays on every process) on the mesh, split by rows."""
+        return sharding.rows_to_mesh(batch, self.batch_sharding)
 
     def logits(self, encoded: transforms.Encoded) -> np.ndarray:
+        """Task logits of every example under the current params."""
         return self.predictor.logits(encoded, self.state.params)
 
 
@@ -163,10 +132,6 @@ def make_batch(encoded: transforms.Encoded, rows: np.ndarray, size: int) -> dict
         weights = weights * (labels >= 0)
     return {"tokens": encoded.tokens[picked], "extract": encoded.extract[picked], "labels": labels,
             "weights": weights.astype(np.float32)}
-
-
-def predictions(task, logits: np.ndarray) -> np.ndarray:
-    return logits[:, 0] if task.type == "regression" else logits.argmax(-1)
 
 
 def epoch_rows(n: int, batch_size: int, seed: int, epoch: int, index: int) -> np.ndarray:
@@ -325,7 +290,7 @@ def _finetune(config, task, workdir: str, progress: bool) -> dict:
         def batch(step: int) -> dict:
             epoch, index = divmod(step, per_epoch)
             rows = epoch_rows(len(train), t.batch_size, t.seed, epoch, index)
-            return runner.predictor.to_mesh(make_batch(train, rows, t.batch_size))
+            return runner.to_mesh(make_batch(train, rows, t.batch_size))
 
         def evaluate(done: int):
             nonlocal scores

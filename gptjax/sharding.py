@@ -196,10 +196,13 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def rows_to_mesh(batch: dict, rows: NamedSharding) -> dict:
     """A global batch (the same host arrays on every process) as arrays on the mesh in `rows`,
-    a sharding that splits the first axis: process p gives its contiguous block of rows, so row i
-    of each result is row i of the input. Every global batch goes on the mesh this way (held-out
-    scoring, fine-tuning, evaluation); the training loader's batches are process-local already."""
-    n, p = jax.process_count(), jax.process_index()
+    a sharding that splits the first axis: the p-th of the processes whose devices the mesh holds
+    gives its contiguous block of rows, so row i of each result is row i of the input. Every
+    global batch goes on the mesh this way (held-out scoring, fine-tuning, evaluation); the
+    training loader's batches are process-local already. A mesh of one process's own devices
+    (zero-shot scoring's) takes that process's whole batch."""
+    processes = sorted({device.process_index for device in rows.device_set})
+    n, p = len(processes), processes.index(jax.process_index())
 
     def put(x):
         x = np.asarray(x)
