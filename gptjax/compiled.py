@@ -103,7 +103,7 @@ def _compile(config, devices, kind: str):
         from gptjax.model import init_task_model
         graphdef, params = nnx.split(nnx.eval_shape(
             lambda: init_task_model(ModelConfig.from_config(config.model), 2, "single", t.seed)), nnx.Param)
-        schedule = lr_schedule(ft.finetune_schedule(config, max(t.steps, 1)))
+        schedule = lr_schedule(ft.finetune_schedule(t.lr, config.finetune.warmup_fraction, max(t.steps, 1)))
         f = config.finetune
         loss = partial(ft.batch_loss, graphdef, "classification", f.lm_weight, f.clf_dropout, 0)
         tx = make_optimizer(t, schedule)

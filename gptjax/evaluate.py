@@ -16,18 +16,26 @@ exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from functools import partial
 
+import jax
+import ml_collections
 import numpy as np
+from flax import nnx
 
 from gptjax import checkpoint, config as config_lib, distributed, sharding
 from gptjax.distributed import log_main
 from gptjax.data import tokenizer_files
 from gptjax.errors import UserError
-from gptjax.finetune import TaskPredictor, input_length, predictions
+from gptjax.finetune import input_length
+from gptjax.model import init_task_model
+from gptjax.model_config import ModelConfig
 from gptjax.run_folder import read_best, saved_config
-from gptjax.tasks import GLUE_TASKS, get_task, transforms
+from gptjax.task_predictor import TaskPredictor, check_batch_size
+from gptjax.tasks import GLUE_TASKS, Task, get_task, transforms
 from gptjax.tasks.scores import glue_average, main_score, task_scores
 from gptjax.tasks.splits import read_split
 from gptjax.tasks.submission import write_predictions, write_submission
@@ -66,43 +74,62 @@ def run_dir(workdir: str, task, single: bool) -> str:
                     f"(made by `gptjax finetune --config.task={trained}`)")
 
 
-class FinetunedPredictor:
-    """The best checkpoint of a fine-tuning run, on the mesh of the eval config (prediction only:
-    no optimizer state). Model, tokenizer and input length are the run's."""
+@dataclasses.dataclass(frozen=True)
+class FinetunedRun:
+    """The best checkpoint of a fine-tuning run, loaded for prediction: its params on a mesh (no
+    optimizer state), with the run's own config (model, input length, data) and tokenizer."""
 
-    def __init__(self, directory: str, eval_config):
-        self.config = config_lib.config_from_dict(saved_config(directory), source=os.path.join(directory, "config.json"))
-        self.trained_task = get_task(self.config.task)
-        best = read_best(directory)
-        self.step = best["step"]
-        latest = checkpoint.latest_step(directory)
-        if latest is not None and latest < best.get("total_steps", 0):
-            log_main(f"warning: {directory} has not finished fine-tuning (step {latest} of {best['total_steps']}); "
-                 f"scoring its best epoch so far (step {self.step})")
-        # The eval command's mesh and batch size, whatever the run trained with.
-        mesh = sharding.make_mesh(eval_config.mesh)
-        self.predictor = TaskPredictor(self.config, self.trained_task, mesh, eval_config.finetune.eval_batch_size)
-        reader = checkpoint.Checkpointer(directory, read_only=True)
-        try:
-            self.predictor.params = reader.restore_params(self.step, self.predictor.params)
-        finally:
-            reader.close()
-        self.tokenizer = tokenizer_files.load_folder(directory)
-        self.directory = directory
+    directory: str
+    config: ml_collections.ConfigDict  # the run's saved config
+    task: Task  # the task it was fine-tuned on (mnli for ax)
+    step: int  # its best (best.json)
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    tokenizer: object  # SentencePiece or Hugging Face (data/tokenizer_files.py)
 
-    def data_settings(self, eval_config) -> dict:
-        """Where the run read its task (unless the eval config names its own task_data)."""
-        task_data = eval_config.task_data if eval_config.task_data != "auto" else self.config.task_data
-        return {"task_data": task_data, "seed": self.config.data.seed,
-                "tfds_data_dir": eval_config.data.tfds_data_dir or self.config.data.tfds_data_dir}
 
-    def predict(self, task, examples, split: str) -> np.ndarray:
-        max_len = input_length(self.config)
-        encoded = transforms.encode(task, examples, self.tokenizer, max_len)
-        if encoded.truncated:
-            log_main(f"{task.name} {split}: {encoded.truncated} of {len(encoded)} examples truncated to "
-                     f"{max_len} tokens")
-        return predictions(self.trained_task, self.predictor.logits(encoded, self.predictor.params))
+def load_finetuned(directory: str, mesh) -> FinetunedRun:
+    """The fine-tuning run in `directory` at its best step (best.json), its params read onto
+    `mesh` in the rules' layout, whatever mesh it trained on."""
+    config = config_lib.config_from_dict(saved_config(directory), source=os.path.join(directory, "config.json"))
+    task = get_task(config.task)
+    best = read_best(directory)
+    step = best["step"]
+    latest = checkpoint.latest_step(directory)
+    if latest is not None and latest < best.get("total_steps", 0):
+        log_main(f"warning: {directory} has not finished fine-tuning (step {latest} of {best['total_steps']}); "
+                 f"scoring its best epoch so far (step {step})")
+    model_config = ModelConfig.from_config(config.model)
+    sharding.check_model(model_config, mesh)
+    # The model's structure alone: its parameters are read, never initialised.
+    make = partial(init_task_model, model_config, task.head_outputs, task.combine, config.train.seed)
+    graphdef, abstract = nnx.split(nnx.eval_shape(make), nnx.Param)
+    like = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+                        abstract, sharding.param_shardings(mesh, abstract))
+    reader = checkpoint.Checkpointer(directory, read_only=True)
+    try:
+        params = reader.restore_params(step, like)
+    finally:
+        reader.close()
+    return FinetunedRun(directory, config, task, step, graphdef, params, tokenizer_files.load_folder(directory))
+
+
+def data_settings(run_config, eval_config) -> dict:
+    """Where a fine-tuning run read its task (unless the eval config names a source)."""
+    source = eval_config.source if eval_config.source != "auto" else run_config.source
+    return {"source": source, "seed": run_config.data.seed,
+            "tfds_data_dir": eval_config.data.tfds_data_dir or run_config.data.tfds_data_dir}
+
+
+def predict_finetuned(run: FinetunedRun, predictor: TaskPredictor, task, examples, split: str) -> np.ndarray:
+    """The run's predictions for `examples` of `task` (for ax, the mnli run's), encoded with the
+    run's tokenizer and input length."""
+    max_len = input_length(run.config.finetune, run.config.model)
+    encoded = transforms.encode(task, examples, run.tokenizer, max_len)
+    if encoded.truncated:
+        log_main(f"{task.name} {split}: {encoded.truncated} of {len(encoded)} examples truncated to "
+                 f"{max_len} tokens")
+    return predictor.predict(encoded, run.params)
 
 
 def _labelled(task, examples) -> bool:
@@ -125,10 +152,13 @@ def evaluate(config, workdir: str) -> dict:
     spec = config.task or (saved_config(workdir).get("task", "") if config.mode == "finetuned" else "")
     tasks = task_list(spec)
     main = distributed.is_main()
-    lm, runs, skipped = None, {}, {}
+    lm, runs, skipped, mesh = None, {}, {}, None
     if config.mode == "finetuned":
         # Every run is found before the first prediction: a missing one fails in seconds, not hours.
         runs = {task.name: run_dir(workdir, task, len(tasks) == 1) for task in tasks}
+        # The eval command's mesh and batch size, whatever the runs trained with.
+        mesh = sharding.make_mesh(config.mesh)
+        check_batch_size(config.finetune.eval_batch_size, mesh)
     else:
         from gptjax.api import GPT
         lm = GPT.from_pretrained(config.init_from or workdir)
@@ -146,8 +176,9 @@ def evaluate(config, workdir: str) -> dict:
         splits = task_splits(task, config.finetune.splits)
         if not splits:
             continue
-        predictor = FinetunedPredictor(runs[task.name], config) if lm is None else None
-        data = predictor.data_settings(config) if predictor else {
+        run = load_finetuned(runs[task.name], mesh) if lm is None else None
+        predictor = TaskPredictor(run.graphdef, run.task, mesh, config.finetune.eval_batch_size) if run else None
+        data = data_settings(run.config, config) if run else {
             "task_data": config.task_data, "seed": config.data.seed, "tfds_data_dir": config.data.tfds_data_dir}
         split_examples = {split: read_split(task, split, **data) for split in splits}
         for split, examples in split_examples.items():
@@ -157,11 +188,11 @@ def evaluate(config, workdir: str) -> dict:
             train = read_split(task, "train", **data)
         out_dir = os.path.join(workdir, "eval", task.name)
         task_result = {"mode": config.mode, "splits": {}}
-        if predictor is not None:
-            task_result.update(run=predictor.directory, step=predictor.step)
+        if run is not None:
+            task_result.update(run=run.directory, step=run.step)
         for split, examples in split_examples.items():
             if lm is None:
-                preds, scores = predictor.predict(task, examples, split), None
+                preds, scores = predict_finetuned(run, predictor, task, examples, split), None
             else:
                 scores, preds = zero_shot.evaluate(lm, task, examples, mode=config.mode, shots=config.shots,
                                                    train_examples=train, seed=config.train.seed,

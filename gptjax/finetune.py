@@ -37,6 +37,7 @@ from gptjax.profile_window import ProfileWindow
 from gptjax.progress import ProgressBar
 from gptjax.records import LogRecords
 from gptjax.saving import Checkpoints
+from gptjax.task_predictor import TaskPredictor, check_batch_size, predictions
 from gptjax.tasks import get_task, transforms
 from gptjax.tasks.scores import main_score, task_scores
 from gptjax.tasks.splits import read_split
@@ -71,70 +72,39 @@ def batch_loss(graphdef, task_type, lm_weight, clf_dropout, pad_id, params, batc
     return total, aux
 
 
-def predict_step(graphdef, params, batch):
-    logits, _ = nnx.merge(graphdef, params)(batch["tokens"], batch["extract"])
-    return logits
-
-
-def finetune_schedule(config, steps: int) -> Schedule:
-    """Fine-tuning's learning rate over `steps` updates: train.lr after a warmup over
-    finetune.warmup_fraction of them, linear decay to 0 (the GPT-1 recipe)."""
-    return Schedule(config.train.lr, steps, math.ceil(config.finetune.warmup_fraction * steps), "linear", 0.0)
-
-
-class TaskPredictor:
-    """A TaskModel on a mesh and its jitted batched prediction; no optimizer state."""
-
-    def __init__(self, config, task, mesh, batch_size: int):
-        """`config`: the run's (model shape, seed); `batch_size`: examples per prediction batch."""
-        self.task, self.mesh, self.batch_size = task, mesh, batch_size
-        model_config = ModelConfig.from_config(config.model)
-        sharding.check_model(model_config, mesh)
-        rows = mesh.shape["data"] * mesh.shape["fsdp"]
-        if batch_size % rows:
-            raise UserError(f"finetune.eval_batch_size ({batch_size}) must be divisible "
-                            f"by the {rows} devices the batch is split over (mesh.data x mesh.fsdp)")
-        make = partial(init_task_model, model_config, task.head_outputs, task.combine, config.train.seed)
-        _, self.graphdef, self.params, self.param_shardings = loop.params_on_mesh(make, mesh)
-        self.rows_sharding = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
-        self._predict = jax.jit(partial(predict_step, self.graphdef), out_shardings=sharding.replicated(mesh))
-
-    def to_mesh(self, batch: dict) -> dict:
-        return sharding.rows_to_mesh(batch, self.rows_sharding)
-
-    def logits(self, encoded: transforms.Encoded, params) -> np.ndarray:
-        """Task logits of every example under `params`; the last batch is padded, its padding
-        rows dropped."""
-        size, out = self.batch_size, []
-        with jax.set_mesh(self.mesh):
-            for start in range(0, len(encoded), size):
-                rows = np.arange(start, min(start + size, len(encoded)))
-                batch = make_batch(encoded, rows, size)
-                out.append(np.asarray(self._predict(params, self.to_mesh(
-                    {"tokens": batch["tokens"], "extract": batch["extract"]})))[:len(rows)])
-        if not out:
-            return np.zeros((0, self.task.head_outputs), np.float32)
-        return np.concatenate(out)
+def finetune_schedule(lr: float, warmup_fraction: float, steps: int) -> Schedule:
+    """Fine-tuning's learning rate over `steps` updates: `lr` (train.lr) after a warmup over
+    `warmup_fraction` (finetune.warmup_fraction) of them, linear decay to 0 (the GPT-1 recipe)."""
+    return Schedule(lr, steps, math.ceil(warmup_fraction * steps), "linear", 0.0)
 
 
 class TaskRunner(loop.StepRunner):
     """A TaskModel and its optimizer state on the mesh, the jitted fine-tuning step, and
     prediction with the current params."""
 
-    def __init__(self, config, task, total_steps: int = 1, mesh=None, pad_id: int = PAD_ID):
-        mesh = mesh or sharding.make_mesh(config.mesh)
-        sharding.check_divisible(ModelConfig.from_config(config.model), config.train, mesh)
-        self.predictor = TaskPredictor(config, task, mesh, config.finetune.eval_batch_size)
-        if config.train.grad_accum != 1:
+    def __init__(self, model: ModelConfig, task, t, f, mesh, total_steps: int = 1, pad_id: int = PAD_ID):
+        """`model` on `mesh`, trained by train section `t` (optimizer, seed, batch) and finetune
+        section `f` (loss weights, schedule, prediction batch) over `total_steps` updates."""
+        sharding.check_divisible(model, t, mesh)
+        check_batch_size(f.eval_batch_size, mesh)  # before the params are built
+        if t.grad_accum != 1:
             raise UserError("fine-tuning has no gradient accumulation; set train.grad_accum=1 (and lower "
                             "train.batch_size if memory is short)")
-        p, f = self.predictor, config.finetune
-        schedule = lr_schedule(finetune_schedule(config, total_steps))
-        self.model_config = ModelConfig.from_config(config.model)
-        loss_fn = partial(batch_loss, p.graphdef, task.type, f.lm_weight, f.clf_dropout, pad_id)
-        step = loop.TrainStep(loss_fn, make_optimizer(config.train, schedule), schedule, 1, config.train.seed)
-        super().__init__(mesh, p.graphdef, p.params, step, p.rows_sharding)
-        p.params = None  # this runner's state holds them, donated at every step
+        self.model_config = model
+        make = partial(init_task_model, model, task.head_outputs, task.combine, t.seed)
+        _, graphdef, params, self.param_shardings = loop.params_on_mesh(make, mesh)
+        self.predictor = TaskPredictor(graphdef, task, mesh, f.eval_batch_size)
+        schedule = lr_schedule(finetune_schedule(t.lr, f.warmup_fraction, total_steps))
+        loss_fn = partial(batch_loss, graphdef, task.type, f.lm_weight, f.clf_dropout, pad_id)
+        rows = jax.sharding.NamedSharding(mesh, sharding.spec(("batch",)))
+        step = loop.TrainStep(loss_fn, make_optimizer(t, schedule), schedule, 1, t.seed)
+        super().__init__(mesh, graphdef, params, step, rows)
+
+    @classmethod
+    def from_config(cls, config, task, total_steps: int = 1, mesh=None, pad_id: int = PAD_ID) -> "TaskRunner":
+        """The runner of a fine-tuning run config (its effective config), on its mesh (or on `mesh`)."""
+        return cls(ModelConfig.from_config(config.model), task, config.train, config.finetune,
+                   mesh or sharding.make_mesh(config.mesh), total_steps, pad_id)
 
     def load_decoder(self, decoder_params: nnx.State, added_from: int | None = None) -> None:
         """Puts pretrained decoder params (any layout) into this model's decoder, sharded. With
@@ -148,9 +118,14 @@ class TaskRunner(loop.StepRunner):
             pretrained = jnp.zeros_like(new).at[:old.shape[0]].set(old[:new.shape[0]])
             flat["wte"] = jnp.where((rows >= added_from) & (rows < end), new, pretrained)
         params = checkpoint.unflatten(flat, self.state.params["decoder"])
-        self.state.params["decoder"] = jax.device_put(params, self.predictor.param_shardings["decoder"])
+        self.state.params["decoder"] = jax.device_put(params, self.param_shardings["decoder"])
+
+    def to_mesh(self, batch: dict) -> dict:
+        """A train batch (the same host arrays on every process) on the mesh, split by rows."""
+        return sharding.rows_to_mesh(batch, self.batch_sharding)
 
     def logits(self, encoded: transforms.Encoded) -> np.ndarray:
+        """Task logits of every example under the current params."""
         return self.predictor.logits(encoded, self.state.params)
 
 
@@ -169,10 +144,6 @@ def make_batch(encoded: transforms.Encoded, rows: np.ndarray, size: int) -> dict
             "weights": weights.astype(np.float32)}
 
 
-def predictions(task, logits: np.ndarray) -> np.ndarray:
-    return logits[:, 0] if task.type == "regression" else logits.argmax(-1)
-
-
 def epoch_rows(n: int, batch_size: int, seed: int, epoch: int, index: int) -> np.ndarray:
     """The example rows of update `index` of `epoch`: a fresh shuffle per epoch, every example
     once; a pure function of its arguments, so a resumed run sees the same batches."""
@@ -185,9 +156,9 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def input_length(config) -> int:
-    """Tokens per task sequence: finetune.max_len, or the model's context when it is 0."""
-    return config.finetune.max_len or config.model.max_len
+def input_length(f, model) -> int:
+    """Tokens per task sequence: finetune.max_len (`f`), or the model's context when it is 0."""
+    return f.max_len or model.max_len
 
 
 def score_text(scores: dict) -> str:
@@ -200,36 +171,37 @@ def validation_splits(task) -> list[str]:
     return [s for s in task.splits if s.startswith("validation")]
 
 
-def load_tokenizer(config, pretrained):
-    if config.data.tokenizer:
+def load_tokenizer(path: str, init_from: str, pretrained):
+    """data.tokenizer (`path`) if set, else the pretrained model's own."""
+    if path:
         from gptjax.data.hf_tokenizer import load_any
-        return load_any(config.data.tokenizer)
+        return load_any(path)
     if pretrained is not None and pretrained.tokenizer is not None:
         return pretrained.tokenizer
-    where = f"{config.init_from} has no tokenizer" if config.init_from else "init_from is empty"
+    where = f"{init_from} has no tokenizer" if init_from else "init_from is empty"
     raise UserError(f"fine-tuning needs the tokenizer the model was pretrained with, and {where}; set "
                     f"data.tokenizer to that SentencePiece .model or Hugging Face tokenizer folder")
 
 
-def grow_for_added_tokens(config, tokenizer) -> int:
-    """Rows the token embedding gains for the tokens a Hugging Face tokenizer added past its own
-    vocabulary (the paper's start, delimiter and extract tokens, and eos / pad where it had none);
-    sets model.vocab_size to hold them. 0 for a tokenizer that fits as it is."""
+def added_rows(vocab_size: int, tokenizer) -> int:
+    """Rows a token embedding of `vocab_size` gains for the tokens a Hugging Face tokenizer added
+    past its own vocabulary (the paper's start, delimiter and extract tokens, and eos / pad where
+    it had none); 0 for a tokenizer that fits as it is."""
     added = getattr(tokenizer, "added_tokens", {})
-    if not added or tokenizer.vocab_size <= config.model.vocab_size:
+    if not added or tokenizer.vocab_size <= vocab_size:
         return 0
-    if tokenizer.base_vocab_size > config.model.vocab_size:
+    if tokenizer.base_vocab_size > vocab_size:
         return 0  # a vocabulary the model never had: check_vocab says so
-    grown = tokenizer.vocab_size - config.model.vocab_size
-    config.model.vocab_size = tokenizer.vocab_size
-    return grown
+    return tokenizer.vocab_size - vocab_size
 
 
-def effective_config(config, pretrained):
-    """The fine-tuning config with the model shape of the pretrained model."""
+def effective_config(config, pretrained, grown: int = 0):
+    """The fine-tuning config with the architecture of the pretrained model, its vocabulary
+    `grown` by the rows added for fine-tuning's tokens."""
     config = config_lib.config_from_dict(config.to_dict())
     if pretrained is not None:  # what the weights are; how this run executes and regularises is its own
         config.model.update(dataclasses.asdict(pretrained.model_config.architecture()))
+    config.model.vocab_size += grown
     config_lib.validate(config)
     return config
 
@@ -256,25 +228,26 @@ def finetune(config, workdir: str, progress: bool = True) -> dict:
 
 def _finetune(config, task, workdir: str, progress: bool) -> dict:
     _check_workdir_holds(task, workdir)
-    finished = _finished(workdir, config)
+    finished = _finished(workdir, config.train.resume, config.finetune.epochs)
     if finished is not None:
         log_main(f"{workdir} already holds the finished run (step {finished['total_steps']}); pass a new --workdir "
                  f"to fine-tune again")
         return {"finished_before": True, **finished}
-    examples, splits = read_task_data(config, task)  # first: a missing dataset fails before minutes of loading
+    # The data first: a missing dataset is reported before minutes of loading weights.
+    examples, splits = read_task_data(task, config.task_data, config.data, config.finetune.max_examples)
     pretrained, config, tokenizer, grown = _starting_model(config)
-    train, valid = _encode(config, task, tokenizer, examples, splits)
+    train, valid = _encode(task, tokenizer, input_length(config.finetune, config.model), examples, splits)
     t = config.train
     per_epoch = math.ceil(len(train) / t.batch_size)
     total = config.finetune.epochs * per_epoch
-    runner = TaskRunner(config, task, total, pad_id=tokenizer.pad_id)
+    runner = TaskRunner.from_config(config, task, total, pad_id=tokenizer.pad_id)
     if pretrained is not None:
-        _initialise_decoder(runner, pretrained, grown, tokenizer, config, task)
+        _initialise_decoder(runner, pretrained, grown, tokenizer, config.init_from, task)
         del pretrained
+    settings = resume.settings_of(config)
     checkpointer = checkpoint.Checkpointer(workdir)
     try:
-        start = _resume(config, workdir, runner, checkpointer, tokenizer, total)
-        settings = resume.settings_of(config)
+        start = _resume(t.resume, settings, workdir, runner, checkpointer, tokenizer, total)
         meta = lambda step: {"step": step, "seed": t.seed, "task": task.name, "config": settings,  # noqa: E731
                              "format": 1}
         scores = EpochScores(task, runner, valid, per_epoch)
@@ -306,13 +279,14 @@ def _check_workdir_holds(task, workdir: str) -> None:
                         f"the fine-tuning run a new --workdir")
 
 
-def read_task_data(config, task) -> tuple[list, dict]:
-    """(train examples, {validation split: examples}) of the task, from config.task_data."""
-    read = partial(read_split, task, task_data=config.task_data, seed=config.data.seed,
-                   tfds_data_dir=config.data.tfds_data_dir)
+def read_task_data(task, task_data: str, d, max_examples: int) -> tuple[list, dict]:
+    """(train examples, {validation split: examples}) of the task from `task_data` (its
+    task_data setting), with data section `d`'s seed and TFDS folder; at most `max_examples`
+    training examples (0: all)."""
+    read = partial(read_split, task, task_data=task_data, seed=d.seed, tfds_data_dir=d.tfds_data_dir)
     examples = read("train")
-    if config.finetune.max_examples:
-        examples = examples[:config.finetune.max_examples]
+    if max_examples:
+        examples = examples[:max_examples]
     if not examples:
         raise UserError(f"the train split of {task.name} has no examples")
     return examples, {s: read(s) for s in validation_splits(task)}
@@ -323,16 +297,15 @@ def _starting_model(config):
     from gptjax.api import GPT
 
     pretrained = GPT.from_pretrained(config.init_from) if config.init_from else None
-    config = effective_config(config, pretrained)
-    tokenizer = load_tokenizer(config, pretrained)
-    grown = grow_for_added_tokens(config, tokenizer) if pretrained is not None else 0
+    tokenizer = load_tokenizer(config.data.tokenizer, config.init_from, pretrained)
+    grown = added_rows(pretrained.model_config.vocab_size, tokenizer) if pretrained is not None else 0
+    config = effective_config(config, pretrained, grown)
     check_vocab(config.model.vocab_size, tokenizer)
     return pretrained, config, tokenizer, grown
 
 
-def _encode(config, task, tokenizer, examples, splits) -> tuple[transforms.Encoded, dict]:
-    """The task inputs of the train and validation examples, each cut to the input length."""
-    max_len = input_length(config)
+def _encode(task, tokenizer, max_len: int, examples, splits) -> tuple[transforms.Encoded, dict]:
+    """The task inputs of the train and validation examples, each cut to `max_len` tokens."""
     train = transforms.encode(task, examples, tokenizer, max_len)
     valid = {s: transforms.encode(task, ex, tokenizer, max_len) for s, ex in splits.items()}
     for name, encoded in (("train", train), *valid.items()):
@@ -341,20 +314,21 @@ def _encode(config, task, tokenizer, examples, splits) -> tuple[transforms.Encod
     return train, valid
 
 
-def _initialise_decoder(runner, pretrained, grown: int, tokenizer, config, task) -> None:
+def _initialise_decoder(runner, pretrained, grown: int, tokenizer, init_from: str, task) -> None:
     runner.load_decoder(nnx.state(pretrained.module, nnx.Param),
                         added_from=pretrained.model_config.vocab_size if grown else None)
     rows = ""
     if grown:
         names = ", ".join(sorted(tokenizer.added_tokens, key=tokenizer.added_tokens.get))
         rows = f" and {grown} token-embedding rows ({names})"
-    log_main(f"initialised the decoder from {config.init_from}; new parameters: the task head "
-             f"({config.model.d_model} x {task.head_outputs} + bias){rows}")
+    log_main(f"initialised the decoder from {init_from}; new parameters: the task head "
+             f"({runner.model_config.d_model} x {task.head_outputs} + bias){rows}")
 
 
-def _resume(config, workdir: str, runner, checkpointer, tokenizer, total: int) -> int:
-    """The step this run starts from, after checking the workdir's checkpoints and tokenizer fit
-    this config; writes config.json, metrics.jsonl and (new runs) the tokenizer."""
+def _resume(mode: str, settings: dict, workdir: str, runner, checkpointer, tokenizer, total: int) -> int:
+    """The step this run starts from (train.resume `mode`), after checking the workdir's
+    checkpoints and tokenizer fit this run; writes config.json (`settings`), metrics.jsonl and
+    (new runs) the tokenizer."""
     steps = checkpointer.steps()
     if steps and steps[-1] >= total:
         raise UserError(f"{workdir} holds checkpoints up to step {steps[-1]}, but this config makes "
@@ -365,8 +339,7 @@ def _resume(config, workdir: str, runner, checkpointer, tokenizer, total: int) -
         raise UserError(f"{workdir} holds the tokenizer its checkpoints were trained with, and this config "
                         f"brings another (init_from or data.tokenizer changed); resume with the settings in "
                         f"{workdir}/config.json, or pass a new --workdir")
-    settings = resume.settings_of(config)
-    start = resume.resume(config.train.resume, settings, runner, checkpointer)
+    start = resume.resume(mode, settings, runner, checkpointer)
     resume.prepare_workdir(workdir, settings, start)
     if distributed.is_main() and held is None:
         tokenizer_files.save_folder(tokenizer, workdir)
@@ -376,7 +349,7 @@ def _resume(config, workdir: str, runner, checkpointer, tokenizer, total: int) -
 def _train_batch(runner, train: transforms.Encoded, t, per_epoch: int, step: int) -> dict:
     epoch, index = divmod(step, per_epoch)
     rows = epoch_rows(len(train), t.batch_size, t.seed, epoch, index)
-    return runner.predictor.to_mesh(make_batch(train, rows, t.batch_size))
+    return runner.to_mesh(make_batch(train, rows, t.batch_size))
 
 
 class EpochScores(loop.Hook):
@@ -418,18 +391,19 @@ class KeepBest(loop.Hook):
                 run_folder.write_best(self.workdir, self.best)
 
 
-def _finished(workdir: str, config) -> dict | None:
-    """best.json of a run that completed all its updates (and train.resume=latest), else None."""
-    if str(config.train.resume) != "latest" or not run_folder.has_best(workdir):
+def _finished(workdir: str, mode: str, epochs: int) -> dict | None:
+    """best.json of a run that completed all its updates (and train.resume `mode` is latest),
+    else None; a finished run of another number of `epochs` is refused."""
+    if str(mode) != "latest" or not run_folder.has_best(workdir):
         return None
     best = run_folder.read_best(workdir)
     done = checkpoint.latest_step(workdir)
     if done is None or done < best.get("total_steps", math.inf):
         return None
-    epochs = run_folder.saved_config(workdir)["finetune"]["epochs"]
-    if epochs != config.finetune.epochs:
+    saved = run_folder.saved_config(workdir)["finetune"]["epochs"]
+    if saved != epochs:
         # The schedule decays to 0 over the planned epochs, so more of them is another run.
-        raise UserError(f"{workdir} holds a finished run of {epochs} epochs and finetune.epochs is "
-                        f"{config.finetune.epochs}; pass a new --workdir to fine-tune for {config.finetune.epochs}")
+        raise UserError(f"{workdir} holds a finished run of {saved} epochs and finetune.epochs is "
+                        f"{epochs}; pass a new --workdir to fine-tune for {epochs}")
     return best
 

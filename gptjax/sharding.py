@@ -197,10 +197,12 @@ def batch_sharding(mesh) -> NamedSharding:
 def rows_to_mesh(batch: dict, rows: NamedSharding, *, process_local: bool = False) -> dict:
     """Host rows as arrays on the mesh in `rows`, a sharding that splits the first axis; every
     batch goes on the mesh here. A global batch (the same host arrays on every process: held-out
-    scoring, fine-tuning, evaluation): process p gives its contiguous block of rows, so row i of
-    each result is row i of the input. `process_local`: each process holds its own block already
-    (the training loader's batches)."""
-    n, p = jax.process_count(), jax.process_index()
+    scoring, fine-tuning, evaluation): the p-th of the processes whose devices the mesh holds
+    gives its contiguous block of rows, so row i of each result is row i of the input. A mesh of
+    one process's own devices (zero-shot scoring's) takes that process's whole batch.
+    `process_local`: each process holds its own block already (the training loader's batches)."""
+    processes = sorted({device.process_index for device in rows.device_set})
+    n, p = len(processes), processes.index(jax.process_index())
 
     def put(x):
         x = np.asarray(x)

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gptjax import sharding
+from gptjax.batched_forward import forward_in_batches, padded_batch_size
 from gptjax.errors import UserError
 from gptjax.loss import projected_target_scores
 from gptjax.model import Decoder
@@ -33,6 +35,9 @@ from gptjax.tasks.scores import task_scores
 SENTIMENT_TASKS = ("sst2", "synthetic_sentiment")
 ACCEPTABILITY_TASKS = ("cola", "synthetic_acceptability")
 _LENGTH_MULTIPLE = 16  # batches are padded to a multiple of this length: few shapes, few compiles
+# Tokens of the batches of one length handed to the forward at once: a bound on the host arrays
+# built for them (a harness task may hold 100k requests of the same padded length).
+_GROUP_TOKENS = 1 << 20
 
 
 # Rows of logits alive at once when the model sets no loss_chunk_len: 100 MB of bfloat16 at GPT-2's
@@ -57,16 +62,46 @@ def _token_scores(graphdef, state, tokens, targets, chunk_len: int):
     return projected_target_scores(m(tokens), m.lm_logits, targets, m.config.vocab_size, chunk_len)
 
 
-def _on_devices(state, batch_size: int):
-    """(state replicated, sharding of [rows, T] inputs split by rows, rows per batch) over the
-    local devices; one device keeps the arrays where they are."""
-    devices = jax.local_devices()
-    if len(devices) == 1:
-        return state, None, batch_size
-    mesh = jax.sharding.Mesh(np.array(devices), ("rows",))
-    everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
-    return jax.device_put(state, everywhere), rows, -(-batch_size // len(devices)) * len(devices)
+def _local_mesh():
+    """A data-parallel mesh of this process's own devices. Each process scores the rows it is
+    given by itself, with no collective across processes: in a multi-process job every process
+    scores everything, and no process waits for another to
+    call the scorer."""
+    return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
+
+
+def _replicated_on(state, mesh):
+    """`state` replicated over `mesh`. An array replicated over every process's devices (api.py
+    loads a model so in a multi-process job) is taken from this process's own copy: the others
+    cannot be moved here."""
+    everywhere = sharding.replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                raise UserError("zero-shot scoring needs the model's parameters whole on every process; "
+                                "load it with GPT.from_pretrained")
+            x = x.addressable_data(0)
+        return jax.device_put(x, everywhere)
+
+    return jax.tree.map(put, state)
+
+
+def _batches_by_length(rows, order, batch_size: int, max_len: int):
+    """(row indices, padded length) of each run of consecutive batches of `order` that share one
+    padded length, at most about _GROUP_TOKENS tokens but whole batches: a batch's length is its
+    first (longest) row's, less the last token (only a target), rounded up to _LENGTH_MULTIPLE."""
+    group, group_length = [], 0
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        length = min(max_len, -(-(len(rows[idx[0]]) - 1) // _LENGTH_MULTIPLE) * _LENGTH_MULTIPLE)
+        if group and (length != group_length or (len(group) + 1) * batch_size * length > _GROUP_TOKENS):
+            yield np.concatenate(group), group_length
+            group = []
+        group.append(idx)
+        group_length = length
+    if group:
+        yield np.concatenate(group), group_length
 
 
 def _decoder(model) -> Decoder:
@@ -88,7 +123,7 @@ def continuation_scores(model, contexts, continuations, batch_size: int = 32):
 
     A context too long for the model loses tokens from its left, the ones furthest from the
     continuation; the continuation itself is never cut. Each batch is one forward pass, its rows
-    split over the local devices."""
+    split over this process's devices (batched_forward)."""
     decoder = _decoder(model)
     vocab, max_len = decoder.config.vocab_size, decoder.config.max_len
     if len(contexts) != len(continuations):
@@ -115,16 +150,18 @@ def continuation_scores(model, contexts, continuations, batch_size: int = 32):
     greedy = np.zeros(len(rows), bool)
     if not rows:
         return sums, counts, greedy
+    mesh = _local_mesh()
     graphdef, state = nnx.split(decoder)
-    state, row_sharding, padded_rows = _on_devices(state, batch_size)
-    chunk = _chunk_len(decoder, padded_rows)
+    state = _replicated_on(state, mesh)
+    chunk = _chunk_len(decoder, padded_batch_size(batch_size, mesh))
+
+    def score(batch):
+        return _token_scores(graphdef, state, batch["tokens"], batch["targets"], chunk)
+
     # Longest first, so each batch holds rows of similar length and little padding.
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        length = min(max_len, -(-(len(rows[idx[0]]) - 1) // _LENGTH_MULTIPLE) * _LENGTH_MULTIPLE)
-        # The last batch is padded to a whole batch too, so every batch has one shape per length.
-        tokens = np.zeros((padded_rows, length), np.int32)
+    order = np.array(sorted(range(len(rows)), key=lambda i: -len(rows[i])), np.int64)
+    for idx, length in _batches_by_length(rows, order, batch_size, max_len):
+        tokens = np.zeros((len(idx), length), np.int32)
         targets = np.zeros_like(tokens)
         mask = np.zeros(tokens.shape, bool)
         for j, i in enumerate(idx):
@@ -132,12 +169,9 @@ def continuation_scores(model, contexts, continuations, batch_size: int = 32):
             tokens[j, :len(row) - 1] = row[:-1]
             targets[j, :len(row) - 1] = row[1:]
             mask[j, starts[i] - 1:len(row) - 1] = True  # position t predicts token t + 1
-        if row_sharding is not None:
-            tokens, targets = jax.device_put(tokens, row_sharding), jax.device_put(targets, row_sharding)
-        logp, top = _token_scores(graphdef, state, tokens, targets, chunk)
-        logp, top = np.asarray(logp, np.float64), np.asarray(top)
-        sums[idx] = np.where(mask, logp, 0.0).sum(axis=1)[:len(idx)]
-        greedy[idx] = np.all(top | ~mask, axis=1)[:len(idx)]
+        logp, top = forward_in_batches(score, {"tokens": tokens, "targets": targets}, batch_size, mesh)
+        sums[idx] = np.where(mask, np.asarray(logp, np.float64), 0.0).sum(axis=1)
+        greedy[idx] = np.all(top | ~mask, axis=1)
     return sums, counts, greedy
 
 

@@ -26,7 +26,7 @@ def run(pretrained: str, arg: str) -> dict:
         config.mesh.data = 1
         mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     task = get_task(config.task)
-    runner = ft.TaskRunner(config, task, total_steps=6, mesh=mesh)
+    runner = ft.TaskRunner.from_config(config, task, total_steps=6, mesh=mesh)
     runner.load_decoder(nnx.state(source.module, nnx.Param))
     train = transforms.encode(task, synthetic_split(task, "train", size=96), source.tokenizer, 128)
     losses = [float(runner.step(ft.make_batch(train, ft.epoch_rows(96, 16, 0, 0, i), 16))["loss"]) for i in range(6)]

@@ -96,7 +96,7 @@ def layouts(meshes: list[str]) -> dict:
         config = load_config("configs/tiny.py", ["model.dtype=float32", "train.batch_size=16", "model.n_layer=1",
                                                  "task=synthetic_sentiment",
                                                  *[f"mesh.{kv}" for kv in arg.split(",")]])
-        runner = ft.TaskRunner(config, get_task(config.task), total_steps=4)
+        runner = ft.TaskRunner.from_config(config, get_task(config.task), total_steps=4)
         out[arg] = {"mesh": dict(trainer.mesh.shape),
                     "pretrain": account(trainer.state.params, trainer.state.opt_state),
                     "finetune": account(runner.state.params, runner.state.opt_state)}

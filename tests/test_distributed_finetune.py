@@ -133,3 +133,22 @@ def test_finetune_and_eval_as_two_processes_match_one(pretrained, tmp_path):
         assert len({i for i, _ in rows_two}) == len(rows_two) == SIZES[split], split  # every example once
         assert rows_two == rows_one, split
         assert len({p for _, p in rows_one}) > 1, split  # see TASK
+
+
+def test_zero_shot_eval_as_two_processes_matches_one(pretrained, tmp_path):
+    """Each of two processes scores on its own two devices (the model loaded whole on both): the
+    table, metrics and predictions of one process."""
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    tasks = ("synthetic_choice", "synthetic_acceptability")
+    out, report = _both(["eval", "--config", "configs/tiny.py", "--config.mode=zero_shot",
+                         f"--config.init_from={pretrained}", f"--config.task={','.join(tasks)}",
+                         "--config.finetune.splits=validation", "--config.finetune.eval_batch_size=6"], two, one)
+    assert sum(line.startswith("[0/2] task ") for line in out.splitlines()) == 1, report
+    for name in tasks:
+        metrics = [_json(os.path.join(d, "eval", name, "metrics.json")) for d in (two, one)]
+        for m in metrics:
+            m["splits"]["validation"].pop("predictions")
+        _assert_close_dicts(*metrics, f"{name} metrics.json")
+        rows_two, rows_one = (_predictions(os.path.join(d, "eval", name, "predictions_validation.tsv"))
+                              for d in (two, one))
+        assert rows_two == rows_one and len(rows_two) == SIZES["validation"], name

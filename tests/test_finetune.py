@@ -100,7 +100,7 @@ def test_heads_read_the_extract_states(pretrained):
 
 def test_only_the_head_is_new(pretrained):
     config = ft.effective_config(_config(pretrained, "synthetic_sentiment"), GPT.from_pretrained(pretrained))
-    runner = ft.TaskRunner(config, get_task("synthetic_sentiment"))
+    runner = ft.TaskRunner.from_config(config, get_task("synthetic_sentiment"))
     source = nnx.state(GPT.from_pretrained(pretrained).module, nnx.Param)
     runner.load_decoder(source)
     loaded = checkpoint.flatten(runner.state.params)
@@ -114,7 +114,7 @@ def test_prediction_batches_pad_and_drop(pretrained):
     task = get_task("synthetic_sentiment")
     config = ft.effective_config(_config(pretrained, task.name, "finetune.eval_batch_size=8"),
                                  GPT.from_pretrained(pretrained))
-    runner = ft.TaskRunner(config, task)
+    runner = ft.TaskRunner.from_config(config, task)
     enc = transforms.encode(task, synthetic_split(task, "validation", size=19), GPT.from_pretrained(pretrained).tokenizer,
                             128)
     batched = runner.logits(enc)
@@ -133,7 +133,7 @@ def test_epoch_rows_cover_every_example_once():
 
 def test_schedule_warms_up_then_decays_to_zero():
     config = load_config("configs/glue.py")
-    s = ft.finetune_schedule(config, 1000)
+    s = ft.finetune_schedule(config.train.lr, config.finetune.warmup_fraction, 1000)
     from gptjax.optim import lr_schedule
     sched = lr_schedule(s)
     assert s.warmup_steps == 2 and s.steps == 1000  # 0.2% of 1000 updates

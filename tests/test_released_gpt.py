@@ -98,12 +98,12 @@ def test_added_tokens_grow_the_embedding_and_task_logits_equal_transformers(fold
     torch, model, folder, vocab = model_folder(folders, tmp_path, kind)
     pretrained = GPT.from_pretrained(str(folder))
     tok = pretrained.tokenizer
+    grown = ft.added_rows(pretrained.model_config.vocab_size, tok)
     config = ft.effective_config(load_config("configs/tiny.py", ["task=synthetic_paraphrase", "model.dtype=float32",
-                                                                 "finetune.eval_batch_size=8"]), pretrained)
-    grown = ft.grow_for_added_tokens(config, tok)
+                                                                 "finetune.eval_batch_size=8"]), pretrained, grown)
     assert grown == len(tok.added_tokens) == tok.vocab_size - vocab and config.model.vocab_size == tok.vocab_size
     task = get_task("synthetic_paraphrase")
-    runner = ft.TaskRunner(config, task, 1, pad_id=tok.pad_id)
+    runner = ft.TaskRunner.from_config(config, task, 1, pad_id=tok.pad_id)
     runner.load_decoder(nnx.state(pretrained.module, nnx.Param), added_from=vocab)
     ours = checkpoint.flatten(runner.state.params)
     source = checkpoint.flatten(nnx.state(pretrained.module, nnx.Param))
@@ -159,17 +159,17 @@ def test_finetune_then_eval_from_a_model_folder_on_a_glue_tsv_folder(folders, tm
 
     # The fine-tuned decoder (best epoch, head left out) exports with its grown embedding and tokenizer.
     torch = pytest.importorskip("torch")
-    from gptjax import checkpoint
+    from gptjax import checkpoint, sharding
     from gptjax.api import GPT
     from gptjax.config import load_config
-    from gptjax.evaluate import FinetunedPredictor
+    from gptjax.evaluate import load_finetuned
 
     export = tmp_path / "export"
     assert cli.main(["convert", "--from", str(run), "--to-hf", str(export)]) == 0
     tok = HFTokenizer.load(str(folder))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(export)).eval()
     assert loaded.config.vocab_size == tok.vocab_size == vocab + len(added)
-    best = FinetunedPredictor(str(run), load_config("configs/glue.py", ["task=wnli"])).predictor.params
+    best = load_finetuned(str(run), sharding.make_mesh(load_config("configs/glue.py", ["task=wnli"]).mesh)).params
     trained = np.asarray(checkpoint.flatten(best)["decoder.wte"])[:tok.vocab_size]
     np.testing.assert_array_equal(loaded.get_input_embeddings().weight.detach().numpy(), trained)
     again = transformers.AutoTokenizer.from_pretrained(str(export))

@@ -75,23 +75,26 @@ def test_greedy_flags_say_whether_greedy_decoding_gives_the_continuation(model):
 _ON_FOUR_DEVICES = """
 import json, sys
 import jax, numpy as np
-from gptjax import GPT, zero_shot
-from flax import nnx
+from gptjax import GPT, sharding, zero_shot
 args = json.loads(sys.argv[1])
 model = GPT.from_config("configs/tiny.py", seed=1, **args["small"])
-state, rows, padded = zero_shot._on_devices(nnx.split(model.module)[1], 3)
-tokens = jax.device_put(np.zeros((padded, 16), np.int32), rows)
-leaf = jax.tree.leaves(state)[0]
+inner, seen = zero_shot._token_scores, []
+def spy(graphdef, state, tokens, targets, chunk_len):
+    leaf = jax.tree.leaves(state)[0]
+    seen.append({"shape": list(tokens.shape), "shard": list(tokens.sharding.shard_shape(tokens.shape)),
+                 "devices": len(tokens.sharding.device_set),
+                 "bytes": sorted(set(sharding.bytes_per_device(tokens).values())),
+                 "param_replicated": leaf.sharding.is_fully_replicated, "param_devices": len(leaf.sharding.device_set)})
+    return inner(graphdef, state, tokens, targets, chunk_len)
+zero_shot._token_scores = spy
 sums, _, greedy = zero_shot.continuation_scores(model, args["contexts"], args["continuations"], batch_size=3)
-print(json.dumps({"padded": padded, "shard": list(tokens.sharding.shard_shape(tokens.shape)),
-                  "devices": len(tokens.sharding.device_set), "param_replicated": leaf.sharding.is_fully_replicated,
-                  "sums": sums.tolist(), "greedy": greedy.tolist()}))
+print(json.dumps({"seen": seen, "sums": sums.tolist(), "greedy": greedy.tolist()}))
 """
 
 
 def test_scoring_splits_each_batch_over_the_local_devices(model):
-    """On 4 devices a batch of 3 rows is padded to 4, one row per device, the parameters replicated;
-    the scores equal one device's."""
+    """On 4 devices a batch of 3 rows is padded to 4, one row (and its bytes alone) per device, the
+    parameters replicated; the scores equal one device's."""
     import json
     import os
     import subprocess
@@ -106,7 +109,13 @@ def test_scoring_splits_each_batch_over_the_local_devices(model):
                          timeout=300)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert (out["padded"], out["shard"], out["devices"], out["param_replicated"]) == (4, [1, 16], 4, True)
+    # 5 rows in batches of 3, longest first: rows of 38, 19 and 17 tokens in the model's 40 positions,
+    # then 10 and 5 in 16 (and two padding rows).
+    assert [call["shape"] for call in out["seen"]] == [[4, 40], [4, 16]]
+    for call in out["seen"]:
+        rows, length = call["shape"]
+        assert (call["shard"], call["devices"], call["bytes"]) == ([1, length], 4, [length * 4])
+        assert (call["param_replicated"], call["param_devices"]) == (True, 4)
     sums, _, greedy = zero_shot.continuation_scores(model, contexts, continuations, batch_size=3)
     np.testing.assert_allclose(out["sums"], sums, rtol=1e-5)
     assert out["greedy"] == greedy.tolist()
