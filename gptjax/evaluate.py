@@ -115,9 +115,9 @@ def load_finetuned(directory: str, mesh) -> FinetunedRun:
 
 
 def data_settings(run_config, eval_config) -> dict:
-    """Where a fine-tuning run read its task (unless the eval config names a source)."""
-    source = eval_config.source if eval_config.source != "auto" else run_config.source
-    return {"source": source, "seed": run_config.data.seed,
+    """Where a fine-tuning run read its task (unless the eval config names its own task_data)."""
+    task_data = eval_config.task_data if eval_config.task_data != "auto" else run_config.task_data
+    return {"task_data": task_data, "seed": run_config.data.seed,
             "tfds_data_dir": eval_config.data.tfds_data_dir or run_config.data.tfds_data_dir}
 
 

@@ -145,7 +145,7 @@ def _old_run_folder(tmp_path, task_data="tsv:/data/glue"):
 
 def test_a_run_saved_before_the_rename_reads_its_task_data(tmp_path):
     from gptjax import run_folder
-    from gptjax.evaluate import FinetunedPredictor
+    from gptjax.evaluate import data_settings
 
     old = _old_run_folder(tmp_path)
     saved = run_folder.saved_config(str(tmp_path))
@@ -156,10 +156,8 @@ def test_a_run_saved_before_the_rename_reads_its_task_data(tmp_path):
     assert "source" not in config
     assert config_from_dict(saved, source=path).to_dict() == config.to_dict()
     # Eval of that run reads the task where the run did, unless the eval config names other task data.
-    predictor = FinetunedPredictor.__new__(FinetunedPredictor)  # data_settings needs only the run's config
-    predictor.config = config
-    assert predictor.data_settings(load_config("configs/glue.py"))["task_data"] == "tsv:/data/glue"
-    assert predictor.data_settings(load_config("configs/glue.py", ["task_data=tfds"]))["task_data"] == "tfds"
+    assert data_settings(config, load_config("configs/glue.py"))["task_data"] == "tsv:/data/glue"
+    assert data_settings(config, load_config("configs/glue.py", ["task_data=tfds"]))["task_data"] == "tfds"
     # Both names at once were never written by any run: the file is named with the one clear error.
     with pytest.raises(UserError) as e:
         config_from_dict({**old, "task_data": "tfds"}, source=path)
