@@ -147,72 +147,26 @@ def _check_submission_size(task, split: str, examples) -> None:
 
 def evaluate(config, workdir: str) -> dict:
     """Scores every requested task and split; returns {task: {split: scores}} plus the GLUE average."""
-    from gptjax import zero_shot
-
     spec = config.task or (saved_config(workdir).get("task", "") if config.mode == "finetuned" else "")
     tasks = task_list(spec)
     main = distributed.is_main()
-    lm, runs, skipped, mesh = None, {}, {}, None
     if config.mode == "finetuned":
-        # Every run is found before the first prediction: a missing one fails in seconds, not hours.
-        runs = {task.name: run_dir(workdir, task, len(tasks) == 1) for task in tasks}
-        # The eval command's mesh and batch size, whatever the runs trained with.
-        mesh = sharding.make_mesh(config.mesh)
-        check_batch_size(config.finetune.eval_batch_size, mesh)
+        score, skipped = _finetuned_scorer(config, workdir, tasks), {}
     else:
-        from gptjax.api import GPT
-        lm = GPT.from_pretrained(config.init_from or workdir)
-        if lm.tokenizer is None:
-            raise UserError(f"{config.init_from or workdir} has no tokenizer; zero/few-shot scoring needs the "
-                            f"model's tokenizer beside it (tokenizer.model, or a Hugging Face tokenizer.json "
-                            f"or vocab.json + merges.txt)")
-        for task in tasks:
-            reason = zero_shot.unsupported(task, config.shots)
-            if reason:
-                skipped[task.name] = reason
+        score, skipped = _zero_shot_scorer(config, workdir, tasks)
         tasks = [t for t in tasks if t.name not in skipped]
     results, rows = {}, []
     for task in tasks:
         splits = task_splits(task, config.finetune.splits)
         if not splits:
             continue
-        run = load_finetuned(runs[task.name], mesh) if lm is None else None
-        predictor = TaskPredictor(run.graphdef, run.task, mesh, config.finetune.eval_batch_size) if run else None
-        data = data_settings(run.config, config) if run else {
-            "task_data": config.task_data, "seed": config.data.seed, "tfds_data_dir": config.data.tfds_data_dir}
-        split_examples = {split: read_split(task, split, **data) for split in splits}
-        for split, examples in split_examples.items():
-            _check_submission_size(task, split, examples)
-        train = None
-        if lm is not None and (config.shots or task.name in zero_shot.ACCEPTABILITY_TASKS) and "train" in task.splits:
-            train = read_split(task, "train", **data)
-        out_dir = os.path.join(workdir, "eval", task.name)
         task_result = {"mode": config.mode, "splits": {}}
-        if run is not None:
-            task_result.update(run=run.directory, step=run.step)
-        for split, examples in split_examples.items():
-            if lm is None:
-                preds, scores = predict_finetuned(run, predictor, task, examples, split), None
-            else:
-                scores, preds = zero_shot.evaluate(lm, task, examples, mode=config.mode, shots=config.shots,
-                                                   train_examples=train, seed=config.train.seed,
-                                                   batch_size=config.finetune.eval_batch_size)
-            idx = np.array([ex.idx for ex in examples], np.int64)
-            if scores is None and _labelled(task, examples):
-                labels = np.array([ex.label for ex in examples])
-                scores = task_scores(task, labels, preds)
-            entry = {"examples": len(examples), "scores": scores or {}}
-            if main:
-                os.makedirs(out_dir, exist_ok=True)
-                entry["predictions"] = os.path.join(out_dir, f"predictions_{split}.tsv")
-                write_predictions(entry["predictions"], idx, preds, task)
-                if dict(task.submission_files).get(split):
-                    entry["submission"] = write_submission(os.path.join(workdir, "eval", SUBMISSION_DIR), task,
-                                                           split, idx, preds)
+        for split, (examples, preds, scores) in score(task, splits, task_result).items():
+            entry = _split_result(workdir, task, split, examples, preds, scores, main)
             task_result["splits"][split] = entry
-            rows.append((task.name, split, len(examples), scores or {}))
+            rows.append((task.name, split, len(examples), entry["scores"]))
         if main:
-            with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            with open(os.path.join(workdir, "eval", task.name, "metrics.json"), "w") as f:
                 json.dump(task_result, f, indent=2)
         results[task.name] = task_result
     average, missing = glue_average(_main_scores(results))
@@ -221,6 +175,81 @@ def evaluate(config, workdir: str) -> dict:
     if main:
         _print_table(rows, summary)
     return summary
+
+
+def _finetuned_scorer(config, workdir: str, tasks):
+    """score(task, splits, task_result) -> {split: (examples, predictions, None)} by each task's
+    fine-tuning run, on the eval command's mesh and batch size whatever the runs trained with."""
+    # Every run is found before the first prediction: a missing one fails in seconds, not hours.
+    runs = {task.name: run_dir(workdir, task, len(tasks) == 1) for task in tasks}
+    mesh = sharding.make_mesh(config.mesh)
+    check_batch_size(config.finetune.eval_batch_size, mesh)
+
+    def score(task, splits, task_result):
+        run = load_finetuned(runs[task.name], mesh)
+        task_result.update(run=run.directory, step=run.step)
+        predictor = TaskPredictor(run.graphdef, run.task, mesh, config.finetune.eval_batch_size)
+        split_examples = _read_splits(task, splits, data_settings(run.config, config))
+        return {split: (examples, predict_finetuned(run, predictor, task, examples, split), None)
+                for split, examples in split_examples.items()}
+
+    return score
+
+
+def _zero_shot_scorer(config, workdir: str, tasks):
+    """(score(task, splits, task_result) -> {split: (examples, predictions, scores)} by the
+    pretrained LM at init_from (or --workdir) without training, {task: why it is not scored})."""
+    from gptjax import zero_shot
+    from gptjax.api import GPT
+
+    lm = GPT.from_pretrained(config.init_from or workdir)
+    if lm.tokenizer is None:
+        raise UserError(f"{config.init_from or workdir} has no tokenizer; zero/few-shot scoring needs the "
+                        f"model's tokenizer beside it (tokenizer.model, or a Hugging Face tokenizer.json "
+                        f"or vocab.json + merges.txt)")
+    skipped = {task.name: zero_shot.unsupported(task, config.shots) for task in tasks}
+    data = {"task_data": config.task_data, "seed": config.data.seed, "tfds_data_dir": config.data.tfds_data_dir}
+
+    def score(task, splits, task_result):
+        split_examples = _read_splits(task, splits, data)
+        train = None
+        if (config.shots or task.name in zero_shot.ACCEPTABILITY_TASKS) and "train" in task.splits:
+            train = read_split(task, "train", **data)
+        out = {}
+        for split, examples in split_examples.items():
+            scores, preds = zero_shot.evaluate(lm, task, examples, mode=config.mode, shots=config.shots,
+                                               train_examples=train, seed=config.train.seed,
+                                               batch_size=config.finetune.eval_batch_size)
+            out[split] = (examples, preds, scores)
+        return out
+
+    return score, {name: reason for name, reason in skipped.items() if reason}
+
+
+def _read_splits(task, splits: list[str], data: dict) -> dict:
+    """{split: examples}, every split read and checked before the first prediction."""
+    split_examples = {split: read_split(task, split, **data) for split in splits}
+    for split, examples in split_examples.items():
+        _check_submission_size(task, split, examples)
+    return split_examples
+
+
+def _split_result(workdir: str, task, split: str, examples, preds, scores, main: bool) -> dict:
+    """One split's entry of metrics.json: its scores (from the labels where the scorer gave none)
+    and, from the main process, the predictions file and the GLUE submission file it wrote."""
+    if scores is None and _labelled(task, examples):
+        scores = task_scores(task, np.array([ex.label for ex in examples]), preds)
+    entry = {"examples": len(examples), "scores": scores or {}}
+    if main:
+        idx = np.array([ex.idx for ex in examples], np.int64)
+        out_dir = os.path.join(workdir, "eval", task.name)
+        os.makedirs(out_dir, exist_ok=True)
+        entry["predictions"] = os.path.join(out_dir, f"predictions_{split}.tsv")
+        write_predictions(entry["predictions"], idx, preds, task)
+        if dict(task.submission_files).get(split):
+            entry["submission"] = write_submission(os.path.join(workdir, "eval", SUBMISSION_DIR), task,
+                                                   split, idx, preds)
+    return entry
 
 
 def _main_scores(results: dict) -> dict:
