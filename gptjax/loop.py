@@ -172,12 +172,14 @@ class Run:
         self.say = print  # a console line; the progress bar swaps in its own writer
         self._writer = None
 
+    def open(self) -> None:
+        if distributed.is_main():
+            self._writer = MetricsWriter(self.workdir)
+
     def write(self, record: dict, line: str = "") -> None:
         """A record into metrics.jsonl and TensorBoard, and its line on the console; main process only."""
-        if not distributed.is_main():
-            return
         if self._writer is None:
-            self._writer = MetricsWriter(self.workdir)
+            return
         self._writer.write(record)
         if line:
             self.say(distributed.prefix() + line)
@@ -196,26 +198,22 @@ def run(runner: StepRunner, batches: Iterator[dict], hooks: list[Hook], run: Run
     stop = StopSignal()
     finished = False
 
-    def call(method, *args) -> None:
-        for hook in hooks:
+    def call(method, *args, due=hooks) -> None:
+        for hook in due:
             began = time.perf_counter()
             getattr(hook, method)(*args, run)
             if not hook.training_time:
                 run.hook_seconds += time.perf_counter() - began
 
     try:
+        run.open()  # before the first step: opening TensorBoard's writer is not step time
         call("begin")
         run.began = time.perf_counter()
         for step in range(run.start, run.total):
             call("before", step)
             run.pending.append(runner.step(next(batches)))
             done = step + 1
-            for hook in hooks:
-                if hook.every(done, run):
-                    began = time.perf_counter()
-                    hook.after(done, run)
-                    if not hook.training_time:
-                        run.hook_seconds += time.perf_counter() - began
+            call("after", done, due=[hook for hook in hooks if hook.every(done, run)])
             if done < run.total and stop(done):
                 call("stopping", done)
                 raise Preempted(done, run.checkpoint, interrupted=stop.interrupted)
