@@ -173,7 +173,7 @@ def per_device(kernel, q, k, v, segment_ids, seed=None):
 def pallas_attention(q, k, v, segment_ids=None, seed=None, start=None, dropout_rate: float = 0.0,
                      heads: int | None = None):
     """The Pallas kernel; `start` and `heads` place q's block in the whole batch (see per_device)."""
-    from gptjax.kernels.flash_attention import flash_attention  # Pallas loads only when used
+    from gptjax.kernels.triton_attention import flash_attention  # Pallas loads only when used
     # Decided here, for the platform being traced for, not inside the kernel's jit: its cache
     # would hand a CPU-traced (interpret mode) kernel to a later GPU compile of the same shapes.
     return flash_attention(q, k, v, segment_ids=segment_ids, causal=True, dropout_rate=dropout_rate,

@@ -12,7 +12,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from gptjax.kernels.flash_attention import BlockSizes, dropout_keep, flash_attention, visited_blocks
+from gptjax.kernels.block_plan import visited_blocks
+from gptjax.kernels.triton_attention import BlockSizes, dropout_keep, flash_attention
 from segments import packed_segment_ids as sorted_segments
 
 SMALL = BlockSizes(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)

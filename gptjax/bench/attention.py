@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.kernels.flash_attention import BlockSizes, default_block_sizes, flash_attention
+from gptjax.kernels.triton_attention import BlockSizes, default_block_sizes, flash_attention
 
 TOKENS_PER_CALL = 16384
 MODEL_WIDTH = 1024  # heads * head_dim

@@ -37,6 +37,7 @@ from jax.experimental.pallas import triton as pltriton
 
 # The kernel's dropout draw: a hash of (seed, global row, key position) that XLA attention draws too.
 from gptjax.dropout import attention_keep as dropout_keep
+from gptjax.kernels.block_plan import block_plan, blocks_meet, pad_segments
 
 # Finite, so that masked scores never make inf - inf = NaN in the online softmax.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -94,80 +95,6 @@ def _fit_blocks(bs: BlockSizes, seq_len: int) -> BlockSizes:
         if b < 16 or b & (b - 1):
             raise ValueError(f"BlockSizes.{f}={b} must be a power of two >= 16")
     return dataclasses.replace(bs, **sizes)
-
-
-# ----------------------------------------------------------------------------- skip plan
-
-def _pad_segments(segment_ids, batch, seq_len, padded_len, xp):
-    """(query ids, key ids) as int32 [B, padded_len]. Padding repeats the row's last id, which
-    keeps per-block ranges tight (and sorted rows sorted); padded keys are masked by position."""
-    if segment_ids is None:
-        q_seg = kv_seg = xp.zeros((batch, seq_len), xp.int32)
-    elif isinstance(segment_ids, (tuple, list)):
-        q_seg, kv_seg = (xp.asarray(s).astype(xp.int32) for s in segment_ids)
-    else:
-        q_seg = kv_seg = xp.asarray(segment_ids).astype(xp.int32)
-    for s in (q_seg, kv_seg):
-        if tuple(s.shape) != (batch, seq_len):
-            raise ValueError(f"segment_ids must be [batch, time] = {(batch, seq_len)}, got {s.shape}")
-    pad = ((0, 0), (0, padded_len - seq_len))
-    return xp.pad(q_seg, pad, mode="edge"), xp.pad(kv_seg, pad, mode="edge")
-
-
-def _block_plan(q_seg, kv_seg, block_q, block_k, causal, seq_len, xp):
-    """Per-block segment-id ranges and, per query block, the key-block range [lo, hi) worth
-    visiting (and per key block the query-block range [klo, khi)). Works with numpy (for
-    `visited_blocks`) and jax.numpy (inside the wrapper): one definition of what is skipped.
-
-    The range is tight for sorted ids; unsorted ids still work because inside the range the
-    kernels re-check the per-block id overlap (`_blocks_meet`)."""
-    batch, padded_len = q_seg.shape
-    nq, nk = padded_len // block_q, padded_len // block_k
-    qb, kb = q_seg.reshape(batch, nq, block_q), kv_seg.reshape(batch, nk, block_k)
-    qmin, qmax, kmin, kmax = qb.min(-1), qb.max(-1), kb.min(-1), kb.max(-1)
-    iq, jk = xp.arange(nq)[:, None], xp.arange(nk)[None, :]
-    need = _blocks_meet(qmin[:, :, None], qmax[:, :, None], kmin[:, None, :], kmax[:, None, :])
-    # Tiles of padding only (sliced off by the wrapper; their cotangent is zero) are not needed.
-    need = need & ((jk * block_k < seq_len) & (iq * block_q < seq_len))[None]
-    if causal:
-        need = need & (jk * block_k <= iq * block_q + block_q - 1)[None]
-
-    def first_last(mask, axis):
-        n = mask.shape[axis]
-        hit = mask.any(axis)
-        lo = xp.argmax(mask, axis=axis)
-        hi = n - xp.argmax(xp.flip(mask, axis=axis), axis=axis)
-        return xp.where(hit, lo, 0).astype(xp.int32), xp.where(hit, hi, 0).astype(xp.int32)
-
-    lo, hi = first_last(need, 2)
-    klo, khi = first_last(need, 1)
-    cast = lambda a: a.astype(xp.int32)
-    return dict(qmin=cast(qmin), qmax=cast(qmax), kmin=cast(kmin), kmax=cast(kmax),
-                lo=lo, hi=hi, klo=klo, khi=khi)
-
-
-def _blocks_meet(qmin, qmax, kmin, kmax):
-    return (qmin <= kmax) & (kmin <= qmax)
-
-
-def visited_blocks(segment_ids, block_q: int, block_k: int, causal: bool = True,
-                   skip_blocks: bool = True) -> np.ndarray:
-    """Bool [batch, n_q_blocks, n_k_blocks]: the tiles the forward kernel computes (numpy).
-
-    `segment_ids` is [batch, time] (or a (query ids, key ids) pair); pass zeros for "no
-    documents". Same plan and same in-loop check as the kernel, so tests can count the work."""
-    first = segment_ids[0] if isinstance(segment_ids, (tuple, list)) else segment_ids
-    batch, seq_len = np.shape(first)
-    padded = -(-seq_len // max(block_q, block_k)) * max(block_q, block_k)
-    q_seg, kv_seg = _pad_segments(segment_ids, batch, seq_len, padded, np)
-    nq, nk = padded // block_q, padded // block_k
-    if not skip_blocks:
-        return np.ones((batch, nq, nk), bool)
-    p = _block_plan(q_seg, kv_seg, block_q, block_k, causal, seq_len, np)
-    j = np.arange(nk)[None, None, :]
-    in_range = (p["lo"][:, :, None] <= j) & (j < p["hi"][:, :, None])
-    return in_range & _blocks_meet(p["qmin"][:, :, None], p["qmax"][:, :, None],
-                                   p["kmin"][:, None, :], p["kmax"][:, None, :])
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -232,7 +159,7 @@ def _key_loop(c, i, lo_ref, hi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, n_k,
     qmin, qmax = qmin_ref[i], qmax_ref[i]
 
     def maybe(j, carry):
-        meet = _blocks_meet(qmin, qmax, kmin_ref[j], kmax_ref[j])
+        meet = blocks_meet(qmin, qmax, kmin_ref[j], kmax_ref[j])
         return lax.cond(meet, body, lambda _, cr: cr, j, carry)
     return lax.fori_loop(lo_ref[i], hi_ref[i], maybe, init)
 
@@ -324,7 +251,7 @@ def _dkv_kernel(drop_ref, klo_ref, khi_ref, qmin_ref, qmax_ref, kmin_ref, kmax_r
         kmin, kmax = kmin_ref[j], kmax_ref[j]
 
         def maybe(i, carry):
-            meet = _blocks_meet(qmin_ref[i], qmax_ref[i], kmin, kmax)
+            meet = blocks_meet(qmin_ref[i], qmax_ref[i], kmin, kmax)
             return lax.cond(meet, body, lambda _, cr: cr, i, carry)
         dk, dv = lax.fori_loop(klo_ref[j], khi_ref[j], maybe, (zeros, zeros))
     else:
@@ -360,7 +287,7 @@ def _forward(c: _Cfg, q, k, v, q_seg, kv_seg, drop):
     batch, tp, heads, d = q.shape
     bq, bk, g = c.blocks.block_q, c.blocks.block_k, c.group
     nq, nk = tp // bq, tp // bk
-    plan = _block_plan(q_seg, kv_seg, bq, bk, c.causal, c.seq_len, jnp)
+    plan = block_plan(q_seg, kv_seg, bq, bk, c.causal, c.seq_len, jnp)
     in_specs = [_DROP, _row(nq), _row(nq), _row(nq), _row(nq), _row(nk), _row(nk),
                 pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
                 pl.BlockSpec((_SQ, tp), lambda i, b, h: (b, 0)),
@@ -381,7 +308,7 @@ def _backward(c: _Cfg, q, k, v, q_seg, kv_seg, drop, o, lse, do):
     kv_heads, g = k.shape[2], c.group
     bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd
     nq, nk = tp // bq, tp // bk
-    plan = _block_plan(q_seg, kv_seg, bq, bk, c.causal, c.seq_len, jnp)
+    plan = block_plan(q_seg, kv_seg, bq, bk, c.causal, c.seq_len, jnp)
     # delta = rowsum(dO * O): one cheap fused XLA reduction, [B, H, T] like lse.
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     warps, stages = c.blocks.num_warps_bwd, c.blocks.num_stages_bwd
@@ -480,7 +407,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
     step = max(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
     padded_len = -(-seq_len // step) * step
     d_pad = padded_head_dim(head_dim)
-    q_seg, kv_seg = _pad_segments(segment_ids, batch, seq_len, padded_len, jnp)
+    q_seg, kv_seg = pad_segments(segment_ids, batch, seq_len, padded_len, jnp)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded_len - seq_len), (0, 0), (0, d_pad - head_dim)))
     c = _Cfg(causal=bool(causal), use_segments=segment_ids is not None,
              sm_scale=float(sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)),
