@@ -7,8 +7,10 @@ probabilities. The fused kernels each take a subset:
 
   cudnn   plain causal (cuDNN flash attention through jax.nn.dot_product_attention)
   pallas  causal + segment ids, skipping the tiles documents rule out, and dropout on the
-          probabilities (kernels/flash_attention.py); Triton on NVIDIA GPUs, interpret mode on
-          CPU (slow, for tests)
+          probabilities: gptjax's flash-attention kernel, on Mosaic GPU for Hopper GPUs (H100,
+          H200) in half precision (kernels/mosaic_attention.py), on Triton for other NVIDIA GPUs
+          and float32 (kernels/triton_attention.py); the Triton one in interpret mode on CPU
+          (slow, for tests)
   splash  causal + segment ids on TPU (JAX's splash attention); interpret mode elsewhere
 
 `auto` takes, on an NVIDIA GPU, cuDNN for plain causal attention and the Pallas kernel when
@@ -50,9 +52,15 @@ def cudnn_applies(dtype, head_dim: int) -> bool:
 
 
 def pallas_applies(dtype, head_dim: int) -> bool:
-    """Whether `auto` should take the Pallas kernel here: Triton on an NVIDIA GPU, half
-    precision, head dims up to 256 (those not a power of two are padded up, at a cost)."""
+    """Whether `auto` should take the Pallas kernel here: an NVIDIA GPU, half precision, head
+    dims up to 256 (padded up to a multiple of 64 on Mosaic GPU, a power of two on Triton)."""
     return on_nvidia_gpu() and jnp.dtype(dtype) in HALF and head_dim <= 256
+
+
+def pallas_backend(dtype) -> str:
+    """Which build of the kernel runs: Mosaic GPU on Hopper in half precision (wgmma takes
+    bfloat16 and float16 only), Triton on other NVIDIA GPUs, for float32, and on CPU."""
+    return "mosaic" if targets.current().hopper and jnp.dtype(dtype) in HALF else "triton"
 
 
 def splash_applies(seq_len: int | None) -> bool:
@@ -94,7 +102,7 @@ def resolve(implementation: str, dtype, head_dim: int, *, needs_mask: bool, need
         if head_dim > 256:
             raise UserError(f"model.attention=pallas takes head dims up to 256, got {head_dim}; use auto or xla")
         if backend not in ("gpu", "cpu"):  # CPU: interpret mode, for tests
-            raise UserError(f"model.attention=pallas runs on NVIDIA GPUs (Triton), not on '{backend}'; "
+            raise UserError(f"model.attention=pallas runs on NVIDIA GPUs, not on '{backend}'; "
                             f"use model.attention=auto")
     if implementation == "splash":
         if backend not in ("tpu", "cpu"):
@@ -171,9 +179,14 @@ def per_device(kernel, q, k, v, segment_ids, seed=None):
 
 
 def pallas_attention(q, k, v, segment_ids=None, seed=None, start=None, dropout_rate: float = 0.0,
-                     heads: int | None = None):
-    """The Pallas kernel; `start` and `heads` place q's block in the whole batch (see per_device)."""
-    from gptjax.kernels.triton_attention import flash_attention  # Pallas loads only when used
+                     heads: int | None = None, backend: str = "triton"):
+    """The Pallas kernel's `backend` build (see pallas_backend); `start` and `heads` place q's
+    block in the whole batch (see per_device)."""
+    # Pallas loads only when used, and only the build that runs.
+    if backend == "mosaic":
+        from gptjax.kernels.mosaic_attention import flash_attention
+    else:
+        from gptjax.kernels.triton_attention import flash_attention
     # Decided here, for the platform being traced for, not inside the kernel's jit: its cache
     # would hand a CPU-traced (interpret mode) kernel to a later GPU compile of the same shapes.
     return flash_attention(q, k, v, segment_ids=segment_ids, causal=True, dropout_rate=dropout_rate,
@@ -225,7 +238,8 @@ def attend(implementation: str, q, k, v, *, q_offset=0, segment_ids=None, kv_val
         if needs_dropout:
             seed = jax.lax.bitcast_convert_type(seed_of(dropout_key), jnp.int32)
         kernel = functools.partial(pallas_attention, dropout_rate=dropout_rate if needs_dropout else 0.0,
-                                   heads=q.shape[2])  # the whole batch's, before per_device splits them
+                                   heads=q.shape[2],  # the whole batch's, before per_device splits them
+                                   backend=pallas_backend(q.dtype))
         return per_device(kernel, q, k, v, segment_ids, seed)
     if impl == "splash":
         return per_device(splash_attention, q, k, v, segment_ids)

@@ -34,10 +34,25 @@ class Platform:
 
     name: str
     device_kind: str
+    compute_capability: tuple[int, int] | None = None  # an NVIDIA GPU's (major, minor)
 
     @property
     def nvidia(self) -> bool:
         return self.name == "gpu" and "nvidia" in self.device_kind.lower()
+
+    @property
+    def hopper(self) -> bool:
+        """An sm_90 GPU (H100, H200): wgmma and TMA, what the Mosaic GPU attention kernel runs on."""
+        return self.nvidia and self.compute_capability is not None and self.compute_capability[0] == 9
+
+
+def _capability(device) -> tuple[int, int] | None:
+    raw = getattr(device, "compute_capability", None)  # "9.0" on a CUDA device
+    try:
+        major, minor = str(raw).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None
 
 
 _CURRENT: contextvars.ContextVar[Platform | None] = contextvars.ContextVar("gptjax_platform", default=None)
@@ -49,7 +64,8 @@ def current() -> Platform:
     if chosen is not None:
         return chosen
     import jax
-    return Platform(jax.default_backend(), jax.devices()[0].device_kind)
+    first = jax.devices()[0]
+    return Platform(jax.default_backend(), first.device_kind, _capability(first))
 
 
 @contextlib.contextmanager
@@ -224,7 +240,7 @@ def open_target(name: str) -> Target:
         topo = _quiet(lambda: topologies.get_topology_desc(platform="cuda", target_config=spec.target_config(),
                                                            topology=topology), f"the CUDA topology for {name}")
         fraction, note = _gpu_memory_fraction()
-        return Target(name, Platform("gpu", spec.name), tuple(topo.devices), spec.memory_bytes,
+        return Target(name, Platform("gpu", spec.name, spec.compute_capability), tuple(topo.devices), spec.memory_bytes,
                       int(spec.memory_bytes * fraction), note)
     if kind in TPU_GENERATIONS:
         if shape is None:
@@ -256,7 +272,7 @@ def host_target(count: int) -> Target:
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // count
         usable, note = memory, "the host's memory shared by its devices"
-    platform = Platform(first.platform if first.platform != "cuda" else "gpu", first.device_kind)
+    platform = Platform(first.platform if first.platform != "cuda" else "gpu", first.device_kind, _capability(first))
     return Target(f"{platform.name}:{count}", platform, tuple(devices[:count]), memory, usable, note)
 
 
