@@ -4,8 +4,8 @@
 #   bash bench/gpu_session.sh 2   # gpt2_small: parts, memory, loss chunks, XLA flag presets
 #   bash bench/gpu_session.sh 3   # gpt1, gpt2_xl
 #   bash bench/gpu_session.sh 4   # the loop's own cost; document masks end to end
-#   bash bench/gpu_session.sh 5   # the Pallas attention kernel: its tests on the GPU, the kernel benchmark
-#   bash bench/gpu_session.sh 6   # the kernel's tile sizes: a search at T=2048, head dims 64 and 128
+#   bash bench/gpu_session.sh 5   # the attention kernel, Mosaic GPU and Triton builds: tests on the GPU, the benchmark
+#   bash bench/gpu_session.sh 6   # the kernel's tile sizes, both builds: a search at T=2048, head dims 64 and 128
 # Output goes to stdout and to $OUT/part<N>.log ($OUT defaults to /tmp). Every part loads configs,
 # so it needs ml_collections; part 4's loop also needs grain and sentencepiece. Install them
 # first on a machine that lacks them.
@@ -42,11 +42,12 @@ case "$1" in
   python -m gptjax.bench train $small --batches 12 --config.data.document_mask=true --config.model.attention=xla
   ;;
 5)
-  python -m pytest -q tests/test_flash_attention.py tests/test_attention.py
+  python -m pytest -q tests/test_mosaic_attention.py tests/test_flash_attention.py tests/test_attention.py
   python -m gptjax.bench attention
   ;;
 6)
-  python -m gptjax.bench attention --tune --seq-lens 2048 --head-dims 64,128
+  python -m gptjax.bench attention --tune --kernel mosaic --seq-lens 2048 --head-dims 64,128
+  python -m gptjax.bench attention --tune --kernel triton --seq-lens 2048 --head-dims 64,128
   ;;
 *)
   echo "part must be 1 to 6" >&2; exit 2

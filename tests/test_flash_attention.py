@@ -154,8 +154,9 @@ def test_attention_bench_runs_on_cpu():
     from gptjax.bench.attention import bench_attention, format_rows
     rows = bench_attention(seq_lens=(128,), head_dims=(64,), batch=1, heads=2, dtype=jnp.float32, repeats=1)
     by_impl = {(r["case"], r["impl"]): r for r in rows}
-    assert by_impl[("causal", "pallas (gptjax)")]["status"] == "ok"
+    assert by_impl[("causal", "triton (gptjax)")]["status"] == "ok"
     assert by_impl[("packed", "xla (dense mask)")]["fwd_bwd_tflops"] > 0
+    assert by_impl[("packed", "mosaic (gptjax)")]["status"] == "unavailable: needs-half"  # wgmma's inputs
     if jax.default_backend() == "cpu":
         assert by_impl[("causal", "cudnn")]["status"].startswith("unavailable")
     assert format_rows(rows).count("\n") == len(rows) + 1
@@ -172,6 +173,16 @@ def test_tuning_keeps_the_fastest_tiles_and_rules_out_invalid_ones():
     backward = [t for t in trials if t["part"] == "fwd+bwd"]
     assert "ms" in backward[0] and "power of two" in backward[1]["error"]
     assert (best.block_q_bwd, best.block_k_bwd) == (32, 32)
+
+
+def test_tuning_the_mosaic_build_rules_out_tiles_that_are_not_wgmma_sized():
+    from gptjax.bench.attention import tune
+    best, trials = tune(128, 64, batch=1, heads=2, dtype=jnp.bfloat16, repeats=1, kernel="mosaic",
+                        forward_grid=[dict(block_q=64, block_k=64), dict(block_q=96, block_k=64)],
+                        backward_grid=[dict(block_q_bwd=64, block_k_bwd=64)])
+    forward = [t for t in trials if t["part"] == "fwd"]
+    assert forward[0]["ms"] > 0 and "multiple of 64" in forward[1]["error"]
+    assert best.block_q == 64 and [t["part"] for t in trials] == ["fwd", "fwd", "fwd+bwd"]
 
 
 

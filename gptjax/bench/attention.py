@@ -1,8 +1,9 @@
-"""Attention kernel benchmark: our Pallas flash attention against cuDNN, XLA and JAX's bundled
-Pallas kernel, forward, backward and both, in TFLOP/s.
+"""Attention kernel benchmark: gptjax's flash attention, its Mosaic GPU build and its Triton
+build, against cuDNN, XLA and JAX's bundled Pallas kernel, forward, backward and both, in TFLOP/s.
 
     python -m gptjax.bench attention                       # GPU: T 1024..8192, head dims 64, 128
-    python -m gptjax.bench attention --seq-lens 256 --head-dims 64 --batch 1 --heads 2 --dtype float32
+    python -m gptjax.bench attention --seq-lens 128 --head-dims 64 --batch 1 --heads 2
+    python -m gptjax.bench attention --tune --kernel mosaic --seq-lens 2048 --head-dims 64,128
 
 Shapes keep the work per call comparable: batch * T = 16384 tokens (batch = 16384 // T) and
 heads * head_dim = 1024 (16 heads of 64, 8 of 128), unless `batch` / `heads` are given.
@@ -12,12 +13,13 @@ backward 3.5x. Backward time is (forward + backward) - forward. The "packed" cas
 documents of average length T/8 (sorted segment ids): our kernel masks per document and skips
 the tiles no document pair needs, cuDNN runs causal-only on the same rows (no document mask: more
 work, wrong answer for packing, the speed to beat), XLA takes the dense [B, 1, T, T] document
-mask, and the bundled kernel masks by segment but skips nothing. Packed rows still report the
+mask, and the bundled kernel masks by segment but skips nothing. The Mosaic GPU build runs on
+Hopper (H100, H200) in half precision; elsewhere its rows say why not. Packed rows still report the
 causal FLOPs, so their TFLOP/s is "causal-equivalent" throughput: ms are the honest comparison.
 
 An implementation that cannot run here (cuDNN or Triton on CPU, out of memory) is reported as
-unavailable with a one-word reason instead of stopping the run. On CPU our kernel runs in Pallas
-interpret mode: slow, only there to show the benchmark works.
+unavailable with a one-word reason instead of stopping the run. On CPU both builds of our kernel
+run in interpret mode: slow, only there to show the benchmark works.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.kernels.triton_attention import BlockSizes, default_block_sizes, flash_attention
+from gptjax.kernels import mosaic_attention, triton_attention
 
 TOKENS_PER_CALL = 16384
 MODEL_WIDTH = 1024  # heads * head_dim
@@ -58,14 +60,17 @@ def _implementations(case: str, seg, seq_len: int, head_dim: int):
     scale = 1.0 / math.sqrt(head_dim)
     dpa = jax.nn.dot_product_attention
     impls = {}
+    mosaic, triton = mosaic_attention.flash_attention, triton_attention.flash_attention
     if case == "causal":
-        impls["pallas (gptjax)"] = lambda q, k, v: flash_attention(q, k, v, causal=True)
+        impls["mosaic (gptjax)"] = lambda q, k, v: mosaic(q, k, v, causal=True)
+        impls["triton (gptjax)"] = lambda q, k, v: triton(q, k, v, causal=True)
         impls["cudnn"] = lambda q, k, v: dpa(q, k, v, is_causal=True, implementation="cudnn")
         impls["xla"] = lambda q, k, v: dpa(q, k, v, is_causal=True, implementation="xla")
         impls["pallas mha (jax bundled)"] = lambda q, k, v: bundled.mha(q, k, v, None, sm_scale=scale, causal=True)
     else:
         doc_mask = (seg[:, None, :, None] == seg[:, None, None, :])  # [B, 1, T, T]
-        impls["pallas (gptjax)"] = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, causal=True)
+        impls["mosaic (gptjax)"] = lambda q, k, v: mosaic(q, k, v, segment_ids=seg, causal=True)
+        impls["triton (gptjax)"] = lambda q, k, v: triton(q, k, v, segment_ids=seg, causal=True)
         impls["cudnn (causal only)"] = lambda q, k, v: dpa(q, k, v, is_causal=True, implementation="cudnn")
         impls["xla (dense mask)"] = lambda q, k, v: dpa(q, k, v, mask=doc_mask, is_causal=True,
                                                         implementation="xla")
@@ -98,6 +103,8 @@ def _reason(error: Exception, name: str) -> str:
     text = f"{type(error).__name__} {error}".lower()
     if "resource_exhausted" in text or "out of memory" in text:
         return "oom"
+    if "bfloat16 or all float16" in text:
+        return "needs-half"
     if jax.default_backend() != "gpu" and ("cudnn" in name or "bundled" in name):
         return "no-gpu"
     if "cudnn" in text:
@@ -140,34 +147,42 @@ def bench_attention(seq_lens=(1024, 2048, 4096, 8192), head_dims=(64, 128), batc
     return rows
 
 
-# The grid `tune` searches: forward tiles and launch parameters first (backward at its default),
-# then the backward's with the best forward.
-FORWARD_GRID = [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
-                for bq in (64, 128) for bk in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
-BACKWARD_GRID = [dict(block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w, num_stages_bwd=s)
-                 for bq in (32, 64, 128) for bk in (32, 64, 128) for w in (4, 8) for s in (2,)]
+# The grids `tune` searches, per build of the kernel: forward tiles (and Triton's launch
+# parameters) first, the backward at its default; then the backward's with the best forward.
+GRIDS = {
+    "triton": ([dict(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
+                for bq in (64, 128) for bk in (32, 64, 128) for w in (4, 8) for s in (2, 3)],
+               [dict(block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w, num_stages_bwd=s)
+                for bq in (32, 64, 128) for bk in (32, 64, 128) for w in (4, 8) for s in (2,)]),
+    "mosaic": ([dict(block_q=bq, block_k=bk) for bq in (64, 128) for bk in (64, 128)],
+               [dict(block_q_bwd=bq, block_k_bwd=bk) for bq in (64, 128) for bk in (64, 128)]),
+}
+KERNELS = {"triton": triton_attention, "mosaic": mosaic_attention}
 
 
 def tune(seq_len: int, head_dim: int, batch=None, heads=None, dtype=jnp.bfloat16, repeats: int = 10,
-         forward_grid=None, backward_grid=None) -> tuple[BlockSizes, list[dict]]:
-    """The fastest BlockSizes for the kernel on packed rows (documents of average length T/8)
-    at one shape: the forward's settings by forward time, then the backward's by forward +
-    backward time. Returns (best, every trial: settings, ms or the error that ruled it out)."""
+         forward_grid=None, backward_grid=None, kernel: str = "triton"):
+    """The fastest BlockSizes for a build of the kernel on packed rows (documents of average
+    length T/8) at one shape: the forward's settings by forward time, then the backward's by
+    forward + backward time. Returns (best, every trial: settings, ms or the error that ruled it out)."""
+    module = KERNELS[kernel]
     b = batch or max(1, TOKENS_PER_CALL // seq_len)
     h = heads or max(1, MODEL_WIDTH // head_dim)
     rng = np.random.default_rng(0)
     q, k, v, ct = (jnp.asarray(rng.standard_normal((b, seq_len, h, head_dim)), dtype) for _ in range(4))
     seg = jnp.asarray(packed_segment_ids(rng, b, seq_len, max(1, seq_len // 8)))
-    best, trials = default_block_sizes(head_dim), []
+    best = module.default_block_sizes(head_dim) if kernel == "triton" else module.BlockSizes()
+    trials = []
 
-    def timed(sizes: BlockSizes, backward: bool) -> float:
+    def timed(sizes, backward: bool) -> float:
         def attn(q, k, v):
-            return flash_attention(q, k, v, segment_ids=seg, block_sizes=sizes)
+            return module.flash_attention(q, k, v, segment_ids=seg, block_sizes=sizes)
         if not backward:
             return _median_seconds(jax.jit(attn), (q, k, v), repeats)
         return _median_seconds(jax.jit(lambda q, k, v, ct: jax.vjp(attn, q, k, v)[1](ct)), (q, k, v, ct), repeats)
 
-    for backward, grid in ((False, forward_grid or FORWARD_GRID), (True, backward_grid or BACKWARD_GRID)):
+    forward, backward_settings = GRIDS[kernel]
+    for backward, grid in ((False, forward_grid or forward), (True, backward_grid or backward_settings)):
         results = []
         for settings in grid:
             sizes = dataclasses.replace(best, **settings)
@@ -211,13 +226,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--tune", action="store_true", help="search the kernel's tile sizes and launch parameters at "
                                                        "each (T, head dim) instead, and print the best")
+    p.add_argument("--kernel", choices=sorted(KERNELS), default="mosaic", help="the build --tune searches")
     a = p.parse_args(argv)
     if a.tune:
         for seq_len in a.seq_lens:
             for head_dim in a.head_dims:
-                best, trials = tune(seq_len, head_dim, a.batch, a.heads, jnp.dtype(a.dtype), a.repeats)
+                best, trials = tune(seq_len, head_dim, a.batch, a.heads, jnp.dtype(a.dtype), a.repeats,
+                                    kernel=a.kernel)
                 failed = sum("error" in t for t in trials)
-                print(f"T={seq_len} head_dim={head_dim}: {best} ({len(trials)} trials, {failed} ruled out)",
+                print(f"{a.kernel} T={seq_len} head_dim={head_dim}: {best} ({len(trials)} trials, {failed} ruled out)",
                       flush=True)
         return 0
     rows = bench_attention(a.seq_lens, a.head_dims, a.batch, a.heads, jnp.dtype(a.dtype), a.repeats)
