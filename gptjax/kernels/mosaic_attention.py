@@ -57,7 +57,8 @@ except AttributeError:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as _InterpretParams
     _FULL_INTERPRETER = False
 
-if "idx" in inspect.signature(plgpu.load).parameters:  # JAX 0.10: load(ref, idx, *, layout)
+_LOAD_INDEX = inspect.signature(plgpu.load).parameters.get("idx")
+if _LOAD_INDEX is not None and _LOAD_INDEX.default is inspect.Parameter.empty:  # JAX 0.10: load(ref, idx, ...)
     _load = lambda ref, layout: plgpu.load(ref, (), layout=layout)
 else:
     _load = lambda ref, layout: plgpu.load(ref, layout=layout)
@@ -127,7 +128,7 @@ def _iota(c: _Cfg, shape, dim):
 
 
 def _transposed(ref):
-    return ref.transpose((1, 0)) if hasattr(plgpu, "InterpretGPUParams") else plgpu.transpose_ref(ref, (1, 0))
+    return ref.transpose((1, 0))
 
 
 def _dot_nt(c: _Cfg, a_ref, b_ref):
