@@ -243,7 +243,7 @@ def _fwd_kernel(plan_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_re
         return o, m_new, alpha * l + p.sum(axis=1)
 
     def step(j, slot, carry):
-        if not c.skip:
+        if not (c.skip and c.use_segments):  # without documents the loop range is exact
             return tile(j, slot, carry)
         meet = ((plan_smem[_QMIN, i] <= plan_smem[_KMAX, j]) & (plan_smem[_KMIN, j] <= plan_smem[_QMAX, i]))
         return lax.cond(meet, functools.partial(tile, j, slot), lambda carry: carry, carry)
@@ -307,7 +307,7 @@ def _dq_kernel(plan_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_re
         return _dot_add(c, dq, ds.astype(c.dtype), k_smem.at[slot])
 
     def step(j, slot, dq):
-        if not c.skip:
+        if not (c.skip and c.use_segments):  # without documents the loop range is exact
             return tile(j, slot, dq)
         meet = ((plan_smem[_QMIN, i] <= plan_smem[_KMAX, j]) & (plan_smem[_KMIN, j] <= plan_smem[_QMAX, i]))
         return lax.cond(meet, functools.partial(tile, j, slot), lambda dq: dq, dq)
@@ -367,7 +367,7 @@ def _dkv_kernel(plan_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_r
         return dk, dv
 
     def step(n, slot, carry):
-        if not c.skip:
+        if not (c.skip and c.use_segments):  # without documents the loop range is exact
             return tile(n, slot, carry)
         i = lax.div(n, jnp.int32(g))
         meet = ((plan_smem[_QMIN, i] <= plan_smem[_KMAX, j]) & (plan_smem[_KMIN, j] <= plan_smem[_QMAX, i]))
