@@ -17,8 +17,9 @@ can be planned for eight GPUs on a laptop. What is read of the compiled program:
   B x T x V elements): where the loss's logits and their gradient live, and in which dtype.
 
 These are the target compiler's own program and plan, not measurements; XLA's CPU pipeline lacks
-passes the GPU and TPU pipelines run (it forms no reduce-scatter, runs bf16 matmuls in float32),
-so read GPU and TPU properties from a GPU or TPU target, never from `cpu:N`.
+passes the GPU and TPU pipelines run (it forms no reduce-scatter; jax 0.10's writes bf16 matmul
+outputs in float32, 0.12's in bf16), so read GPU and TPU properties from a GPU or TPU target,
+never from `cpu:N`.
 """
 
 from __future__ import annotations

@@ -484,11 +484,18 @@ def test_remat_policies_keep_fewer_activations_for_the_backward_pass():
     def count(policy, op):
         return sum(f"output of {op} " in line for line in saved[policy])
 
+    def mlp_elementwise(policy):
+        # What the MLP keeps besides matmul outputs: its bias add and the GELU's intermediates.
+        # Which of those JAX saves, and their names, is its choice of the tanh's derivative
+        # (jax 0.10 keeps tanh and 1 - tanh**2, 0.12 one fused one_minus_square), so none is named.
+        return sum("(MLP.__call__)" in line and "output of dot_general " not in line for line in saved[policy])
+
     n_layer = 2
     assert len(saved["full"]) < len(saved["save_dots"]) < len(saved["none"])
-    # Without remat the GELU's tanh is kept in every layer; both policies recompute it.
-    assert count("none", "tanh") == n_layer
-    assert count("full", "tanh") == count("save_dots", "tanh") == 0
+    # Without remat each layer keeps the GELU's input and at least one of its intermediates;
+    # both policies recompute them.
+    assert mlp_elementwise("none") >= 2 * n_layer
+    assert mlp_elementwise("full") == mlp_elementwise("save_dots") == 0
     # save_dots keeps matmul outputs (q/k/v and the MLP input projection at least); full keeps
     # none of the blocks': the one left is the logits, which the loss's backward reads.
     assert count("save_dots", "dot_general") >= 2 * n_layer + 1
