@@ -44,9 +44,9 @@ $(VENV_NEWEST)/bin/gptjax: setup.cfg pyproject.toml
 
 # On the newest JAX: what JAX changes most between releases (the GPU and TPU compiles, the
 # attention kernels, sharding, checkpoints, what remat saves and the loss's memory plan) and one
-# run from pretraining through fine-tuning to evaluation. $(wildcard) keeps only the files there are.
-NEWEST_TESTS = $(wildcard $(addprefix tests/,test_compile.py test_flash_attention.py test_flash_attention_mosaic.py \
-                 test_attention.py test_sharding.py test_checkpoint.py test_model.py test_loss.py test_demo.py))
+# run from pretraining through fine-tuning to evaluation.
+NEWEST_TESTS = $(addprefix tests/,test_compile.py test_mosaic_attention.py test_triton_attention.py \
+                 test_attention.py test_sharding.py test_checkpoint.py test_model.py test_loss.py test_demo.py)
 
 test-newest: $(VENV_NEWEST)/bin/gptjax
 	JAX_PLATFORMS=cpu $(VENV_NEWEST)/bin/python -m pytest -q -n 2 --dist loadfile $(NEWEST_TESTS)

@@ -42,7 +42,7 @@ case "$1" in
   python -m gptjax.bench train $small --batches 12 --config.data.document_mask=true --config.model.attention=xla
   ;;
 5)
-  python -m pytest -q tests/test_mosaic_attention.py tests/test_flash_attention.py tests/test_attention.py
+  python -m pytest -q tests/test_mosaic_attention.py tests/test_triton_attention.py tests/test_attention.py
   python -m gptjax.bench attention
   ;;
 6)

@@ -1,5 +1,5 @@
 """Attention kernel benchmark: gptjax's flash attention, its Mosaic GPU build and its Triton
-build, against cuDNN, XLA and JAX's bundled Pallas kernel, forward, backward and both, in TFLOP/s.
+build, against cuDNN and XLA, forward, backward and both, in TFLOP/s.
 
     python -m gptjax.bench attention                       # GPU: T 1024..8192, head dims 64, 128
     python -m gptjax.bench attention --seq-lens 128 --head-dims 64 --batch 1 --heads 2
@@ -12,8 +12,9 @@ FLOPs are causal attention's: forward 2 * 2 * B * H * T^2 * D / 2, backward 2.5x
 backward 3.5x. Backward time is (forward + backward) - forward. The "packed" case uses rows of
 documents of average length T/8 (sorted segment ids): our kernel masks per document and skips
 the tiles no document pair needs, cuDNN runs causal-only on the same rows (no document mask: more
-work, wrong answer for packing, the speed to beat), XLA takes the dense [B, 1, T, T] document
-mask, and the bundled kernel masks by segment but skips nothing. The Mosaic GPU build runs on
+work, wrong answer for packing, the speed to beat), and XLA takes the dense [B, 1, T, T] document
+mask. (JAX's bundled Pallas attention is deprecated in favour of tokamax, whose flash attention
+takes no segment ids or dropout, so neither is compared here.) The Mosaic GPU build runs on
 Hopper (H100, H200) in half precision; elsewhere its rows say why not. Packed rows still report the
 causal FLOPs, so their TFLOP/s is "causal-equivalent" throughput: ms are the honest comparison.
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import importlib
 import statistics
 import time
 
@@ -34,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.kernels import mosaic_attention, triton_attention
 
 TOKENS_PER_CALL = 16384
 MODEL_WIDTH = 1024  # heads * head_dim
@@ -53,20 +53,14 @@ def packed_segment_ids(rng: np.random.Generator, batch: int, seq_len: int, mean_
 
 def _implementations(case: str, seg, seq_len: int, head_dim: int):
     """name -> attention(q, k, v) for one case; every one causal (plus documents where it can)."""
-    try:
-        from jax.experimental.pallas.ops.gpu import attention as bundled
-    except ImportError as e:  # not every jax ships it; its rows then say so
-        bundled = _Missing(e)
-    scale = 1.0 / math.sqrt(head_dim)
     dpa = jax.nn.dot_product_attention
     impls = {}
-    mosaic, triton = mosaic_attention.flash_attention, triton_attention.flash_attention
+    mosaic, triton = _kernel("mosaic").flash_attention, _kernel("triton").flash_attention
     if case == "causal":
         impls["mosaic (gptjax)"] = lambda q, k, v: mosaic(q, k, v, causal=True)
         impls["triton (gptjax)"] = lambda q, k, v: triton(q, k, v, causal=True)
         impls["cudnn"] = lambda q, k, v: dpa(q, k, v, is_causal=True, implementation="cudnn")
         impls["xla"] = lambda q, k, v: dpa(q, k, v, is_causal=True, implementation="xla")
-        impls["pallas mha (jax bundled)"] = lambda q, k, v: bundled.mha(q, k, v, None, sm_scale=scale, causal=True)
     else:
         doc_mask = (seg[:, None, :, None] == seg[:, None, None, :])  # [B, 1, T, T]
         impls["mosaic (gptjax)"] = lambda q, k, v: mosaic(q, k, v, segment_ids=seg, causal=True)
@@ -74,18 +68,7 @@ def _implementations(case: str, seg, seq_len: int, head_dim: int):
         impls["cudnn (causal only)"] = lambda q, k, v: dpa(q, k, v, is_causal=True, implementation="cudnn")
         impls["xla (dense mask)"] = lambda q, k, v: dpa(q, k, v, mask=doc_mask, is_causal=True,
                                                         implementation="xla")
-        impls["pallas mha (jax bundled)"] = lambda q, k, v: bundled.mha(q, k, v, seg, sm_scale=scale, causal=True)
     return impls
-
-
-class _Missing:
-    """Stands in for a module this jax lacks: calling into it raises the import error."""
-
-    def __init__(self, error: ImportError):
-        self.error = error
-
-    def __getattr__(self, name):
-        raise self.error
 
 
 def _median_seconds(fn, args, repeats: int) -> float:
@@ -105,7 +88,7 @@ def _reason(error: Exception, name: str) -> str:
         return "oom"
     if "bfloat16 or all float16" in text:
         return "needs-half"
-    if jax.default_backend() != "gpu" and ("cudnn" in name or "bundled" in name):
+    if jax.default_backend() != "gpu" and "cudnn" in name:
         return "no-gpu"
     if "cudnn" in text:
         return "cudnn-unsupported"
@@ -157,7 +140,12 @@ GRIDS = {
     "mosaic": ([dict(block_q=bq, block_k=bk) for bq in (64, 128) for bk in (64, 128)],
                [dict(block_q_bwd=bq, block_k_bwd=bk) for bq in (64, 128) for bk in (64, 128)]),
 }
-KERNELS = {"triton": triton_attention, "mosaic": mosaic_attention}
+KERNELS = ("mosaic", "triton")
+
+
+def _kernel(name: str):
+    # Imported when used: the Triton build loads Pallas's Triton backend, which JAX 0.11+ warns of.
+    return importlib.import_module(f"gptjax.kernels.{name}_attention")
 
 
 def tune(seq_len: int, head_dim: int, batch=None, heads=None, dtype=jnp.bfloat16, repeats: int = 10,
@@ -165,7 +153,7 @@ def tune(seq_len: int, head_dim: int, batch=None, heads=None, dtype=jnp.bfloat16
     """The fastest BlockSizes for a build of the kernel on packed rows (documents of average
     length T/8) at one shape: the forward's settings by forward time, then the backward's by
     forward + backward time. Returns (best, every trial: settings, ms or the error that ruled it out)."""
-    module = KERNELS[kernel]
+    module = _kernel(kernel)
     b = batch or max(1, TOKENS_PER_CALL // seq_len)
     h = heads or max(1, MODEL_WIDTH // head_dim)
     rng = np.random.default_rng(0)
@@ -226,7 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--tune", action="store_true", help="search the kernel's tile sizes and launch parameters at "
                                                        "each (T, head dim) instead, and print the best")
-    p.add_argument("--kernel", choices=sorted(KERNELS), default="mosaic", help="the build --tune searches")
+    p.add_argument("--kernel", choices=KERNELS, default="mosaic", help="the build --tune searches")
     a = p.parse_args(argv)
     if a.tune:
         for seq_len in a.seq_lens:

@@ -1,7 +1,8 @@
-"""The Pallas flash-attention kernel against a float32 XLA reference (CPU, interpret mode).
+"""The Triton build of the flash-attention kernel against a float32 reference (CPU, interpret
+mode), and the tile plan both builds share.
 
-Small shapes with small blocks so every case has several query and key blocks; the CUDA
-lowering tests check that the Triton path lowers (to Triton IR) without a GPU.
+Small shapes with small blocks so every case has several query and key blocks; the CUDA tests
+compile the kernel for an H100 without a GPU.
 """
 
 import numpy as np
