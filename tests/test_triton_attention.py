@@ -125,6 +125,9 @@ def test_block_skipping_skips():
     assert visited_blocks(halves, 64, 64, causal=False).sum() == 2 * 4 * 4
 
 
+# JAX >= 0.11 warns that its Triton backend is deprecated: expected here, where the Triton build
+# is compiled on purpose (it is what runs on NVIDIA GPUs other than Hopper).
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("d, rate", [(64, 0.0), (128, 0.0), (64, 0.1)])
 def test_lowers_for_cuda_without_a_gpu(d, rate):
     """Compiled for an H100 this host does not have (gptjax.targets): Pallas lowers the kernel
