@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from gptjax.dropout import attention_keep
+from gptjax.kernels import kernel_inputs
 from gptjax.kernels.block_plan import block_plan, pad_segments
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: no inf - inf in the softmax
@@ -181,6 +182,26 @@ def _dropped(c: _Cfg, plan_ref, batch_index, head, q_pos, k_pos, x):
     return jnp.where(keep, x * (1.0 / (1.0 - c.dropout)), 0.0)
 
 
+def _meet(plan_ref, i, j):
+    """Whether query block i and key block j share a segment id (the in-loop half of the skip)."""
+    return (plan_ref[_QMIN, i] <= plan_ref[_KMAX, j]) & (plan_ref[_KMIN, j] <= plan_ref[_QMAX, i])
+
+
+def _key_tiles(b, kv_head, bk, k_ref, v_ref, kseg_ref, k_smem, v_smem, kseg_smem, bars):
+    """(fetch, wait) for the two slots of key, value and key-id tiles that the forward and dQ
+    kernels step over: fetch(j, slot) starts copying key block j, wait(slot) waits for it."""
+    def fetch(j, slot):
+        rows = pl.ds(j * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot], bars.at[0, slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], bars.at[1, slot])
+        plgpu.copy_gmem_to_smem(kseg_ref.at[b, rows], kseg_smem.at[slot], bars.at[2, slot])
+
+    def wait(slot):
+        for n in range(3):
+            plgpu.barrier_wait(bars.at[n, slot])
+    return fetch, wait
+
+
 def _two_slot_loop(first, last, fetch, wait, compute, carry):
     """compute(n, slot, carry) for n in [first, last), the inputs of step n + 1 fetched into the
     other slot while step n computes. `wait(slot)` waits for a slot's copies."""
@@ -217,15 +238,7 @@ def _fwd_kernel(plan_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_re
     q_pos = i * bq + _iota(c, shape, 0)
     q_seg = lax.broadcast_in_dim(_vector(c, qseg_smem, 1), shape, [0])
 
-    def fetch(j, slot):
-        rows = pl.ds(j * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot], kv_bars.at[0, slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], kv_bars.at[1, slot])
-        plgpu.copy_gmem_to_smem(kseg_ref.at[b, rows], kseg_smem.at[slot], kv_bars.at[2, slot])
-
-    def wait(slot):
-        for n in range(3):
-            plgpu.barrier_wait(kv_bars.at[n, slot])
+    fetch, wait = _key_tiles(b, kv_head, bk, k_ref, v_ref, kseg_ref, k_smem, v_smem, kseg_smem, kv_bars)
 
     def tile(j, slot, carry):
         o, m, l = carry
@@ -245,7 +258,7 @@ def _fwd_kernel(plan_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_re
     def step(j, slot, carry):
         if not (c.skip and c.use_segments):  # without documents the loop range is exact
             return tile(j, slot, carry)
-        meet = ((plan_smem[_QMIN, i] <= plan_smem[_KMAX, j]) & (plan_smem[_KMIN, j] <= plan_smem[_QMAX, i]))
+        meet = _meet(plan_smem, i, j)
         return lax.cond(meet, functools.partial(tile, j, slot), lambda carry: carry, carry)
 
     init = (_wgmma_layout(c, jnp.zeros((bq, c.head_dim), jnp.float32)),
@@ -285,15 +298,7 @@ def _dq_kernel(plan_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_re
     lse = lax.broadcast_in_dim(_vector(c, lse_smem, 1), shape, [0])
     delta = lax.broadcast_in_dim(_vector(c, delta_smem, 1), shape, [0])
 
-    def fetch(j, slot):
-        rows = pl.ds(j * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot], kv_bars.at[0, slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], kv_bars.at[1, slot])
-        plgpu.copy_gmem_to_smem(kseg_ref.at[b, rows], kseg_smem.at[slot], kv_bars.at[2, slot])
-
-    def wait(slot):
-        for n in range(3):
-            plgpu.barrier_wait(kv_bars.at[n, slot])
+    fetch, wait = _key_tiles(b, kv_head, bk, k_ref, v_ref, kseg_ref, k_smem, v_smem, kseg_smem, kv_bars)
 
     def tile(j, slot, dq):
         k_pos = j * bk + _iota(c, shape, 1)
@@ -309,7 +314,7 @@ def _dq_kernel(plan_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_re
     def step(j, slot, dq):
         if not (c.skip and c.use_segments):  # without documents the loop range is exact
             return tile(j, slot, dq)
-        meet = ((plan_smem[_QMIN, i] <= plan_smem[_KMAX, j]) & (plan_smem[_KMIN, j] <= plan_smem[_QMAX, i]))
+        meet = _meet(plan_smem, i, j)
         return lax.cond(meet, functools.partial(tile, j, slot), lambda dq: dq, dq)
 
     dq = _two_slot_loop(first, last, fetch, wait, step, _wgmma_layout(c, jnp.zeros((bq, c.head_dim), jnp.float32)))
@@ -370,7 +375,7 @@ def _dkv_kernel(plan_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_r
         if not (c.skip and c.use_segments):  # without documents the loop range is exact
             return tile(n, slot, carry)
         i = lax.div(n, jnp.int32(g))
-        meet = ((plan_smem[_QMIN, i] <= plan_smem[_KMAX, j]) & (plan_smem[_KMIN, j] <= plan_smem[_QMAX, i]))
+        meet = _meet(plan_smem, i, j)
         return lax.cond(meet, functools.partial(tile, n, slot), lambda carry: carry, carry)
 
     zeros = _wgmma_layout(c, jnp.zeros((bk, c.head_dim), jnp.float32))
@@ -502,29 +507,12 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
     their meaning are `triton_attention.flash_attention`'s. `interpret=None` means interpret
     mode when the code is traced for a CPU (gptjax.targets.current())."""
     batch, seq_len, heads, head_dim = q.shape
-    if k.shape != v.shape or k.shape[:2] != (batch, seq_len) or k.shape[3] != head_dim:
-        raise ValueError(f"k/v must be [batch, time, kv_heads, {head_dim}] like q {q.shape}: "
-                         f"got {k.shape}, {v.shape}")
-    if heads % k.shape[2]:
-        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({heads})")
-    if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype) not in HALF:
-        raise ValueError(f"q, k, v must all be bfloat16 or all float16 (wgmma's inputs), got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    kernel_inputs.check(q, k, v, dropout_rate, dropout_seed, dropout_heads)
+    if jnp.dtype(q.dtype) not in HALF:
+        raise ValueError(f"q, k, v must all be bfloat16 or all float16 (wgmma's inputs), got {q.dtype}")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head dims up to {MAX_HEAD_DIM}, got {head_dim}")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-    if dropout_rate and dropout_seed is None:
-        raise ValueError("dropout_rate > 0 needs a dropout_seed")
-    if dropout_heads is not None and dropout_heads < heads:
-        raise ValueError(f"dropout_heads ({dropout_heads}) counts the whole batch's heads, at least q's {heads}")
-    all_heads = dropout_heads or heads
-    start = jnp.asarray((0, 0) if dropout_start is None else dropout_start, jnp.int32)
-    first_row = (start[0] * all_heads + start[1]) * seq_len  # int32 wraps like the uint32 counter
-    drop = jnp.stack([jnp.asarray(0 if dropout_seed is None else dropout_seed, jnp.int32), first_row])
-    if interpret is None:
-        from gptjax import targets
-        interpret = targets.current().name == "cpu"
+    drop = kernel_inputs.dropout_counter(seq_len, heads, dropout_seed, dropout_start, dropout_heads)
     blocks = block_sizes or BlockSizes()
     blocks.check()
     step = max(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
@@ -535,7 +523,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
     c = _Cfg(causal=bool(causal), use_segments=segment_ids is not None,
              sm_scale=float(sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)),
              seq_len=seq_len, padded_len=padded_len, head_dim=d_pad, group=heads // k.shape[2], blocks=blocks,
-             interpret=bool(interpret), skip=bool(skip_blocks), dropout=float(dropout_rate), heads=all_heads,
+             interpret=kernel_inputs.interpret_here(interpret), skip=bool(skip_blocks), dropout=float(dropout_rate),
+             heads=dropout_heads or heads,
              dtype=jnp.dtype(q.dtype))
     out = _attention(c, pad(q), pad(k), pad(v), q_seg, kv_seg, drop)
     return out[:, :seq_len, :, :head_dim]

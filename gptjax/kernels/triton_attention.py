@@ -37,6 +37,7 @@ from jax.experimental.pallas import triton as pltriton
 
 # The kernel's dropout draw: a hash of (seed, global row, key position) that XLA attention draws too.
 from gptjax.dropout import attention_keep as dropout_keep
+from gptjax.kernels import kernel_inputs
 from gptjax.kernels.block_plan import block_plan, blocks_meet, pad_segments
 
 # Finite, so that masked scores never make inf - inf = NaN in the online softmax.
@@ -382,27 +383,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
     is then this block's part of the whole batch's mask, the one XLA attention draws too.
     """
     batch, seq_len, heads, head_dim = q.shape
-    if k.shape != v.shape or k.shape[:2] != (batch, seq_len) or k.shape[3] != head_dim:
-        raise ValueError(f"k/v must be [batch, time, kv_heads, {head_dim}] like q {q.shape}: "
-                         f"got {k.shape}, {v.shape}")
-    if heads % k.shape[2]:
-        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({heads})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-    if dropout_rate and dropout_seed is None:
-        raise ValueError("dropout_rate > 0 needs a dropout_seed")
-    if dropout_heads is not None and dropout_heads < heads:
-        raise ValueError(f"dropout_heads ({dropout_heads}) counts the whole batch's heads, at least q's {heads}")
-    all_heads = dropout_heads or heads
-    start = jnp.asarray((0, 0) if dropout_start is None else dropout_start, jnp.int32)
-    # int32 wraps like the uint32 counter it becomes (and like XLA attention's rows) past 2**31.
-    first_row = (start[0] * all_heads + start[1]) * seq_len
-    drop = jnp.stack([jnp.asarray(0 if dropout_seed is None else dropout_seed, jnp.int32), first_row])
-    if interpret is None:
-        from gptjax import targets
-        interpret = targets.current().name == "cpu"
+    kernel_inputs.check(q, k, v, dropout_rate, dropout_seed, dropout_heads)
+    drop = kernel_inputs.dropout_counter(seq_len, heads, dropout_seed, dropout_start, dropout_heads)
     blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim), seq_len)
     step = max(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
     padded_len = -(-seq_len // step) * step
@@ -412,6 +394,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
     c = _Cfg(causal=bool(causal), use_segments=segment_ids is not None,
              sm_scale=float(sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)),
              seq_len=seq_len, padded_len=padded_len, group=heads // k.shape[2], blocks=blocks,
-             interpret=bool(interpret), skip=bool(skip_blocks), dropout=float(dropout_rate), heads=all_heads)
+             interpret=kernel_inputs.interpret_here(interpret), skip=bool(skip_blocks), dropout=float(dropout_rate),
+             heads=dropout_heads or heads)
     out = _attention(c, pad(q), pad(k), pad(v), q_seg, kv_seg, drop)
     return out[:, :seq_len, :, :head_dim]
